@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each sets up .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/ci.txt setup.py
+	python3 -m venv $(VENV)
+	# CPU torch first, from the local wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements/ci.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) pretrain_genlip.py --config examples/configs/demo_cpu.yaml
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs outputs data/demo

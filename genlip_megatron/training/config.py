@@ -1,0 +1,92 @@
+"""Training-side config sections: optimizer, LR schedule, loop, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW as in the reference recipe (VeOmni build_optimizer defaults)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (stage 1: 1e-3, stage 2: 1e-4)."""
+    min_lr: float = 1e-6
+    """Floor of the cosine decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; the reference decays every parameter."""
+    decay_norm_and_bias: bool = True
+    """Apply weight decay to LayerNorm, biases and LayerScale too (reference: yes)."""
+    adam_beta1: float = 0.9
+    """Adam β1."""
+    adam_beta2: float = 0.95
+    """Adam β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """Linear warmup then cosine decay (megatron OptimizerParamScheduler)."""
+
+    warmup_fraction: float = 0.007
+    """Warmup steps as a fraction of training.train_steps (used when warmup_steps is None)."""
+    warmup_steps: Optional[int] = None
+    """Explicit warmup steps; overrides warmup_fraction."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR decay after warmup."""
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """The training loop."""
+
+    train_steps: int = 100
+    """Optimizer steps to run."""
+    micro_batch_size: int = 1
+    """Packed rows per micro-batch per data-parallel rank."""
+    global_batch_size: int = 1
+    """Packed rows per optimizer step over all data-parallel ranks."""
+    seed: int = 1234
+    """Seed for init, DropPath and the data order."""
+    init_from: Optional[str] = None
+    """Checkpoint to initialise model weights from (stage 2 from stage 1); optimizer is fresh."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive skipped (non-finite or spiking) steps."""
+    spike_factor: float = 0.0
+    """Skip a step whose loss exceeds this × the running mean (0 disables spike detection)."""
+    eval_interval: int = 0
+    """Run the held-out evaluation every N steps (0: only at the end, if eval data is given)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """megatron.core.dist_checkpointing checkpoints."""
+
+    save_dir: Optional[str] = None
+    """Directory for iter_XXXXXXX checkpoints and the `latest` pointer; None disables saving."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    resume: bool = True
+    """Resume from save_dir/latest when it exists."""
+    async_save: bool = False
+    """Asynchronous save (GPU only)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console, TensorBoard and Weights & Biases logging."""
+
+    log_interval: int = 10
+    """Log every N steps."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event directory; None disables."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project; None disables."""
+    attention_sink_interval: int = 0
+    """Measure the attention-sink metric on a probe batch every N steps (0 disables)."""
