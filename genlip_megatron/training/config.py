@@ -88,5 +88,9 @@ class LoggingConfig:
     """TensorBoard event directory; None disables."""
     wandb_project: Optional[str] = None
     """Weights & Biases project; None disables."""
+    jsonl_path: Optional[str] = None
+    """Append every logged metric dict to this JSON-lines file; None disables."""
     attention_sink_interval: int = 0
     """Measure the attention-sink metric on a probe batch every N steps (0 disables)."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak TFLOP/s for MFU; None: detect the GPU (no MFU on CPU or under FP8)."""

@@ -1,0 +1,283 @@
+"""The GenLIP training loop on megatron-core: setup phases, ``train()`` and ``train_step()``.
+
+Loss normalisation: every micro-batch returns (sum of token losses, number of loss tokens);
+megatron (``calculate_per_token_loss``) sums both over micro-batches and data-parallel ranks and
+divides the gradients by the GLOBAL loss-token count, so each text token weighs the same no
+matter which rank or micro-batch holds it. The reference (VeOmni/FSDP) instead averages per
+rank and then across ranks, which weighs tokens of short-caption ranks more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from genlip_megatron.config import GenLIPConfig
+from genlip_megatron.data.batch import PackedBatch
+from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState, \
+    resolve_checkpoint
+from genlip_megatron.training.distributed import set_seeds
+from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
+from genlip_megatron.training.metrics import MetricLogger, memory_metrics
+from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
+    build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
+    wrap_with_ddp
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """Raised when too many consecutive steps were skipped as non-finite or spiking."""
+
+
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """(loss sum, loss-token count, report) of one micro-batch, for calculate_per_token_loss."""
+    mask = loss_mask.reshape(-1).to(per_token_loss.device)
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model, device: torch.device):
+    """megatron forward_step: next micro-batch → model → (output, loss function)."""
+    batch: PackedBatch = next(data_iterator).to(device, non_blocking=True)
+    output = model(batch.tokens, batch.position_ids, batch.image_mask, batch.segment_ids,
+                   batch.pixel_values, labels=batch.labels)
+    return output, partial(loss_func, batch.loss_mask)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (loss/tokens are global; None when not on a log step)."""
+
+    loss: float
+    loss_tokens: int
+    grad_norm: Optional[float]
+    skipped: bool
+    reason: str = ""
+
+
+@dataclass
+class RunSummary:
+    """End-of-run facts (used for the final machine-readable line)."""
+
+    steps: int = 0
+    final_loss: float = float("nan")
+    checkpoint: Optional[str] = None
+    label_counts: Counter = field(default_factory=Counter)
+
+
+class Trainer:
+    """Builds everything from a validated GenLIPConfig and runs the loop."""
+
+    def __init__(self, cfg: GenLIPConfig):
+        self.cfg = cfg
+        self.config_dict = cfg.to_dict()
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        # ---- topology --------------------------------------------------------------
+        self.topo: Topology = initialize_topology(cfg.parallel)
+        set_seeds(cfg.training.seed)
+        self.n_micro = num_microbatches(cfg, self.topo)
+        # ---- data -------------------------------------------------------------------
+        from genlip_megatron.data.loader import build_train_loader
+
+        self.loader = build_train_loader(cfg.data, dp_rank=self.topo.dp_rank,
+                                         dp_size=self.topo.dp,
+                                         micro_batch_size=cfg.training.micro_batch_size,
+                                         seed=cfg.training.seed)
+        # ---- model + optimizer --------------------------------------------------------
+        from genlip_megatron.model.transformer_config import build_transformer_config
+
+        self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision)
+        self.tconfig.calculate_per_token_loss = True
+        self.model = wrap_with_ddp(build_model_chunks(self.tconfig, self.topo), self.tconfig,
+                                   cfg.parallel)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.precision, cfg.parallel)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.scheduler,
+                                         cfg.training.train_steps)
+        configure_schedule_hooks(self.tconfig, self.model, self.optimizer, cfg.parallel)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.forward_backward = get_forward_backward_func()
+        # ---- restore ----------------------------------------------------------------
+        self.ckpt = CheckpointManager(cfg.checkpoint)
+        self.state = self._restore()
+        # ---- metrics ----------------------------------------------------------------
+        self.log_rank = dist.get_rank() == dist.get_world_size() - 1  # last PP stage
+        self.metrics = MetricLogger(cfg.logging, self.log_rank, self.config_dict,
+                                    cfg.training.train_steps)
+        self.flop_dims = FlopDims.from_model_config(cfg.model)
+        self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
+        self.summary = RunSummary()
+        self._bad_streak = 0
+        self._loss_ema: Optional[float] = None
+        self._window = Counter()
+        self._window_start = time.perf_counter()
+
+    # ------------------------------------------------------------------------ restore
+    def _restore(self) -> TrainingState:
+        c, t = self.cfg.checkpoint, self.cfg.training
+        if c.save_dir and c.resume and resolve_checkpoint(c.save_dir) is not None:
+            state, data_state = self.ckpt.load(c.save_dir, self.model, self.optimizer,
+                                               self.scheduler, self.loader.state_dict(),
+                                               self.config_dict)
+            if data_state is not None:
+                self.loader.load_state_dict(data_state)
+            return state
+        if t.init_from:
+            self.ckpt.load(t.init_from, self.model, None, None, None, self.config_dict,
+                           with_optimizer=False)
+            logger.info("initialised model weights from %s (fresh optimizer)", t.init_from)
+        return TrainingState()
+
+    # ------------------------------------------------------------------------ loop
+    def train(self) -> RunSummary:
+        """Run until training.train_steps; saves at intervals and at the end."""
+        t, c = self.cfg.training, self.cfg.checkpoint
+        for chunk in self.model:
+            chunk.train()
+        while self.state.step < t.train_steps:
+            self.state.step += 1
+            result = self.train_step()
+            self.summary.final_loss = result.loss if not result.skipped else \
+                self.summary.final_loss
+            if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
+                self.save()
+        if c.save_dir and (not c.save_interval or self.state.step % c.save_interval):
+            self.save()
+        self.ckpt.finalize_pending(blocking=True)
+        self.summary.steps = self.state.step
+        return self.summary
+
+    def save(self) -> None:
+        """Checkpoint everything needed for an exact resume."""
+        for chunk in self.model:  # the overlapped param all-gather must finish first
+            if self.cfg.parallel.overlap_param_gather:
+                chunk.start_param_sync(force_sync=True)
+        path = self.ckpt.save(self.model, self.optimizer, self.scheduler, self.state,
+                              self.loader.state_dict(), self.config_dict)
+        self.summary.checkpoint = str(path)
+
+    def train_step(self) -> StepResult:
+        """fetch micro-batches → forward/backward → finite check → optimizer/LR step → log."""
+        step, t = self.state.step, self.cfg.training
+        start = time.perf_counter()
+        batches = [self.loader.next() for _ in range(self.n_micro)]
+        data_iter = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        seq_len = batches[0].tokens.shape[1]
+        reports = self.forward_backward(
+            forward_step_func=partial(forward_step, device=self.device),
+            data_iterator=data_iter, model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.n_micro, seq_length=seq_len,
+            micro_batch_size=t.micro_batch_size, decoder_seq_length=seq_len, forward_only=False)
+        # Host sync every step: the skip decision needs the global loss on every rank.
+        loss, tokens = self._global_loss(reports)
+        reason = self._bad_reason(loss)
+        grad_norm = None
+        if not reason:
+            ok, grad_norm, _ = self.optimizer.step()
+            if ok:
+                self.scheduler.step(increment=1)
+            else:
+                reason = "non-finite gradients"
+        self.state.consumed_rows += t.global_batch_size
+        self._track(batches, loss, reason, time.perf_counter() - start)
+        if reason:
+            self._on_bad_step(step, loss, reason)
+        else:
+            self._bad_streak = 0
+            self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
+        if step % self.cfg.logging.log_interval == 0 or step == t.train_steps:
+            self._log(step, loss, tokens, grad_norm)
+        return StepResult(loss, tokens, grad_norm, bool(reason), reason)
+
+    # ------------------------------------------------------------------------ helpers
+    def _global_loss(self, reports: list) -> tuple[float, int]:
+        """Global (sum loss / sum tokens) over micro-batches and DP, known on every rank."""
+        from megatron.core import parallel_state as ps
+
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.topo.is_last_stage:
+            for report in reports:
+                total += report["lm loss"].to(total)
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if self.topo.pp > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
+        loss_sum, tokens = total.tolist()
+        return (loss_sum / tokens if tokens > 0 else float("nan")), int(tokens)
+
+    def _bad_reason(self, loss: float) -> str:
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        factor = self.cfg.training.spike_factor
+        if factor > 0 and self._loss_ema is not None and loss > factor * self._loss_ema:
+            return f"loss spike ({loss:.4f} > {factor} × running mean {self._loss_ema:.4f})"
+        return ""
+
+    def _on_bad_step(self, step: int, loss: float, reason: str) -> None:
+        self._bad_streak += 1
+        self.metrics.log({"train/skipped_step": 1.0, "loss/global_avg": loss}, step,
+                         console=False)
+        logger.warning("step %d skipped: %s (%d consecutive)", step, reason, self._bad_streak)
+        if self._bad_streak >= self.cfg.training.max_bad_steps:
+            raise TrainingAborted(
+                f"stopping at step {step}: {self._bad_streak} consecutive skipped steps (last: "
+                f"{reason}); inspect the data around this step, lower optimizer.lr, or resume "
+                "from the last checkpoint.")
+
+    def _track(self, batches: list[PackedBatch], loss: float, reason: str, seconds: float):
+        """Accumulate host-side counters (batches are still on the host: no device sync)."""
+        w = self._window
+        for b in batches:
+            w["samples"] += int(b.image_lens.numel())
+            w["tokens"] += int((b.segment_ids >= 0).sum())
+            w["flops"] += training_flops(self.flop_dims, b.image_lens.tolist(),
+                                         b.text_lens.tolist())
+            if self.log_rank:
+                labels = b.labels[b.labels >= 0]
+                self.summary.label_counts.update(labels.tolist())
+        w["seconds"] += seconds
+
+    def _log(self, step: int, loss: float, tokens: int, grad_norm: Optional[float]) -> None:
+        from megatron.core import parallel_state as ps
+
+        w = self._window
+        agg = torch.tensor([w["samples"], w["tokens"], w["flops"]], dtype=torch.float64,
+                           device=self.device)
+        dist.all_reduce(agg, group=ps.get_data_parallel_group())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # timing sync point, log steps only
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        samples, real_tokens, flops = agg.tolist()
+        per_device = flops / (self.topo.tp * self.topo.pp) / self.topo.dp / elapsed
+        m = {"loss/global_avg": loss, "lr": self.optimizer.param_groups[0]["lr"],
+             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+             "tokens/loss": float(tokens), "throughput/samples_per_s": samples / elapsed,
+             "throughput/tps": real_tokens / elapsed,
+             "throughput/tflops_per_device": per_device / 1e12, **memory_metrics()}
+        if self.peak:
+            m["mfu(%)"] = 100.0 * per_device / self.peak
+        for reason, count in self.loader.counters().items():
+            m[f"data/{reason}"] = float(count)
+        self.metrics.log(m, step)
+        self._window = Counter()
+        self._window_start = time.perf_counter()
+
+    def close(self) -> None:
+        """Flush logs and wait for pending checkpoint writes."""
+        self.ckpt.finalize_pending(blocking=True)
+        self.metrics.close()
