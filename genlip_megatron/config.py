@@ -166,8 +166,8 @@ class Fp8Config:
     """Delayed scaling: how the scale is derived from the history."""
     margin: int = 0
     """Scaling margin (powers of two)."""
-    first_last_layers_bf16: bool = True
-    """Keep the first/last transformer layers in BF16 (common FP8 stability practice)."""
+    first_last_layers_bf16: bool = False
+    """Keep the first/last transformer layers in BF16 (not with the delayed recipe)."""
     num_layers_at_start_in_bf16: int = 1
     """Layers kept in BF16 at the start when first_last_layers_bf16."""
     num_layers_at_end_in_bf16: int = 1
@@ -285,15 +285,21 @@ def _validate_precision(m: ModelConfig, p: ParallelConfig, prec: PrecisionConfig
     if not fp8.emulate and m.transformer_impl != "te":
         raise ConfigError("precision.fp8 runs through Transformer Engine layers; set "
                           "model.transformer_impl: te (or precision.fp8.emulate: true).")
+    if fp8.recipe == "delayed" and fp8.first_last_layers_bf16:
+        raise ConfigError("precision.fp8.first_last_layers_bf16 is not supported with recipe "
+                          "'delayed' (megatron-core refuses it); use recipe 'tensorwise' or set "
+                          "first_last_layers_bf16: false.")
+    align = 32 if fp8.recipe == "mxfp8" else 16
     ffn_shard = m.ffn_hidden_size // p.tp
-    if ffn_shard % 16:
+    if ffn_shard % align:
         ok = [t for t in _divisors(m.num_attention_heads)
-              if m.ffn_hidden_size % t == 0 and (m.ffn_hidden_size // t) % 16 == 0]
+              if m.ffn_hidden_size % t == 0 and (m.ffn_hidden_size // t) % align == 0]
         raise ConfigError(f"model.ffn_hidden_size / parallel.tp ({m.ffn_hidden_size}/{p.tp} = "
-                          f"{ffn_shard}) is not a multiple of 16, which FP8 GEMMs require; use tp "
-                          f"in {ok} or pad ffn_hidden_size.")
-    if m.hidden_size % 16:
-        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be a multiple of 16 for FP8.")
+                          f"{ffn_shard}) is not a multiple of {align}, which FP8 ({fp8.recipe}) "
+                          f"GEMMs require; use tp in {ok} or pad ffn_hidden_size.")
+    if m.hidden_size % align:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be a multiple of {align} for "
+                          f"FP8 ({fp8.recipe}).")
 
 
 def _validate_backends(m: ModelConfig, p: ParallelConfig, has_cuda: bool, has_te: bool) -> None:

@@ -1,0 +1,23 @@
+"""Rank-aware logging format, set once by the entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(rank: int, world_size: int, level: str | None = None) -> None:
+    """Log INFO from the ranks in ``LOG_RANK`` (default: the last rank, which holds the loss).
+
+    Other ranks log WARNING and above, so errors of any rank still show.
+    """
+    wanted = os.environ.get("LOG_RANK", str(world_size - 1))
+    verbose = wanted == "all" or str(rank) in wanted.split(",")
+    lvl = level or ("INFO" if verbose else "WARNING")
+    fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=lvl, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
+    # megatron-core is chatty at INFO on every rank about fallbacks we choose on purpose.
+    for noisy in ("megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
