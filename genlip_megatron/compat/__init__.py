@@ -1,0 +1,116 @@
+"""The one place for workarounds of upstream CUDA assumptions (CPU runs of megatron-core).
+
+Call :func:`apply_cpu_compat` once at start-up, before megatron's pipeline/optimizer code runs
+(the trainer and tests/multirank/conftest.py do). It is a no-op when CUDA is available and
+idempotent. Each group below is a small function in a sibling module whose docstring names the
+upstream function it covers and carries a removal TODO; each has a unit test under
+tests/unit/compat that shows the upstream failure without it.
+
+=====================  =========================================================================
+group                  what it does
+=====================  =========================================================================
+triton_stub            stub ``megatron.core.transformer.moe.ops.paged_stash`` (0.19: imports
+                       triton unconditionally; CPU torch wheels have no triton)
+jit                    ``jit_fuser`` → no-op; unwrap ``Attention._apply_output_gate`` (≈2.2 s
+                       inductor compile per process and shape on CPU)
+device                 ``torch.cuda.current_device()`` → cpu
+rng                    megatron's CUDA RNG tracker → the CPU generator
+sync                   ``torch.cuda.synchronize`` → no-op
+streams                ``torch.cuda.Stream/Event/current_stream/default_stream/stream`` → inert
+literals               ``device="cuda"`` in megatron's schedules/optimizer/... and
+                       ``Tensor.cuda()`` → cpu
+type_strings           ``param.type() == 'torch.cuda.FloatTensor'`` checks pass for CPU tensors
+                       (scoped to the optimizer functions that make them)
+adam_step              DistributedOptimizer load: one Adam ``step`` tensor per param, no
+                       ``KeyError: 'step'`` (a real bug for any run without Apex/TE)
+checkpoint_queue       in-process result queue for synchronous torch_dist saves (no spawn
+                       Manager: ≈5 s per process)
+=====================  =========================================================================
+
+Layer-level CPU support (a sequence-parallel torch LayerNorm) is not a patch; it lives in
+``genlip_megatron.model.norm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterator
+
+import torch
+
+from genlip_megatron.compat._patching import PatchSet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_cpu_compat", "cpu_compat_applied", "cpu_compat_disabled", "GROUPS"]
+
+
+def _groups() -> dict[str, Callable[[PatchSet], None]]:
+    # Imported lazily: importing this package must not import megatron (triton_stub must run
+    # before megatron.core is imported on megatron-core ≥ 0.19 without triton).
+    from genlip_megatron.compat import checkpointing, cuda, jit, optimizer
+
+    return {
+        "triton_stub": jit.stub_triton_paged_stash,
+        "jit": jit.disable_jit_fuser,
+        "device": cuda.patch_current_device,
+        "rng": cuda.patch_cuda_rng,
+        "sync": cuda.patch_synchronize,
+        "streams": cuda.patch_streams,
+        "literals": cuda.patch_cuda_literals,
+        "type_strings": cuda.patch_type_strings,
+        "adam_step": optimizer.patch_distopt_adam_step,
+        "checkpoint_queue": checkpointing.fast_sync_checkpoint_writes,
+    }
+
+
+GROUPS = ("triton_stub", "jit", "device", "rng", "sync", "streams", "literals", "type_strings",
+          "adam_step", "checkpoint_queue")
+"""Group names in the order they are applied."""
+
+_STATE: dict[str, PatchSet] = {}
+
+
+def apply_cpu_compat() -> bool:
+    """Apply every CPU workaround group once; a no-op when CUDA is available.
+
+    Returns:
+        True when the workarounds are in place (CPU), False on a CUDA machine.
+    """
+    if torch.cuda.is_available():
+        return False
+    groups = _groups()
+    for name in GROUPS:
+        patches = _STATE.setdefault(name, PatchSet(name))
+        if not patches.applied:
+            groups[name](patches)
+    logger.debug("genlip_megatron CPU compat applied: %s",
+                 [n for n in GROUPS if _STATE[n].applied])
+    return True
+
+
+def cpu_compat_applied() -> bool:
+    """True when :func:`apply_cpu_compat` has run in this process (and CUDA is absent)."""
+    return bool(_STATE) and not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def cpu_compat_disabled(*names: str) -> Iterator[None]:
+    """Temporarily revert the named groups (tests use it to show why a group is needed).
+
+    Args:
+        names: group names from :data:`GROUPS`.
+    """
+    unknown = sorted(set(names) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown compat group(s) {unknown}; choose from {list(GROUPS)}.")
+    groups = _groups()
+    reverted = [n for n in names if n in _STATE and _STATE[n].applied]
+    for name in reversed(reverted):
+        _STATE[name].revert()
+    try:
+        yield
+    finally:
+        for name in reverted:
+            groups[name](_STATE[name])

@@ -1,13 +1,227 @@
-"""Data-side config sections (owned by genlip_megatron.data)."""
+"""Data-side config sections (owned by genlip_megatron.data).
+
+``DataConfig`` is composed under ``data:`` in the run YAML. Each sub-section is read by one
+component: ``image`` by :mod:`~genlip_megatron.data.image`, ``text`` by
+:mod:`~genlip_megatron.data.template`, ``packing`` by :mod:`~genlip_megatron.data.packer`,
+``reader`` by :mod:`~genlip_megatron.data.shards` and :mod:`~genlip_megatron.data.loader`.
+Data-only rules live in :meth:`DataConfig.validate`; rules that involve other sections (for
+example ``data.image.patch_size == model.patch_size``) belong to ``GenLIPConfig.validate``.
+
+Example (stage 2, two sources mixed 3:1)::
+
+    data:
+      max_seq_len: 16384
+      sources:
+        - {paths: "/data/infinity_mm/{00000..00999}.tar", weight: 3.0, format: conversations}
+        - {paths: ["/data/blip3o/*.tar"], weight: 1.0, format: conversations}
+      eval_sources:
+        - {paths: "/data/heldout/*.tar", format: caption}
+      image: {policy: native, decoder: dali, device: auto}
+      text: {tokenizer_path: .cache/qwen3/tokenizer.json}
+      reader: {num_workers: 4, shuffle_buffer: 1000}
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from genlip_megatron.config_loader import ConfigError
+
+DEFAULT_PROMPT = "Describe the image in detail."
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One webdataset source: a set of tar shards in one sample format."""
+
+    paths: Union[str, list[str]]
+    """Shard paths: a glob ("/d/*.tar"), a brace range ("/d/{00000..00099}.tar"), or a list of
+    either. Matched shards are sorted by path before the seeded per-epoch shuffle."""
+    weight: float = 1.0
+    """Relative sampling weight when several sources are mixed (normalised over all sources)."""
+    format: Literal["caption", "conversations"] = "caption"
+    """Sample json layout: stage 1 ``{"caption": ...}``; stage 2 ``{"conversations": [...]}``
+    (``conversation`` is accepted too; a sample without either falls back to ``caption``)."""
+    name: Optional[str] = None
+    """Short name used in logs; defaults to ``source<i>``."""
+
+
+@dataclass(kw_only=True)
+class ImageConfig:
+    """Decoding, resizing and patching of images (reference notes §4, image processor)."""
+
+    policy: Literal["fixed", "native"] = "fixed"
+    """fixed: resize to fixed_size × fixed_size, no crop (stage 1); native: keep the aspect ratio
+    with the reference smart-resize rule between min_pixels and max_pixels (stage 2)."""
+    fixed_size: int = 224
+    """Output side in pixels for policy fixed (a multiple of patch_size; 224 → 14×14 patches)."""
+    min_pixels: int = 4096
+    """policy native: images with fewer pixels are upscaled (4096 = 16 patches of 16×16)."""
+    max_pixels: int = 262144
+    """policy native: images with more pixels are downscaled (262144 = 1024 patches)."""
+    max_aspect_ratio: float = 200.0
+    """Samples whose long/short side ratio exceeds this are skipped (reason aspect_ratio)."""
+    patch_size: int = 16
+    """Square patch side; must equal model.patch_size."""
+    decoder: Literal["dali", "pillow"] = "dali"
+    """dali: NVIDIA DALI decoder (nvJPEG on GPU, libjpeg-turbo on CPU); pillow: PIL decode and
+    resize exactly as the reference (for machines where DALI has no wheel)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where DALI decodes: gpu uses decoders.image(device='mixed') in the trainer process; cpu
+    uses device='cpu' with device_id=None in the loader workers; auto picks gpu when CUDA is
+    available."""
+    resize_backend: Literal["auto", "dali", "torch"] = "auto"
+    """Resize after a DALI decode: dali (fn.resize, antialiased linear); torch (uint8 antialiased
+    bilinear, ~3× faster than DALI's CPU resize and within 1 grey level of the reference's PIL
+    resize); auto = dali on GPU, torch on CPU. Ignored by the pillow decoder (PIL BILINEAR)."""
+    dali_threads: int = 1
+    """DALI CPU threads per decoding process (each loader worker has its own pipeline)."""
+    decode_batch_size: int = 32
+    """Images decoded per DALI pipeline run."""
+    decode_in_main: bool = False
+    """Decode in the trainer process instead of the workers (always true for device gpu)."""
+
+
+@dataclass(kw_only=True)
+class TextConfig:
+    """Tokenizer and chat template (reference Qwen2VLPretrainTemplate, no special tokens)."""
+
+    tokenizer_path: Optional[str] = None
+    """Local tokenizer.json (Qwen3 in real runs: `python tools/fetch_qwen3_tokenizer.py`; the
+    demo trains its own). Required by the train and eval loaders."""
+    prompt: str = DEFAULT_PROMPT
+    """User prompt after the image for caption-format samples (masked out of the loss)."""
+    max_sample_len: Optional[int] = None
+    """Samples with more tokens (image + text) are skipped as too_long; None = max_seq_len."""
+
+
+@dataclass(kw_only=True)
+class PackingConfig:
+    """Packing of whole samples into rows of max_seq_len tokens."""
+
+    buffer_size: int = 256
+    """Samples held for packing; a row is cut when this many are buffered (or buffer_rows worth
+    of tokens). The reference packs first-fit from a 200-sample buffer."""
+    buffer_rows: int = 8
+    """Cut a row early once the buffer holds this many rows' worth of tokens (bounds memory)."""
+    exact_fill_rows: float = 4.0
+    """When the space left in a row is under this many longest-buffered-samples, fill it with
+    an exact subset-sum search instead of first-fit (this is what reaches ~100 % fill)."""
+
+
+@dataclass(kw_only=True)
+class ReaderConfig:
+    """Shard reading, shuffling, worker processes."""
+
+    num_workers: int = 2
+    """Loader worker processes (0: everything in the trainer process). The sample stream is
+    identical for any value ≤ streams_per_source; larger values leave workers idle."""
+    streams_per_source: int = 4
+    """Shard streams per source and rank; each is read sequentially by one worker and the
+    streams are interleaved round-robin. Part of the data order (changing it changes it)."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order every epoch from (seed, source, epoch)."""
+    shuffle_buffer: int = 1000
+    """Samples per stream permuted together (a block shuffle: same locality as a shuffle buffer
+    of this size, but resumable from a cursor). Memory ≈ streams × this × raw sample size.
+    1 disables sample shuffling."""
+    prefetch: int = 64
+    """Processed samples each worker may queue ahead of the trainer."""
+    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    """multiprocessing start method for workers (spawn is safe with CUDA and DALI threads)."""
+    snapshot_interval: int = 64
+    """Keep a resume point every this many samples (restores replay at most this many extra)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     """Where samples come from and how rows are packed."""
 
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Training sources (mixed by weight)."""
+    eval_sources: list[SourceConfig] = field(default_factory=list)
+    """Held-out sources read in order, without packing, by the caption evaluation."""
     max_seq_len: int = 16384
-    """Tokens per packed row (a multiple of 16)."""
+    """Tokens per packed row; every row is padded to exactly this length (a multiple of
+    pad_multiple)."""
+    pad_multiple: int = 16
+    """Packed lengths are multiples of this (FP8 GEMMs need 16); single-sample batches from
+    encode_prompt are padded up to a multiple of it."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """Image decoding and resizing."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Tokenizer and template."""
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    """Row packing."""
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    """Shard reading and worker processes."""
+
+    def validate(self) -> "DataConfig":
+        """Check data-only rules; raises ConfigError naming the dotted key. Returns self."""
+        _check(self.max_seq_len > 0 and self.pad_multiple > 0,
+               f"data.max_seq_len ({self.max_seq_len}) and data.pad_multiple "
+               f"({self.pad_multiple}) must be positive.")
+        _check(self.max_seq_len % self.pad_multiple == 0,
+               f"data.max_seq_len ({self.max_seq_len}) is not a multiple of data.pad_multiple "
+               f"({self.pad_multiple}); use e.g. {_round_up(self.max_seq_len, self.pad_multiple)}.")
+        _validate_image(self.image)
+        _validate_text(self.text, self.max_seq_len)
+        _validate_packing(self.packing)
+        _validate_reader(self.reader)
+        for key, sources in (("sources", self.sources), ("eval_sources", self.eval_sources)):
+            for i, src in enumerate(sources):
+                _check(bool(src.paths), f"data.{key}[{i}].paths is empty; give a glob, a brace "
+                       "range or a list of tar shards.")
+                _check(src.weight > 0, f"data.{key}[{i}].weight ({src.weight}) must be > 0.")
+        return self
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_image(c: ImageConfig) -> None:
+    p = c.patch_size
+    _check(p > 0, f"data.image.patch_size ({p}) must be positive.")
+    _check(c.fixed_size >= p and c.fixed_size % p == 0,
+           f"data.image.fixed_size ({c.fixed_size}) must be a positive multiple of "
+           f"data.image.patch_size ({p}); use {max(p, c.fixed_size // p * p)}.")
+    _check(p * p <= c.min_pixels <= c.max_pixels,
+           f"data.image.min_pixels ({c.min_pixels}) must be ≥ patch_size² ({p * p}) and ≤ "
+           f"data.image.max_pixels ({c.max_pixels}).")
+    _check(c.max_aspect_ratio >= 1.0,
+           f"data.image.max_aspect_ratio ({c.max_aspect_ratio}) must be ≥ 1.")
+    _check(c.dali_threads >= 1 and c.decode_batch_size >= 1,
+           f"data.image.dali_threads ({c.dali_threads}) and data.image.decode_batch_size "
+           f"({c.decode_batch_size}) must be ≥ 1.")
+
+
+def _validate_text(c: TextConfig, max_seq_len: int) -> None:
+    if c.max_sample_len is not None:
+        _check(0 < c.max_sample_len <= max_seq_len,
+               f"data.text.max_sample_len ({c.max_sample_len}) must be in [1, data.max_seq_len "
+               f"({max_seq_len})]; use null for max_seq_len.")
+
+
+def _validate_packing(c: PackingConfig) -> None:
+    _check(c.buffer_size >= 1, f"data.packing.buffer_size ({c.buffer_size}) must be ≥ 1.")
+    _check(c.buffer_rows >= 1, f"data.packing.buffer_rows ({c.buffer_rows}) must be ≥ 1.")
+    _check(c.exact_fill_rows >= 0,
+           f"data.packing.exact_fill_rows ({c.exact_fill_rows}) must be ≥ 0 (0 disables).")
+
+
+def _validate_reader(c: ReaderConfig) -> None:
+    _check(c.num_workers >= 0, f"data.reader.num_workers ({c.num_workers}) must be ≥ 0.")
+    _check(c.streams_per_source >= 1,
+           f"data.reader.streams_per_source ({c.streams_per_source}) must be ≥ 1.")
+    _check(c.shuffle_buffer >= 1,
+           f"data.reader.shuffle_buffer ({c.shuffle_buffer}) must be ≥ 1 (1 = no shuffle).")
+    _check(c.prefetch >= 1 and c.snapshot_interval >= 1,
+           f"data.reader.prefetch ({c.prefetch}) and data.reader.snapshot_interval "
+           f"({c.snapshot_interval}) must be ≥ 1.")

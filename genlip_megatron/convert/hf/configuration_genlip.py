@@ -1,0 +1,105 @@
+"""GenLIP configuration for Hugging Face ``transformers`` (self-contained: no genlip_megatron).
+
+Copied into every exported checkpoint directory and referenced from ``config.json``'s
+``auto_map``, so ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works without this
+package. Field names and defaults follow the reference ``GenLIPConfig``
+(YanFangCS/GenLIP@db2c226 ``veomni/models/transformers/genlip/genlip_modeling.py`` L75-174).
+
+transformers 5.x rewrites a ``rope_scaling`` attribute into ``rope_parameters``; the MRoPE
+sections are therefore kept in ``mrope_section`` and ``rope_scaling`` is re-emitted by
+:meth:`GenLIPConfig.to_dict` in the reference form ``{"type": "mrope", "mrope_section": [...]}``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+
+class GenLIPConfig(PretrainedConfig):
+    """Architecture of a GenLIP model (one transformer over ``[image patches | text]``).
+
+    Args:
+        hidden_size: transformer width E (patches are embedded straight into E).
+        num_hidden_layers: number of blocks.
+        num_attention_heads: heads (MHA; ``num_key_value_heads`` must equal it if given).
+        intermediate_size: SwiGLU inner width (each of ``gate_fc`` and ``fc1``).
+        text_embed_dim: text embedding width T; ``in_proj``/``proj`` exist only when T != E.
+            None means "unknown" (released configs omit it): loaders infer it from the shape of
+            ``embeddings.weight``.
+        vocab_size: LM vocabulary.
+        rope_scaling: ``{"type": "mrope", "mrope_section": [t, h, w]}`` (interleaved MRoPE).
+        vision_only: the checkpoint holds only the vision trunk (no embeddings/in_proj/proj/
+            lm_head); ``forward`` then refuses text and ``encode_images`` still works.
+        image_token_id: id marking image positions in ``input_ids`` when no ``image_mask`` is
+            passed (Qwen ``<|image_pad|>`` 151655).
+    """
+
+    model_type = "genlip"
+
+    def __init__(self, hidden_size: int = 1152, num_hidden_layers: int = 24,
+                 num_attention_heads: int = 16, num_key_value_heads: Optional[int] = None,
+                 intermediate_size: int = 2752, text_embed_dim: Optional[int] = None,
+                 vocab_size: int = 151936, num_channels: int = 3, patch_size: int = 16,
+                 temporal_patch_size: int = 1, hidden_act: str = "silu",
+                 use_swiglu_ffn: bool = True, ls_init_value: float = 0.1,
+                 layer_norm_eps: float = 1e-6, attention_dropout: float = 0.0,
+                 drop_path_rate: float = 0.0, initializer_range: float = 0.02,
+                 initializer_factor: float = 1.0, max_position_embeddings: int = 16384,
+                 rope_theta: float = 10000.0, rope_scaling: Optional[dict] = None,
+                 mrope_section: Optional[list] = None, mrope_interleaved: bool = True,
+                 gated_attention: bool = True, use_llm_head: bool = False,
+                 llm_decoder=None, use_liger_kernel: bool = True, tokens_per_second: int = 2,
+                 spatial_merge_size: int = 1, vision_start_token_id: int = 151652,
+                 vision_end_token_id: int = 151653, image_token_id: int = 151655,
+                 vision_only: bool = False, tie_word_embeddings: bool = False, **kwargs):
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.intermediate_size = intermediate_size
+        self.text_embed_dim = text_embed_dim
+        self.vocab_size = vocab_size
+        self.num_channels = num_channels
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.hidden_act = hidden_act
+        self.use_swiglu_ffn = use_swiglu_ffn
+        self.ls_init_value = ls_init_value
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.drop_path_rate = drop_path_rate
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        if mrope_section is None:
+            mrope_section = (rope_scaling or {}).get("mrope_section")
+        if mrope_section is None:
+            # Every channel on T is plain 1-D RoPE; the reference configs always set sections.
+            mrope_section = [hidden_size // num_attention_heads // 2, 0, 0]
+        self.mrope_section = [int(s) for s in mrope_section]
+        self.mrope_interleaved = mrope_interleaved
+        self.gated_attention = gated_attention
+        self.use_llm_head = use_llm_head
+        self.llm_decoder = llm_decoder
+        self.use_liger_kernel = use_liger_kernel
+        self.tokens_per_second = tokens_per_second
+        self.spatial_merge_size = spatial_merge_size
+        self.vision_start_token_id = vision_start_token_id
+        self.vision_end_token_id = vision_end_token_id
+        self.image_token_id = image_token_id
+        self.vision_only = vision_only
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width E / heads (72 for L/16 and So/16, 96 for g/16)."""
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.pop("rope_parameters", None)
+        out["rope_scaling"] = {"type": "mrope", "mrope_section": list(self.mrope_section)}
+        return out

@@ -1,0 +1,615 @@
+"""GenLIP for Hugging Face ``transformers``: logits and vision-encoder features, on CPU or GPU.
+
+Self-contained (torch + transformers only), copied into every exported checkpoint directory and
+referenced from ``config.json``'s ``auto_map``::
+
+    model = AutoModel.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32)
+    out = model(input_ids=ids, pixel_values=patches, image_grid_thw=grids)   # out.logits
+    feats = model.encode_images(patches, grids)                              # list of [n_i, E]
+
+It implements the reference forward (YanFangCS/GenLIP@db2c226 ``genlip_modeling.py``) exactly:
+conv patch embedding (applied as the equivalent linear on (C, ph, pw)-flattened patches), text
+embedding + ``in_proj``, masked scatter of the patch embeddings into the image positions,
+interleaved MRoPE, pre-norm blocks with elementwise sigmoid-gated attention (``q_proj`` rows
+``[query | gate]``), SwiGLU ``fc2(silu(gate_fc x) * fc1 x)``, two LayerScales per block, ``ln_post``,
+``proj`` and an untied bias-free ``lm_head``.
+
+Fixes of the reference's inference pitfalls (reference notes §7.10):
+- the prefix-LM mask is built per row, so batch size > 1 and packed rows both work;
+- missing ``position_ids`` are built from the image grids (image (0, r, c); text
+  t = h = w = max(gh, gw) + k per sample), never 1-D positions;
+- ``position_ids`` are ``[B, 3, L]`` (``[3, B, L]`` is accepted when B != 3), never silently
+  mis-transposed;
+- no non-persistent buffers and a guarded ``_init_weights``, so ``from_pretrained`` cannot
+  re-initialise loaded weights.
+
+Encoder features are the ``ln_post`` output (width E) of an image-only pass with bidirectional
+attention inside each image (reference notes §2.8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - transformers 4.x
+    _init = nn.init
+
+from .configuration_genlip import GenLIPConfig
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- inputs
+def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut ``[B, C, H, W]`` images into raster-order patches.
+
+    Returns:
+        patches ``[B * gh * gw, C * p * p]`` flattened in (C, ph, pw) order, and the grids
+        ``[B, 3]`` as (t=1, gh, gw).
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {p}; resize first.")
+    gh, gw = h // p, w // p
+    x = images.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, p, p]
+    grid = torch.tensor([[1, gh, gw]] * b, dtype=torch.long, device=images.device)
+    return x.reshape(b * gh * gw, c * p * p), grid
+
+
+def normalize_pixel_values(pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                           num_channels: int, patch_size: int):
+    """Accept patches ``[N, C*p*p]``, patches ``[N, C, p, p]`` or images ``[B, C, H, W]``.
+
+    Returns:
+        (patches ``[N, C*p*p]``, grids ``[num_images, 2]`` as (gh, gw) or None if unknown).
+    """
+    p, c = patch_size, num_channels
+    grid = None
+    if image_grid_thw is not None:
+        grid = torch.as_tensor(image_grid_thw).reshape(-1, image_grid_thw.shape[-1])[:, -2:]
+    if pixel_values.dim() == 2:
+        if pixel_values.shape[1] != c * p * p:
+            raise ValueError(f"pixel_values [N, {pixel_values.shape[1]}] must be flattened patches"
+                             f" of length C*p*p = {c * p * p}.")
+        return pixel_values, grid
+    if pixel_values.dim() == 4 and pixel_values.shape[1] == c:
+        if tuple(pixel_values.shape[2:]) == (p, p):
+            return pixel_values.reshape(pixel_values.shape[0], -1), grid
+        patches, thw = patchify(pixel_values, p)
+        return patches, thw[:, 1:]
+    raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} is not [N, C*p*p], "
+                     f"[N, C, p, p] or [B, C, H, W] with C = {c}, p = {p}.")
+
+
+def _runs(flags: torch.Tensor, keys: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal [start, end) runs of equal ``keys`` among positions where ``flags`` is True."""
+    idx = torch.nonzero(flags, as_tuple=False).flatten().tolist()
+    k = keys.tolist()
+    out, start = [], None
+    for j, i in enumerate(idx):
+        if start is None:
+            start = i
+        nxt = idx[j + 1] if j + 1 < len(idx) else None
+        if nxt is None or nxt != i + 1 or k[nxt] != k[i]:
+            out.append((start, i + 1))
+            start = None
+    return out
+
+
+def build_position_ids(image_mask: torch.Tensor, segment_ids: torch.Tensor,
+                       image_grids: Optional[torch.Tensor]) -> torch.Tensor:
+    """MRoPE ids ``[B, 3, L]`` as the reference data pipeline builds them (notes §2.4).
+
+    Per sample (a run of equal ``segment_ids`` >= 0): an image run with grid (gh, gw) gets
+    (0, r, c) in raster order; text continues at t = h = w = max(gh, gw) of the latest image
+    (0 before any image), incremented per token. Padding (segment -1) gets 0.
+
+    Args:
+        image_mask: bool ``[B, L]``.
+        segment_ids: int ``[B, L]`` sample index within the row, -1 on padding.
+        image_grids: ``[num_images, 2]`` (gh, gw) in row order, or None (square grids assumed).
+    """
+    b, length = image_mask.shape
+    pos = torch.zeros(b, 3, length, dtype=torch.long, device=image_mask.device)
+    grids = image_grids.tolist() if image_grids is not None else None
+    gi = 0
+    for row in range(b):
+        seg = segment_ids[row]
+        img = image_mask[row]
+        valid = seg >= 0
+        # runs of (segment, modality): key = 2 * segment + is_image
+        key = seg.long() * 2 + img.long()
+        cur_seg, nxt = None, 0
+        for s, e in _runs(valid, key):
+            if int(seg[s]) != cur_seg:
+                cur_seg, nxt = int(seg[s]), 0
+            n = e - s
+            if bool(img[s]):
+                if grids is not None:
+                    if gi >= len(grids):
+                        raise ValueError(f"image_grid_thw lists {len(grids)} images but the "
+                                         "image_mask holds more image runs.")
+                    gh, gw = int(grids[gi][0]), int(grids[gi][1])
+                else:
+                    gh = gw = int(math.isqrt(n))
+                    if gh * gw != n:
+                        raise ValueError(f"an image run of {n} tokens is not square; pass "
+                                         "image_grid_thw or position_ids.")
+                if gh * gw != n:
+                    raise ValueError(f"image {gi} has grid {gh}x{gw} = {gh * gw} patches but "
+                                     f"its run in the image_mask has {n} tokens.")
+                gi += 1
+                r = torch.arange(gh, device=pos.device).repeat_interleave(gw)
+                c = torch.arange(gw, device=pos.device).repeat(gh)
+                pos[row, 1, s:e], pos[row, 2, s:e] = r, c
+                nxt = max(nxt, gh, gw)
+            else:
+                t = torch.arange(nxt, nxt + n, device=pos.device)
+                pos[row, :, s:e] = t
+                nxt += n
+    return pos
+
+
+def build_prefix_lm_mask(image_mask: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask ``[B, 1, L, L]`` (True = may attend), per row.
+
+    Text attends causally to everything earlier in its own sample (its image and earlier
+    text); image tokens attend bidirectionally to the image tokens of their own sample; nothing
+    crosses samples (``segment_ids``); padding (segment -1) attends only to itself so no row is
+    empty (its output is ignored).
+    """
+    length = image_mask.shape[1]
+    idx = torch.arange(length, device=image_mask.device)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    same = (seg_q == seg_k) & (seg_k >= 0)
+    both_img = image_mask[:, :, None] & image_mask[:, None, :]
+    allowed = same & (causal | both_img)
+    allowed = allowed | (torch.eye(length, dtype=torch.bool, device=image_mask.device)[None]
+                         & (segment_ids < 0)[:, :, None])
+    return allowed[:, None]
+
+
+def normalize_position_ids(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, 3, L]`` from ``[B, 3, L]`` or ``[3, B, L]`` (the latter only when B != 3)."""
+    if position_ids.dim() != 3:
+        raise ValueError(f"position_ids must be [B, 3, L], got {tuple(position_ids.shape)}.")
+    if position_ids.shape[0] == batch and position_ids.shape[1] == 3:
+        return position_ids
+    if position_ids.shape[0] == 3 and position_ids.shape[1] == batch:
+        return position_ids.transpose(0, 1)
+    raise ValueError(f"position_ids {tuple(position_ids.shape)} is neither [B={batch}, 3, L] nor "
+                     f"[3, B={batch}, L].")
+
+
+# --------------------------------------------------------------------------- modules
+class GenLIPVisionEmbeddings(nn.Module):
+    """Conv2d(C, E, p, stride p) patch embedding, applied as a linear on flattened patches."""
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
+                                         kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[N, C*p*p]`` → ``[N, E]`` (same as the conv on each 16×16 patch)."""
+        w = self.patch_embedding.weight
+        return F.linear(patches.to(w.dtype), w.flatten(1), self.patch_embedding.bias)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """NeoX half rotation: cat(-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class GenLIPRotaryEmbedding(nn.Module):
+    """Interleaved MRoPE: cos/sin ``[B, L, hd]`` from (t, h, w) ids (reference notes §2.4).
+
+    Frequency channel i takes the H position if i % 3 == 1 (i < 3·section[1]), the W position if
+    i % 3 == 2 (i < 3·section[2]), else T. ``inv_freq`` is recomputed on the fly (no buffer:
+    a non-persistent buffer would be left uninitialised by meta-device ``from_pretrained``).
+    """
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = float(config.rope_theta)
+        self.section = list(config.mrope_section)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = position_ids.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=dev,
+                                                      dtype=torch.int64).float() / self.head_dim))
+        freqs = position_ids.transpose(0, 1).float()[..., None] * inv_freq  # [3, B, L, hd/2]
+        out = freqs[0].clone()
+        for dim, offset in ((1, 1), (2, 2)):
+            idx = slice(offset, self.section[dim] * 3, 3)
+            out[..., idx] = freqs[dim][..., idx]
+        emb = torch.cat((out, out), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+class GenLIPAttention(nn.Module):
+    """Multi-head attention with an elementwise sigmoid output gate (Qwen "G1").
+
+    ``q_proj`` is ``[2E, E]``: rows ``[0:E]`` the query, rows ``[E:2E]`` the gate, each head-major.
+    """
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__()
+        e = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.gated = config.gated_attention
+        self.q_proj = nn.Linear(e, 2 * e if self.gated else e)
+        self.k_proj = nn.Linear(e, e)
+        self.v_proj = nn.Linear(e, e)
+        self.out_proj = nn.Linear(e, e)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, past: Optional[tuple] = None):
+        b, length, e = x.shape
+        shape = (b, length, self.num_heads, self.head_dim)
+        q = self.q_proj(x)
+        gate = None
+        if self.gated:
+            q, gate = q.chunk(2, dim=-1)
+        q = q.reshape(shape).transpose(1, 2)  # [B, nh, L, hd]
+        k = self.k_proj(x).reshape(shape).transpose(1, 2)
+        v = self.v_proj(x).reshape(shape).transpose(1, 2)
+        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.transpose(1, 2)  # [B, L, nh, hd]
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(shape))
+        return self.out_proj(out.reshape(b, length, e)), (k, v)
+
+
+class GenLIPMLP(nn.Module):
+    """SwiGLU with biases: ``fc2(silu(gate_fc(x)) * fc1(x))``."""
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.gate_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.gate_fc(x)) * self.fc1(x))
+
+
+class GenLIPLayerScale(nn.Module):
+    """``x * lambda1`` with ``lambda1`` of shape [E]."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.lambda1 = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.lambda1
+
+
+class GenLIPEncoderLayer(nn.Module):
+    """Pre-norm block: x + LS1(attn(LN1 x)); x + LS2(mlp(LN2 x)). (DropPath is train-only.)"""
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__()
+        e, eps = config.hidden_size, config.layer_norm_eps
+        self.layer_norm1 = nn.LayerNorm(e, eps=eps)
+        self.self_attn = GenLIPAttention(config)
+        self.layer_norm2 = nn.LayerNorm(e, eps=eps)
+        self.mlp = GenLIPMLP(config)
+        use_ls = config.ls_init_value > 1e-6
+        self.layer_scale1 = GenLIPLayerScale(e, config.ls_init_value) if use_ls else nn.Identity()
+        self.layer_scale2 = GenLIPLayerScale(e, config.ls_init_value) if use_ls else nn.Identity()
+
+    def forward(self, x, cos, sin, mask, past=None):
+        h, kv = self.self_attn(self.layer_norm1(x), cos, sin, mask, past)
+        x = x + self.layer_scale1(h)
+        x = x + self.layer_scale2(self.mlp(self.layer_norm2(x)))
+        return x, kv
+
+
+class GenLIPEncoder(nn.Module):
+    """The stack of blocks (``visual.layers.{i}`` in the checkpoint)."""
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(GenLIPEncoderLayer(config)
+                                    for _ in range(config.num_hidden_layers))
+
+
+class GenLIPKVCache:
+    """Per-layer (key, value) ``[B, nh, L, hd]`` after RoPE, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def get_seq_length(self) -> int:
+        """Number of cached positions."""
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    def select(self, rows: torch.Tensor) -> "GenLIPKVCache":
+        """Keep only the given batch rows (drop finished sequences)."""
+        out = GenLIPKVCache()
+        out.layers = [(k[rows], v[rows]) for k, v in self.layers]
+        return out
+
+
+@dataclass
+class GenLIPOutput(ModelOutput):
+    """Outputs of :class:`GenLIPModel`.
+
+    Attributes:
+        loss: mean next-token CE over labels != -100 (labels unshifted, as in the reference).
+        logits: ``[B, L, V]`` (None when ``return_logits=False``).
+        last_hidden_state: ``ln_post`` output ``[B, L, E]`` (the encoder feature).
+        past_key_values: :class:`GenLIPKVCache` when ``use_cache``.
+        hidden_states: per-layer inputs plus the final block output when requested.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    last_hidden_state: Optional[torch.Tensor] = None
+    past_key_values: Optional[GenLIPKVCache] = None
+    hidden_states: Optional[tuple] = None
+
+
+class GenLIPPreTrainedModel(PreTrainedModel):
+    """Init rules of the reference ``_init_weights`` (notes §2.7); guarded in transformers 5."""
+
+    config_class = GenLIPConfig
+    base_model_prefix = ""
+    _no_split_modules = ["GenLIPEncoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, GenLIPAttention):
+            for lin in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                _init.xavier_uniform_(lin.weight)
+                _init.zeros_(lin.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            _init.ones_(module.weight)
+            _init.zeros_(module.bias)
+        elif isinstance(module, GenLIPLayerScale):
+            _init.constant_(module.lambda1, module.init_value)
+
+
+class GenLIPModel(GenLIPPreTrainedModel):
+    """The GenLIP transformer with its LM head (state-dict keys as the released checkpoints)."""
+
+    def __init__(self, config: GenLIPConfig):
+        super().__init__(config)
+        if config.num_key_value_heads not in (None, config.num_attention_heads):
+            raise ValueError(f"num_key_value_heads ({config.num_key_value_heads}) must equal "
+                             f"num_attention_heads ({config.num_attention_heads}): GenLIP is MHA.")
+        if not config.use_swiglu_ffn:
+            raise ValueError("use_swiglu_ffn=false (the GELU MLP) is not supported; every "
+                             "released GenLIP model uses SwiGLU.")
+        self.vision_embeddings = GenLIPVisionEmbeddings(config)
+        self.visual = GenLIPEncoder(config)
+        self.rotary_emb = GenLIPRotaryEmbedding(config)
+        self.ln_post = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if not config.vision_only:
+            t = config.text_embed_dim or config.hidden_size
+            self.embeddings = nn.Embedding(config.vocab_size, t)
+            if t != config.hidden_size:
+                self.in_proj = nn.Linear(t, config.hidden_size)
+                self.proj = nn.Linear(config.hidden_size, t)
+            else:
+                self.in_proj = self.proj = nn.Identity()
+            self.lm_head = nn.Linear(t, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ----------------------------------------------------------------- embedding
+    def _embed(self, input_ids, pixel_values, image_grid_thw, image_mask):
+        cfg = self.config
+        grids = None
+        dtype = self.ln_post.weight.dtype
+        if input_ids is None:
+            raise ValueError("input_ids is required (0 at image positions, or image_token_id).")
+        if image_mask is None:
+            image_mask = input_ids == cfg.image_token_id
+        image_mask = image_mask.bool()
+        if cfg.vision_only:
+            if not bool(image_mask.all()):
+                raise ValueError("this is a vision-only export (no text embedding); pass image "
+                                 "tokens only, or use encode_images().")
+            embeds = torch.zeros(*input_ids.shape, cfg.hidden_size, dtype=dtype,
+                                 device=input_ids.device)
+        else:
+            embeds = self.in_proj(self.embeddings(input_ids.masked_fill(image_mask, 0)))
+        n_img = int(image_mask.sum())
+        if pixel_values is not None:
+            patches, grids = normalize_pixel_values(pixel_values, image_grid_thw,
+                                                    cfg.num_channels, cfg.patch_size)
+            if patches.shape[0] != n_img:
+                raise ValueError(f"pixel_values hold {patches.shape[0]} patches but the "
+                                 f"image_mask marks {n_img} image positions.")
+            embeds = embeds.clone()
+            embeds[image_mask] = self.vision_embeddings(patches).to(embeds.dtype)
+        elif n_img:
+            raise ValueError(f"image_mask marks {n_img} image positions but no pixel_values "
+                             "were given.")
+        elif image_grid_thw is not None:
+            grids = image_grid_thw.reshape(-1, image_grid_thw.shape[-1])[:, -2:]
+        return embeds, image_mask, grids
+
+    # ----------------------------------------------------------------- trunk
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None,
+                image_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                past_key_values: Optional[GenLIPKVCache] = None,
+                use_cache: bool = False, return_logits: bool = True,
+                output_hidden_states: bool = False, return_dict: bool = True,
+                **unused) -> GenLIPOutput:
+        """Run the model on ``[B, L]`` rows of ``[image patches | text]`` samples.
+
+        Args:
+            input_ids: ``[B, L]``; values at image positions are ignored.
+            pixel_values: patches ``[N, C*p*p]`` / ``[N, C, p, p]`` in row order, or images
+                ``[B, C, H, W]``.
+            image_grid_thw: ``[num_images, 3]`` (1, gh, gw) (or ``[num_images, 2]``), needed to
+                build position ids for non-square images.
+            image_mask: bool ``[B, L]`` image positions; default ``input_ids == image_token_id``.
+            position_ids: MRoPE ids ``[B, 3, L]``; built from the grids when None.
+            attention_mask: ``[B, L]`` 1 = real token, 0 = padding (any side); with a cache,
+                ``[B, past + L]``.
+            segment_ids: ``[B, L]`` sample index per packed row, -1 = padding; overrides
+                ``attention_mask`` for packed rows (no cache).
+            labels: ``[B, L]`` unshifted targets (-100 = ignore); the loss shifts them.
+            past_key_values / use_cache: incremental decoding of text tokens (one sample/row).
+            return_logits: False skips ``proj``/``lm_head`` (features only).
+        """
+        if unused:
+            raise TypeError(f"GenLIPModel.forward got unexpected arguments {sorted(unused)}.")
+        embeds, image_mask, grids = self._embed(input_ids, pixel_values, image_grid_thw,
+                                                image_mask)
+        b, length = input_ids.shape
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
+            key_valid = (attention_mask.bool() if attention_mask is not None else
+                         torch.ones(b, past_len + length, dtype=torch.bool,
+                                    device=input_ids.device))
+            if key_valid.shape[1] != past_len + length:
+                raise ValueError(f"attention_mask covers {key_valid.shape[1]} positions; with "
+                                 f"a cache of {past_len} it must cover {past_len + length}.")
+            q_idx = torch.arange(past_len, past_len + length, device=input_ids.device)
+            k_idx = torch.arange(past_len + length, device=input_ids.device)
+            mask = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
+            mask = mask[:, None]
+            if position_ids is None:
+                raise ValueError("position_ids are required when decoding with a KV cache.")
+        else:
+            if segment_ids is None:  # one sample per row; attention_mask marks padding
+                segment_ids = (torch.zeros_like(input_ids, dtype=torch.long)
+                               if attention_mask is None else
+                               torch.where(attention_mask.bool(), 0, -1))
+            segment_ids = segment_ids.long()
+            mask = build_prefix_lm_mask(image_mask, segment_ids)
+            if position_ids is None:
+                position_ids = build_position_ids(image_mask, segment_ids, grids)
+        position_ids = normalize_position_ids(position_ids, b).to(input_ids.device)
+        cos, sin = self.rotary_emb(position_ids)
+        cache = GenLIPKVCache() if use_cache else None
+        hidden = embeds
+        all_hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.visual.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            past = past_key_values.layers[i] if past_len else None
+            hidden, kv = layer(hidden, cos, sin, mask, past)
+            if cache is not None:
+                cache.layers.append(kv)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        feats = self.ln_post(hidden)
+        logits = loss = None
+        if return_logits:
+            if self.config.vision_only:
+                raise ValueError("this is a vision-only export (no lm_head); call with "
+                                 "return_logits=False or use encode_images().")
+            logits = self.lm_head(self.proj(feats))
+            if labels is not None:
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        return GenLIPOutput(loss=loss, logits=logits, last_hidden_state=feats,
+                            past_key_values=cache,
+                            hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+
+    # ----------------------------------------------------------------- encoder use
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor,
+                      image_grid_thw: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Vision-encoder features: ``ln_post`` output of an image-only, bidirectional pass.
+
+        Args:
+            pixel_values: images ``[B, C, H, W]``, or patches ``[N, C*p*p]`` / ``[N, C, p, p]``
+                of several images concatenated in order (then ``image_grid_thw`` is required).
+            image_grid_thw: ``[num_images, 3]`` (1, gh, gw) or ``[num_images, 2]``.
+
+        Returns:
+            one ``[gh * gw, E]`` tensor per image (patch features in raster order).
+        """
+        cfg = self.config
+        patches, grids = normalize_pixel_values(pixel_values, image_grid_thw, cfg.num_channels,
+                                                cfg.patch_size)
+        if grids is None:
+            raise ValueError("encode_images needs image_grid_thw for patch inputs.")
+        sizes = [int(h) * int(w) for h, w in grids.tolist()]
+        if sum(sizes) != patches.shape[0]:
+            raise ValueError(f"image_grid_thw describes {sum(sizes)} patches but pixel_values "
+                             f"hold {patches.shape[0]}.")
+        n, longest = len(sizes), max(sizes)
+        dev = patches.device
+        # One padded row per image: attention never crosses images, padding is masked.
+        valid = torch.arange(longest, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
+        segment_ids = torch.where(valid, 0, -1)
+        pos = torch.zeros(n, 3, longest, dtype=torch.long, device=dev)
+        for i, (gh, gw) in enumerate(grids.tolist()):
+            gh, gw = int(gh), int(gw)
+            pos[i, 1, : gh * gw] = torch.arange(gh, device=dev).repeat_interleave(gw)
+            pos[i, 2, : gh * gw] = torch.arange(gw, device=dev).repeat(gh)
+        embeds = torch.zeros(n, longest, cfg.hidden_size, dtype=self.ln_post.weight.dtype,
+                             device=dev)
+        embeds[valid] = self.vision_embeddings(patches).to(embeds.dtype)
+        mask = build_prefix_lm_mask(valid, segment_ids)
+        cos, sin = self.rotary_emb(pos)
+        hidden = embeds
+        for layer in self.visual.layers:
+            hidden, _ = layer(hidden, cos, sin, mask)
+        feats = self.ln_post(hidden)
+        return [feats[i, : sizes[i]] for i in range(n)]
+
+    def text_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """LM-head logits ``[..., V]`` of ``ln_post`` features ``[..., E]`` (patch readout)."""
+        if self.config.vision_only:
+            raise ValueError("this is a vision-only export (no lm_head).")
+        return self.lm_head(self.proj(features))
+
+
+def stack_grids(grids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[[gh, gw], ...]`` → ``[num_images, 3]`` (1, gh, gw)."""
+    return torch.tensor([[1, int(h), int(w)] for h, w in grids], dtype=torch.long)
+
+
+__all__ = ["GenLIPConfig", "GenLIPModel", "GenLIPOutput", "GenLIPKVCache", "patchify",
+           "build_position_ids", "build_prefix_lm_mask", "stack_grids"]

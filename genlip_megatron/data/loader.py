@@ -1,0 +1,422 @@
+"""The training loader: an infinite, exactly resumable iterator of PackedBatch micro-batches.
+
+Per data-parallel rank (nothing here talks to other ranks):
+
+    streams (shards.py) ──► workers: SampleProcessor (decode, tokenize) ──► main: Packer ──► rows
+          ▲ each worker owns whole streams and emits its samples in logical order;
+            the main process merges them back into the one logical order (shards.SourceSchedule)
+
+Determinism: the logical sample order depends on (seed, dp_rank, dp_size, data config) only, not
+on ``data.reader.num_workers``; packing depends only on that order; so the rows are identical for
+any worker count. Resume: :meth:`PackedLoader.state_dict` stores a resume point (logical index,
+per-source counts, per-stream cursors) no later than the oldest sample still in the packing
+buffer, the index of the next unconsumed sample and the indices of the buffered samples. A
+restore re-reads from the resume point, processes only the buffered samples again (the others
+are skipped without decoding), and so continues with exactly the rows the uninterrupted run
+would have produced. No pixels are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue as queue_mod
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from genlip_megatron.data.batch import PackedBatch
+from genlip_megatron.data.config import DataConfig
+from genlip_megatron.data.image import dali_available, resolve_device
+from genlip_megatron.data.packer import Packer, collate_rows
+from genlip_megatron.data.sample import SKIP_REASONS, ProcessedSample, SampleProcessor, \
+    SampleResult, Skipped
+from genlip_megatron.data.shards import StreamCursor, build_streams
+from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class ResumePoint:
+    """Where producers start, and which of the re-read samples must be processed again."""
+
+    index: int                  # first logical index to read
+    counts: list[int]           # samples drawn per source before ``index``
+    cursors: list[list[int]]    # StreamCursor per global stream, as of ``index``
+    replay_until: int = 0       # indices below this were consumed before the save ...
+    keep: frozenset = frozenset()  # ... except these, which sat in the packing buffer
+
+
+class Producer:
+    """Reads the streams one worker owns and processes their samples in logical order.
+
+    Args:
+        cfg: the ``data`` section; tokenizer: its tokenizer; seed, dp_rank, dp_size: stream key.
+        worker, num_workers: this producer owns global streams ``g`` with g % num_workers ==
+            worker.
+        start: resume point. decode: decode images here (else the main process does).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, *, seed: int, dp_rank: int,
+                 dp_size: int, worker: int, num_workers: int, start: ResumePoint,
+                 decode: bool) -> None:
+        self.streams, self.schedule = build_streams(
+            cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+            streams_per_source=cfg.reader.streams_per_source,
+            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards)
+        for g, stream in enumerate(self.streams):
+            if g % num_workers == worker:
+                stream.restore(StreamCursor.from_list(start.cursors[g]))
+        self.processor = SampleProcessor(cfg, tokenizer, decode=decode)
+        self.worker, self.num_workers, self.start = worker, num_workers, start
+        self.batch_size = cfg.image.decode_batch_size
+
+    def __iter__(self) -> Iterator[list[SampleResult]]:
+        results: list[SampleResult] = []
+        todo: list[tuple[int, object]] = []  # (position in results, raw) to process
+        start = self.start
+        for n, _, g in self.schedule.walk(start.index, list(start.counts)):
+            if g % self.num_workers != self.worker:
+                continue
+            raw = next(self.streams[g])
+            results.append(SampleResult(n, g, raw.cursor_after, raw.shard_errors))
+            if n >= start.replay_until or n in start.keep:
+                todo.append((len(results) - 1, (n, raw)))
+            if len(todo) >= self.batch_size or len(results) >= 4 * self.batch_size:
+                yield self._finish(results, todo)
+                results, todo = [], []
+
+    def _finish(self, results: list[SampleResult], todo: list) -> list[SampleResult]:
+        items = self.processor.process([raw for _, raw in todo])
+        for (i, _), item in zip(todo, items):
+            results[i].item = item
+        return results
+
+
+def _worker_main(worker: int, num_workers: int, cfg: DataConfig, tokenizer: TextTokenizer,
+                 seed: int, dp_rank: int, dp_size: int, start: ResumePoint, decode: bool,
+                 out: "mp.Queue", log_level: int) -> None:
+    """Entry point of a loader worker process."""
+    logging.basicConfig(level=log_level,
+                        format=f"[data worker {worker} rank {dp_rank}] %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    try:
+        producer = Producer(cfg, tokenizer, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+                            worker=worker, num_workers=num_workers, start=start, decode=decode)
+        for batch in producer:
+            out.put(("ok", batch))
+    except BaseException:  # report everything, including KeyboardInterrupt, to the trainer
+        out.put(("error", traceback.format_exc()))
+
+
+class PackedLoader:
+    """Infinite iterator of :class:`PackedBatch` (``micro_batch_size`` rows × ``max_seq_len``).
+
+    Args:
+        cfg: the ``data`` section (validated here).
+        dp_rank, dp_size: this rank's data-parallel coordinates.
+        micro_batch_size: rows per batch.
+        seed: data-order seed (the run seed).
+        tokenizer: an already loaded tokenizer (default: ``cfg.text.tokenizer_path``).
+    """
+
+    def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 seed: int, tokenizer: Optional[TextTokenizer] = None) -> None:
+        cfg.validate()
+        if not cfg.sources:
+            raise ValueError("data.sources is empty; list at least one source of tar shards.")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size}).")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) must be ≥ 1.")
+        if cfg.image.decoder == "dali" and not dali_available():
+            raise ImportError("data.image.decoder is 'dali' but NVIDIA DALI is not installed; "
+                              "`pip install nvidia-dali-cuda120`, or set data.image.decoder: "
+                              "pillow.")
+        if tokenizer is None:
+            if cfg.text.tokenizer_path is None:
+                raise ValueError("data.text.tokenizer_path is not set; point it at a "
+                                 "tokenizer.json (tools/fetch_qwen3_tokenizer.py).")
+            tokenizer = load_tokenizer(cfg.text.tokenizer_path)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.micro_batch_size = micro_batch_size
+        streams, self._schedule = build_streams(
+            cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+            streams_per_source=cfg.reader.streams_per_source,
+            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards)
+        self._num_shards = [0] * len(cfg.sources)
+        for stream in streams:
+            self._num_shards[stream.source] = len(stream.shards)
+        self._stream_source = [s.source for s in streams]
+        self._num_workers = min(cfg.reader.num_workers, len(streams))
+        if cfg.reader.num_workers > len(streams):
+            logger.warning("data.reader.num_workers (%d) > shard streams on rank %d (%d); "
+                           "only %d workers start", cfg.reader.num_workers, dp_rank,
+                           len(streams), len(streams))
+        device = resolve_device(cfg.image)
+        self._decode_in_main = cfg.image.decode_in_main or device == "gpu"
+        self._main_processor = SampleProcessor(cfg, tokenizer, decode=True, device=device) \
+            if self._decode_in_main else None
+        self.packer = Packer(cfg.packing, cfg.max_seq_len)
+        self._counters = self._zero_counters()
+        self._procs: list = []
+        self._reset(ResumePoint(0, [0] * len(cfg.sources),
+                                [StreamCursor().to_list() for _ in streams]))
+
+    # ------------------------------------------------------------------ public API
+    def __iter__(self) -> "PackedLoader":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        self._finish_replay()
+        self._loaded_state = None
+        rows = []
+        for _ in range(self.micro_batch_size):
+            while not self.packer.ready():
+                self._consume(self._pull())
+            rows.append(self.packer.pop_row())
+        batch = collate_rows(rows, self.cfg.max_seq_len)
+        c = self._counters
+        c["rows"] += len(rows)
+        c["tokens/real"] += sum(s.length for row in rows for s in row)
+        c["tokens/total"] += len(rows) * self.cfg.max_seq_len
+        return batch
+
+    def counters(self) -> dict[str, int]:
+        """Per-rank counts: ``samples/read``, ``samples/used``, ``skipped/<reason>``, ``rows``,
+        ``tokens/real``, ``tokens/total``, ``info/unknown_keys``, ``epoch/<source>``."""
+        out = dict(self._counters)
+        for s, src in enumerate(self.cfg.sources):
+            epochs = [c[0] for g, c in enumerate(self._cursors) if self._stream_source[g] == s]
+            out[f"epoch/{src.name or f'source{s}'}"] = min(epochs)
+        return out
+
+    def state_dict(self) -> dict:
+        """Compact, torch.save-able state of this rank's loader (no pixels, no token ids)."""
+        if self._loaded_state is not None:  # restored but not iterated yet
+            return dict(self._loaded_state)
+        first = self.packer.buffer[0].index if self.packer.buffer else self._next_index
+        snap = next(s for s in reversed(self._snapshots) if s[0] <= first)
+        return {
+            "version": STATE_VERSION,
+            "key": self._fingerprint(),
+            "resume": {"index": snap[0], "counts": list(snap[1]),
+                       "cursors": [list(c) for c in snap[2]]},
+            "next_index": self._next_index,
+            "buffer": [s.index for s in self.packer.buffer],
+            "counters": dict(self._counters),
+        }
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue exactly where ``state`` was taken (same rank, seed and data layout).
+
+        With ``strict=False`` a state from a different layout (e.g. another dp_size) only
+        restores the counters and starts every stream at the epoch after the saved one.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')} is not "
+                             f"{STATE_VERSION}; it was written by another genlip_megatron.")
+        diff = {k: (v, state["key"].get(k)) for k, v in self._fingerprint().items()
+                if state["key"].get(k) != v}
+        counters = {**self._zero_counters(), **state["counters"]}
+        if diff and strict:
+            raise ValueError(f"data loader state does not match this run (now, saved): {diff}; "
+                             "the sample stream cannot be reproduced. Use the same seed, "
+                             "dp_size and data config, or load_state_dict(state, strict=False) "
+                             "to keep only the counters and start a fresh epoch.")
+        if diff:
+            epoch = 1 + max(c[0] for c in state["resume"]["cursors"])
+            logger.warning("data loader state from another layout %s: starting epoch %d", diff,
+                           epoch)
+            self._reset(ResumePoint(0, [0] * len(self.cfg.sources),
+                                    [StreamCursor(epoch=epoch).to_list()
+                                     for _ in self._cursors]), counters)
+            return
+        r = state["resume"]
+        self._reset(ResumePoint(r["index"], list(r["counts"]), [list(c) for c in r["cursors"]],
+                                state["next_index"], frozenset(state["buffer"])), counters)
+        self._loaded_state = dict(state)
+        self._expected_buffer = list(state["buffer"])
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        for proc, q in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(timeout=5)
+            q.cancel_join_thread()
+            q.close()
+        self._procs = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ internals
+    def _zero_counters(self) -> dict[str, int]:
+        names = ["samples/read", "samples/used", "rows", "tokens/real", "tokens/total",
+                 "info/unknown_keys"] + [f"skipped/{r}" for r in SKIP_REASONS]
+        return {k: 0 for k in names}
+
+    def _fingerprint(self) -> dict:
+        r = self.cfg.reader
+        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
+                "num_shards": list(self._num_shards),
+                "streams": list(self._schedule.streams),
+                "weights": [s.weight for s in self.cfg.sources],
+                "shuffle_buffer": r.shuffle_buffer, "shuffle_shards": r.shuffle_shards,
+                "max_seq_len": self.cfg.max_seq_len}
+
+    def _reset(self, start: ResumePoint, counters: Optional[dict] = None) -> None:
+        self.close()
+        self.packer.clear()
+        if counters is not None:
+            self._counters = counters
+        self._start = start
+        self._next_index = start.index
+        self._counts = list(start.counts)       # consumed samples per source
+        self._cursors = [list(c) for c in start.cursors]
+        self._snapshots = deque([(start.index, list(self._counts),
+                                  [list(c) for c in self._cursors])])
+        self._lookahead: deque[SampleResult] = deque()
+        self._ordered: Optional[Iterator[SampleResult]] = None
+        self._loaded_state: Optional[dict] = None
+        self._expected_buffer: Optional[list[int]] = None
+
+    def _finish_replay(self) -> None:
+        """After a restore, re-read up to the saved position and refill the packing buffer."""
+        if self._next_index >= self._start.replay_until:
+            return
+        count = self._start.replay_until - self._next_index
+        while self._next_index < self._start.replay_until:
+            self._consume(self._pull())
+        got = [s.index for s in self.packer.buffer]
+        if self._expected_buffer is not None and got != self._expected_buffer:
+            raise RuntimeError(f"data loader restore rebuilt the packing buffer as {got[:8]}... "
+                               f"but the checkpoint has {self._expected_buffer[:8]}...; the "
+                               "shards changed since the checkpoint was written?")
+        logger.info("data loader rank %d: replayed %d samples to restore %d buffered samples",
+                    self.dp_rank, count, len(got))
+
+    def _pull(self) -> SampleResult:
+        if not self._lookahead:
+            if self._ordered is None:
+                self._ordered = self._ordered_results()
+            batch = [next(self._ordered)]
+            if self._decode_in_main:
+                while len(batch) < self.cfg.image.decode_batch_size:
+                    batch.append(next(self._ordered))
+                self._decode_batch(batch)
+            self._lookahead.extend(batch)
+        return self._lookahead.popleft()
+
+    def _decode_batch(self, batch: list[SampleResult]) -> None:
+        todo = [r for r in batch if isinstance(r.item, ProcessedSample)]
+        for r, item in zip(todo, self._main_processor.decode([r.item for r in todo])):
+            r.item = item
+
+    def _ordered_results(self) -> Iterator[SampleResult]:
+        """Every sample from the resume point on, in logical order."""
+        start = self._start
+        decode = not self._decode_in_main
+        if self._num_workers == 0:
+            producer = Producer(self.cfg, self.tokenizer, seed=self.seed, dp_rank=self.dp_rank,
+                                dp_size=self.dp_size, worker=0, num_workers=1, start=start,
+                                decode=decode)
+            for batch in producer:
+                yield from batch
+            return
+        self._start_workers(start, decode)
+        pending = [deque() for _ in self._procs]
+        for n, _, g in self._schedule.walk(start.index, list(start.counts)):
+            w = g % self._num_workers
+            while not pending[w]:
+                pending[w].extend(self._get(w))
+            result = pending[w].popleft()
+            if result.index != n:
+                raise RuntimeError(f"data worker {w} sent sample {result.index}, expected {n}")
+            yield result
+
+    def _start_workers(self, start: ResumePoint, decode: bool) -> None:
+        ctx = mp.get_context(self.cfg.reader.start_method)
+        depth = max(2, self.cfg.reader.prefetch // self.cfg.image.decode_batch_size)
+        for w in range(self._num_workers):
+            q = ctx.Queue(maxsize=depth)
+            proc = ctx.Process(
+                target=_worker_main, daemon=True, name=f"genlip-data-{self.dp_rank}-{w}",
+                args=(w, self._num_workers, self.cfg, self.tokenizer, self.seed, self.dp_rank,
+                      self.dp_size, start, decode, q, logging.getLogger().getEffectiveLevel()))
+            proc.start()
+            self._procs.append((proc, q))
+
+    def _get(self, w: int) -> list[SampleResult]:
+        proc, q = self._procs[w]
+        while True:
+            try:
+                kind, payload = q.get(timeout=10)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"data loader worker {w} of rank {self.dp_rank} died "
+                                       f"(exit code {proc.exitcode}); see its log above.")
+                continue
+            if kind == "error":
+                raise RuntimeError(f"data loader worker {w} of rank {self.dp_rank} failed:\n"
+                                   f"{payload}")
+            return payload
+
+    def _consume(self, res: SampleResult) -> None:
+        """Account for the next sample in logical order and buffer it if it is usable."""
+        n = res.index
+        if n != self._next_index:
+            raise RuntimeError(f"data loader consumed sample {n}, expected {self._next_index}")
+        self._cursors[res.stream] = res.cursor_after
+        self._counts[self._stream_source[res.stream]] += 1
+        item = res.item
+        if n >= self._start.replay_until:  # counters of replayed samples are in the checkpoint
+            self._count(res)
+        if isinstance(item, ProcessedSample):
+            self.packer.push(item)
+        self._next_index = n + 1
+        if self._next_index % self.cfg.reader.snapshot_interval == 0:
+            self._snapshots.append((self._next_index, list(self._counts),
+                                    [list(c) for c in self._cursors]))
+            first = self.packer.buffer[0].index if self.packer.buffer else self._next_index
+            while len(self._snapshots) > 1 and self._snapshots[1][0] <= first:
+                self._snapshots.popleft()
+
+    def _count(self, res: SampleResult) -> None:
+        c = self._counters
+        c["samples/read"] += 1
+        c["skipped/shard_error"] += len(res.shard_errors)
+        item = res.item
+        if getattr(item, "unknown_keys", False):
+            c["info/unknown_keys"] += 1
+        if isinstance(item, Skipped):
+            c[f"skipped/{item.reason}"] += 1
+        elif isinstance(item, ProcessedSample):
+            c["samples/used"] += 1
+
+
+def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,
+                       seed: int, tokenizer: Optional[TextTokenizer] = None) -> PackedLoader:
+    """The training loader of one data-parallel rank (see :class:`PackedLoader`)."""
+    return PackedLoader(cfg, dp_rank=dp_rank, dp_size=dp_size,
+                        micro_batch_size=micro_batch_size, seed=seed, tokenizer=tokenizer)
+
+
+def packing_efficiency(counters: dict[str, int]) -> float:
+    """Non-padding fraction of all row slots so far (``tokens/real / tokens/total``)."""
+    return counters["tokens/real"] / max(1, counters["tokens/total"])
+
+
+__all__ = ["PackedLoader", "build_train_loader", "packing_efficiency", "ResumePoint",
+           "Producer"]

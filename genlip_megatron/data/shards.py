@@ -1,0 +1,281 @@
+"""Deterministic, resumable streams of raw webdataset samples for one data-parallel rank.
+
+The order of samples a rank sees is a pure function of (seed, dp_rank, dp_size, data config);
+it does not depend on the number of loader workers:
+
+1. **Shards.** Each source's shards (sorted paths) are permuted per epoch from
+   (seed, source, epoch); rank r takes every dp_size-th shard starting at r, and splits its
+   share round-robin into ``K = min(streams_per_source, shards per rank)`` *streams*.
+2. **Streams.** A stream reads its shards in order with ``webdataset``'s tar iterators and
+   permutes consecutive blocks of ``shuffle_buffer`` samples with an RNG keyed on
+   (seed, source, rank, stream, epoch, block). Its position is a small :class:`StreamCursor`
+   (epoch, block, where the block starts, samples emitted from it), so a restore re-reads at
+   most one block. Epochs repeat forever with a new shard permutation.
+3. **Mixing.** Sample n of the rank comes from a source drawn by weight from an RNG keyed on
+   (seed, rank, n // 1024); the c-th sample of source s comes from its stream c mod K.
+
+A loader worker owns whole streams, so it reads only its own shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+
+from genlip_megatron.data.config import SourceConfig
+
+logger = logging.getLogger(__name__)
+
+_SHARD_TAG, _BLOCK_TAG, _MIX_TAG = 1, 2, 3
+_MIX_CHUNK = 1024
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+def expand_shards(paths: str | list[str], where: str = "data.sources") -> list[str]:
+    """Expand globs and ``{000..099}`` brace ranges into a sorted, de-duplicated path list.
+
+    Raises:
+        FileNotFoundError: when nothing matches (names the config key).
+    """
+    from braceexpand import braceexpand
+
+    patterns = [paths] if isinstance(paths, str) else list(paths)
+    out: set[str] = set()
+    for pattern in patterns:
+        for p in braceexpand(pattern):
+            hits = glob.glob(p)
+            # A literal path is kept even if missing: it is reported as an unreadable shard.
+            out.update(hits if hits or glob.has_magic(p) else [p])
+    if not out:
+        raise FileNotFoundError(f"{where}.paths {paths!r} matches no files; check the path or "
+                                "build shards with tools/make_shards.py.")
+    return sorted(out)
+
+
+def rank_streams(shards: list[str], *, seed: int, source: int, epoch: int, dp_rank: int,
+                 dp_size: int, streams: int, shuffle: bool) -> list[list[str]]:
+    """Shards of each stream of one rank in one epoch (``len`` = number of streams)."""
+    order = _rng(seed, _SHARD_TAG, source, epoch).permutation(len(shards)) if shuffle \
+        else np.arange(len(shards))
+    mine = [shards[i] for i in order[dp_rank::dp_size]]
+    k = min(streams, len(mine))
+    return [mine[i::k] for i in range(k)]
+
+
+def num_streams(num_shards: int, dp_rank: int, dp_size: int, streams: int) -> int:
+    """Streams a rank has for a source with ``num_shards`` shards (constant over epochs)."""
+    return min(streams, len(range(dp_rank, num_shards, dp_size)))
+
+
+@dataclass
+class StreamCursor:
+    """Position in a stream: the current block and how much of it has been emitted."""
+
+    epoch: int = 0
+    block: int = 0   # block index within the epoch
+    shard: int = 0   # index (in this epoch's stream shard list) where the block starts
+    offset: int = 0  # samples into that shard where the block starts
+    pos: int = 0     # samples of the block already emitted
+
+    def to_list(self) -> list[int]:
+        return [self.epoch, self.block, self.shard, self.offset, self.pos]
+
+    @classmethod
+    def from_list(cls, v: list[int]) -> "StreamCursor":
+        return cls(*[int(x) for x in v])
+
+
+@dataclass
+class RawSample:
+    """One webdataset sample as bytes, with where it came from."""
+
+    members: dict[str, bytes]  # extension → bytes (webdataset keys, lower-case)
+    key: str
+    url: str
+    source: int
+    cursor_after: list[int]    # StreamCursor.to_list() after this sample was emitted
+    shard_errors: list[str] = field(default_factory=list)  # unreadable shards met before it
+
+
+class ShardStream:
+    """An infinite, block-shuffled, resumable stream over one rank's share of a source.
+
+    Args:
+        shards: all shard paths of the source (sorted).
+        source: source index; stream: stream index within the rank; seed, dp_rank, dp_size:
+            the determinism key; streams: number of streams of this source on this rank.
+        shuffle_buffer: block size of the sample shuffle (1 disables it).
+        shuffle_shards: permute shards per epoch.
+    """
+
+    def __init__(self, shards: list[str], *, source: int, stream: int, seed: int, dp_rank: int,
+                 dp_size: int, streams: int, shuffle_buffer: int, shuffle_shards: bool) -> None:
+        self.shards, self.source, self.stream = shards, source, stream
+        self.seed, self.dp_rank, self.dp_size, self.streams = seed, dp_rank, dp_size, streams
+        self.block_size, self.shuffle_shards = shuffle_buffer, shuffle_shards
+        self.cursor = StreamCursor()
+        self._block: list[dict] = []
+        self._order: Optional[np.ndarray] = None  # permutation of the loaded block
+        self._reader: Optional[Iterator[dict]] = None
+        self._reader_at = (-1, -1, 0)  # (epoch, shard, offset) the open reader will yield next
+        self._pending_errors: list[str] = []  # unreadable shards met while loading a block
+        self._block_errors: list[str] = []
+        self._next_block_at = (0, 0)
+
+    def restore(self, cursor: StreamCursor) -> None:
+        """Continue from ``cursor`` (the block is re-read on the next sample)."""
+        self.cursor = StreamCursor(**vars(cursor))
+        self._order = None
+        self._reader = None
+        self._reader_at = (-1, -1, 0)
+        self._pending_errors = []
+
+    def _epoch_shards(self, epoch: int) -> list[str]:
+        return rank_streams(self.shards, seed=self.seed, source=self.source, epoch=epoch,
+                            dp_rank=self.dp_rank, dp_size=self.dp_size, streams=self.streams,
+                            shuffle=self.shuffle_shards)[self.stream]
+
+    def _open(self, epoch: int, shard: int, offset: int) -> None:
+        """Position the tar reader at sample ``offset`` of shard ``shard``."""
+        from webdataset.tariterators import tarfile_samples
+
+        url = self._epoch_shards(epoch)[shard]
+        errors = []
+
+        def handler(exc: Exception) -> bool:
+            errors.append(f"{type(exc).__name__}: {str(exc)[:160]}")
+            return False  # stop this shard: a broken tar cannot be resynchronised
+
+        def samples():
+            yield from tarfile_samples([{"url": url}], handler=handler)
+            if errors:
+                logger.warning("skipping the rest of unreadable shard %s (%s)", url, errors[0])
+                self._pending_errors.append(url)
+
+        self._reader = samples()
+        for _ in range(offset):
+            if next(self._reader, None) is None:
+                break
+        self._reader_at = (epoch, shard, offset)
+
+    def _load_block(self) -> None:
+        """Read the block at ``self.cursor`` into memory and draw its permutation."""
+        c = self.cursor
+        while True:
+            shards = self._epoch_shards(c.epoch)
+            if self._reader_at != (c.epoch, c.shard, c.offset):
+                self._reader = None
+            block: list[dict] = []
+            shard, offset = c.shard, c.offset
+            while len(block) < self.block_size and shard < len(shards):
+                if self._reader is None:
+                    self._open(c.epoch, shard, offset)
+                sample = next(self._reader, None)
+                if sample is None:
+                    shard, offset, self._reader = shard + 1, 0, None
+                    continue
+                offset += 1
+                block.append(sample)
+            self._reader_at = (c.epoch, shard, offset)
+            if block:
+                self._block = block
+                rng = _rng(self.seed, _BLOCK_TAG, self.source, self.dp_rank, self.stream,
+                           c.epoch, c.block)
+                self._order = rng.permutation(len(block)) if self.block_size > 1 \
+                    else np.arange(len(block))
+                self._next_block_at = (shard, offset)
+                self._block_errors, self._pending_errors = self._pending_errors, []
+                return
+            if c.block == 0:
+                raise RuntimeError(f"stream {self.stream} of source {self.source} on rank "
+                                   f"{self.dp_rank} read no sample in a whole epoch (shards "
+                                   f"{shards[:3]}...): all unreadable? Check data.sources.")
+            self.cursor = c = StreamCursor(epoch=c.epoch + 1)
+
+    def __next__(self) -> RawSample:
+        while True:
+            if self._order is None:
+                self._load_block()
+            c = self.cursor
+            if c.pos < len(self._order):
+                break
+            shard, offset = self._next_block_at
+            self.cursor = StreamCursor(c.epoch, c.block + 1, shard, offset, 0)
+            self._order = None
+        sample = self._block[self._order[c.pos]]
+        # Shard errors met while reading a block travel with its first sample only, so a
+        # restore that re-reads the block mid-way does not count them twice.
+        errors = self._block_errors if c.pos == 0 else []
+        c.pos += 1
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        return RawSample(members, sample.get("__key__", "?"), sample.get("__url__", "?"),
+                         self.source, c.to_list(), list(errors))
+
+
+class SourceSchedule:
+    """Which source (and stream) feeds each logical sample index of a rank.
+
+    Args:
+        weights: per-source weights; streams: per-source stream counts; seed, dp_rank: key.
+    """
+
+    def __init__(self, weights: list[float], streams: list[int], seed: int, dp_rank: int) -> None:
+        w = np.asarray(weights, np.float64)
+        self.p = w / w.sum()
+        self.streams = streams
+        self.seed, self.dp_rank = seed, dp_rank
+        self.offsets = np.concatenate([[0], np.cumsum(streams)])  # global stream ids
+        self._chunk = (-1, None)
+
+    @property
+    def total_streams(self) -> int:
+        return int(self.offsets[-1])
+
+    def source_of(self, n: int) -> int:
+        """Source of logical sample ``n``."""
+        if len(self.p) == 1:
+            return 0
+        chunk = n // _MIX_CHUNK
+        if self._chunk[0] != chunk:
+            rng = _rng(self.seed, _MIX_TAG, self.dp_rank, chunk)
+            self._chunk = (chunk, rng.choice(len(self.p), size=_MIX_CHUNK, p=self.p))
+        return int(self._chunk[1][n % _MIX_CHUNK])
+
+    def walk(self, n: int, counts: list[int]) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(n, source, global_stream)`` from index ``n`` on; ``counts`` (samples drawn
+        per source so far) is updated in place, so it always describes the next index."""
+        while True:
+            s = self.source_of(n)
+            g = int(self.offsets[s]) + counts[s] % self.streams[s]
+            counts[s] += 1
+            yield n, s, g
+            n += 1
+
+
+def build_streams(sources: list[SourceConfig], *, seed: int, dp_rank: int, dp_size: int,
+                  streams_per_source: int, shuffle_buffer: int, shuffle_shards: bool,
+                  where: str = "data.sources") -> tuple[list[ShardStream], SourceSchedule]:
+    """All streams of one rank (indexed by global stream id) and the mixing schedule."""
+    streams: list[ShardStream] = []
+    per_source: list[int] = []
+    for s, src in enumerate(sources):
+        shards = expand_shards(src.paths, f"{where}[{s}]")
+        if len(shards) < dp_size:
+            raise ValueError(f"{where}[{s}].paths matches {len(shards)} shards but there are "
+                             f"{dp_size} data-parallel ranks; every rank needs at least one "
+                             "shard: write more, smaller shards (tools/make_shards.py "
+                             "--samples-per-shard).")
+        k = num_streams(len(shards), dp_rank, dp_size, streams_per_source)
+        per_source.append(k)
+        streams += [ShardStream(shards, source=s, stream=i, seed=seed, dp_rank=dp_rank,
+                                dp_size=dp_size, streams=k, shuffle_buffer=shuffle_buffer,
+                                shuffle_shards=shuffle_shards) for i in range(k)]
+    schedule = SourceSchedule([s.weight for s in sources], per_source, seed, dp_rank)
+    return streams, schedule

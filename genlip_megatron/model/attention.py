@@ -1,0 +1,307 @@
+"""Prefix-LM core attention for packed rows: one interface, three backends (DESIGN §5).
+
+Mask rule for a packed row (segment id = sample index in the row, -1 on padding): query q may
+see key k iff both are in the same sample (segment ≥ 0) and either both are image tokens
+(bidirectional within the image) or q is a text token and k ≤ q (causal over the sample, image
+included). Image tokens never see text; nothing crosses samples. Padding queries see only
+themselves, so every backend gives a finite, identical output (``v``) there.
+
+The model builds a :class:`PrefixLMParams` ONCE per forward (:func:`build_prefix_lm_params`) and
+megatron hands it to every layer's core attention as ``packed_seq_params`` (with
+``qkv_format="sbhd"``, so megatron's THD code paths stay off). It travels as a keyword argument,
+which megatron's activation recompute captures by closure instead of saving it as a tensor.
+
+Backends (``config.prefix_attention_backend``):
+
+* ``dense``: megatron ``DotProductAttention`` with an explicit boolean mask (True = masked,
+  ``AttnMaskType.arbitrary``), O(S²) memory; the numerical oracle and the CPU training path.
+* ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the rule above;
+  forward runs on CPU (eager), backward only on GPU (torch raises on CPU, we raise first).
+* ``te``: two Transformer Engine varlen calls per batch (``model/attention_te.py``): image
+  queries over image keys (``padding``) and text queries over all keys of their sample
+  (``padding_causal_bottom_right``), separate ``cu_seqlens_q``/``cu_seqlens_kv``
+  (:class:`VarlenIndex`); padding tokens output ``v``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+__all__ = ["prefix_lm_allowed", "prefix_lm_mask_mod", "VarlenIndex", "build_varlen_index",
+           "two_call_prefix_lm", "PrefixLMParams", "build_prefix_lm_params",
+           "DensePrefixLMAttention", "FlexPrefixLMAttention", "core_attention_class"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The mask rule
+# ---------------------------------------------------------------------------------------------
+
+def prefix_lm_allowed(segment_ids: Tensor, image_mask: Tensor) -> Tensor:
+    """Boolean ``[B, S, S]``: True where query (dim 1) may attend to key (dim 2)."""
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    img_q, img_k = image_mask[:, :, None], image_mask[:, None, :]
+    pos = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    causal = pos[:, None] >= pos[None, :]
+    same = (seg_q == seg_k) & (seg_q >= 0)
+    allowed = same & ((img_q & img_k) | (~img_q & causal))
+    return allowed | ((seg_q < 0) & (pos[:, None] == pos[None, :]))
+
+
+def prefix_lm_mask_mod(segment_ids: Tensor, image_mask: Tensor) -> Callable:
+    """flex_attention ``mask_mod(b, h, q, kv)`` implementing :func:`prefix_lm_allowed`."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seg_q, seg_k = segment_ids[b, q_idx], segment_ids[b, kv_idx]
+        img_q, img_k = image_mask[b, q_idx], image_mask[b, kv_idx]
+        same = (seg_q == seg_k) & (seg_q >= 0)
+        allowed = same & ((img_q & img_k) | (~img_q & (kv_idx <= q_idx)))
+        return allowed | ((seg_q < 0) & (q_idx == kv_idx))
+
+    return mask_mod
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen (THD) decomposition for the TE backend
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class VarlenIndex:
+    """Token indexes into the flattened ``[B·S]`` stream (row-major) and varlen lengths.
+
+    Every sample is ``[image | text]``, contiguous; ``n`` = number of samples in the batch.
+    """
+
+    image_tokens: Tensor       # int64 [Ni]
+    text_tokens: Tensor        # int64 [Nt]
+    sample_tokens: Tensor      # int64 [Ni + Nt], all non-padding tokens in order
+    cu_seqlens_image: Tensor   # int32 [n + 1]
+    cu_seqlens_text: Tensor    # int32 [n + 1]
+    cu_seqlens_sample: Tensor  # int32 [n + 1]
+    max_image: int
+    max_text: int
+    max_sample: int
+
+
+def _cu(lengths: Tensor) -> Tensor:
+    zero = torch.zeros(1, dtype=torch.int32, device=lengths.device)
+    return torch.cat([zero, lengths.cumsum(0).to(torch.int32)])
+
+
+def build_varlen_index(segment_ids: Tensor, image_mask: Tensor) -> VarlenIndex:
+    """Decompose packed rows into image and text varlen problems (one host sync).
+
+    Args:
+        segment_ids: int ``[B, S]``, sample index per row, -1 on padding.
+        image_mask: bool ``[B, S]``.
+
+    Raises:
+        RuntimeError: a sample is not laid out ``[image | text]`` (bottom-right causal alignment
+            of text queries over ``[image, text]`` keys needs that order).
+    """
+    B, S = segment_ids.shape
+    seg = segment_ids.reshape(-1).long()
+    img = image_mask.reshape(-1)
+    sample_tokens = (seg >= 0).nonzero().squeeze(1)
+    key = (sample_tokens // S) * (S + 1) + seg[sample_tokens]
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[1:] = key[1:] != key[:-1]
+    ordinal = starts.long().cumsum(0) - 1
+    is_img = img[sample_tokens]
+    text_then_image = (is_img[1:] & ~is_img[:-1] & ~starts[1:]).any()
+    n = int(ordinal[-1]) + 1 if ordinal.numel() else 0
+    if bool(text_then_image):
+        raise RuntimeError("attention backend 'te' needs every sample laid out [image | text]; "
+                           "found image tokens after text inside a sample.")
+    lens = [torch.bincount(ordinal[m], minlength=n) for m in (is_img, ~is_img)]
+    sample_lens = lens[0] + lens[1]
+    maxima = torch.stack([x.max() if n else x.new_zeros(()) for x in (*lens, sample_lens)])
+    max_image, max_text, max_sample = (int(v) for v in maxima.tolist())
+    return VarlenIndex(sample_tokens[is_img], sample_tokens[~is_img], sample_tokens,
+                       _cu(lens[0]), _cu(lens[1]), _cu(sample_lens),
+                       max_image, max_text, max_sample)
+
+
+VarlenAttend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int, str], Tensor]
+"""``(q [Tq,np,hn], k [Tk,np,hn], v, cu_q, cu_kv, max_q, max_kv, mask_type) → [Tq,np,hn]``."""
+
+
+def two_call_prefix_lm(query: Tensor, key: Tensor, value: Tensor, index: VarlenIndex,
+                       attend: VarlenAttend) -> Tensor:
+    """Prefix-LM attention as two varlen calls (image→image, text→sample).
+
+    Args:
+        query, key, value: ``[S, B, np, hn]``.
+        index: from :func:`build_varlen_index`.
+        attend: varlen attention, mask types "padding" and "padding_causal_bottom_right".
+
+    Returns:
+        ``[S, B, np·hn]``; padding tokens get their own ``v``.
+    """
+    S, B, heads, dim = query.shape
+
+    def flat(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).reshape(B * S, heads, dim)
+
+    q, k, v = flat(query), flat(key), flat(value)
+    img, txt, smp = index.image_tokens, index.text_tokens, index.sample_tokens
+    out_img = attend(q[img], k[img], v[img], index.cu_seqlens_image, index.cu_seqlens_image,
+                     index.max_image, index.max_image, "padding")
+    out_txt = attend(q[txt], k[smp], v[smp], index.cu_seqlens_text, index.cu_seqlens_sample,
+                     index.max_text, index.max_sample, "padding_causal_bottom_right")
+    out = v.index_copy(0, img, out_img.to(v.dtype)).index_copy(0, txt, out_txt.to(v.dtype))
+    return out.view(B, S, heads * dim).transpose(0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-forward parameters
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PrefixLMParams(PackedSeqParams):
+    """Prefix-LM attention metadata for one forward, handed to every layer.
+
+    Exactly one of ``dense_mask`` / ``block_mask`` / ``varlen`` is set, per ``backend``.
+    """
+
+    qkv_format: str = "sbhd"
+    backend: str = "dense"
+    dense_mask: Optional[Tensor] = None   # bool [B, 1, S, S], True = masked out
+    block_mask: Any = None                # torch.nn.attention.flex_attention.BlockMask
+    varlen: Optional[VarlenIndex] = None
+
+
+def build_prefix_lm_params(backend: str, segment_ids: Tensor, image_mask: Tensor
+                           ) -> PrefixLMParams:
+    """Build the backend's mask representation once per forward.
+
+    Args:
+        backend: "dense" | "flex" | "te".
+        segment_ids: int ``[B, S]`` (-1 = padding).
+        image_mask: bool ``[B, S]``.
+    """
+    if backend == "dense":
+        allowed = prefix_lm_allowed(segment_ids, image_mask)
+        return PrefixLMParams(backend=backend, dense_mask=~allowed.unsqueeze(1))
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, S = segment_ids.shape
+        block_mask = create_block_mask(prefix_lm_mask_mod(segment_ids, image_mask), B, None, S,
+                                       S, device=segment_ids.device)
+        return PrefixLMParams(backend=backend, block_mask=block_mask)
+    if backend == "te":
+        return PrefixLMParams(backend=backend, varlen=build_varlen_index(segment_ids, image_mask))
+    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te.")
+
+
+def _params_from(packed_seq_params: Any, backend: str) -> PrefixLMParams:
+    if not isinstance(packed_seq_params, PrefixLMParams) or packed_seq_params.backend != backend:
+        raise RuntimeError(f"the {backend!r} prefix-LM attention needs the PrefixLMParams built "
+                           "by GenLIPModel.forward (packed_seq_params); got "
+                           f"{type(packed_seq_params).__name__}.")
+    return packed_seq_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Core-attention modules (ModuleSpec slot ``core_attention``)
+# ---------------------------------------------------------------------------------------------
+
+class DensePrefixLMAttention(DotProductAttention):
+    """megatron ``DotProductAttention`` reading its mask from :class:`PrefixLMParams`.
+
+    Forward: q, k, v ``[S, B, np/tp, hn]`` → ``[S, B, np/tp·hn]``.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                attention_mask: Optional[Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
+                **kwargs: Any) -> Tensor:
+        params = _params_from(packed_seq_params, "dense")
+        return super().forward(query, key, value, params.dense_mask,
+                               attn_mask_type=AttnMaskType.arbitrary,
+                               attention_bias=attention_bias, packed_seq_params=None, **kwargs)
+
+
+_COMPILED_FLEX: dict[str, Callable] = {}
+
+
+def _flex_fn(device_type: str) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type == "cpu":
+        return flex_attention  # eager: compiling costs seconds per shape on CPU
+    if device_type not in _COMPILED_FLEX:
+        _COMPILED_FLEX[device_type] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX[device_type]
+
+
+class FlexPrefixLMAttention(MegatronModule):
+    """Prefix-LM attention through ``flex_attention`` and a ``BlockMask``.
+
+    Same constructor arguments as megatron's ``DotProductAttention``. Head dims that are not a
+    power of two are zero-padded (like the reference's padding to 128) with the softmax scale of
+    the true head dim. Forward: q, k, v ``[S, B, np/tp, hn]`` → ``[S, B, np/tp·hn]``.
+    """
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"model.attention_dropout ({dropout}) must be 0 with the 'flex' "
+                             "attention backend; use 'dense' or 'te'.")
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.padded_dim = max(16, 1 << (self.head_dim - 1).bit_length())
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,
+                attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
+                **kwargs: Any) -> Tensor:
+        params = _params_from(packed_seq_params, "flex")
+        if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+            raise RuntimeError("model.attention_backend 'flex' cannot train on CPU: torch's "
+                               "FlexAttention has no CPU backward; use 'dense' on CPU.")
+        S, B, heads, dim = query.shape
+        pad = self.padded_dim - dim
+
+        def bhsd(t: Tensor) -> Tensor:  # [S, B, np, hn] -> [B, np, S, hn(+pad)]
+            t = t.permute(1, 2, 0, 3)
+            return torch.nn.functional.pad(t, (0, pad)) if pad else t.contiguous()
+
+        out = _flex_fn(query.device.type)(bhsd(query), bhsd(key), bhsd(value),
+                                          block_mask=params.block_mask, scale=self.softmax_scale)
+        out = out[..., :dim]                                        # [B, np, S, hn]
+        return out.permute(2, 0, 1, 3).reshape(S, B, heads * dim)
+
+
+def core_attention_class(backend: str) -> type:
+    """The core-attention module class for ``config.prefix_attention_backend``.
+
+    Raises:
+        RuntimeError: "te" without a usable Transformer Engine.
+    """
+    if backend == "dense":
+        return DensePrefixLMAttention
+    if backend == "flex":
+        return FlexPrefixLMAttention
+    if backend == "te":
+        from genlip_megatron.compat.te import require_transformer_engine
+
+        require_transformer_engine("model.attention_backend 'te'")
+        from genlip_megatron.model.attention_te import TEPrefixLMAttention
+
+        return TEPrefixLMAttention
+    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te.")

@@ -1,0 +1,252 @@
+"""GenLIPModel: the GenLIP transformer on megatron-core (TransformerBlock + GenLIP ModuleSpec).
+
+Pipeline stages: embeddings only on the first stage (``pre_process``); final LayerNorm
+(``ln_post``), ``output_proj`` (H→T, only when T ≠ H), untied ``output_layer`` (lm_head, no bias,
+vocab-parallel) and vocab-parallel cross-entropy only on the last stage (``post_process``).
+
+Canonical checkpoint keys (``sharded_state_dict``; TP=1 shapes, H hidden, T text width, V vocab,
+F SwiGLU width, C·p·p patch length, L layers, i = GLOBAL layer index 0..L-1). The dist-checkpoint
+keys are the same for the local and TE backends and for every TP/PP layout:
+
+===========================================================  ==================  =================
+key                                                          shape               reference (HF)
+===========================================================  ==================  =================
+embedding.patch_embed.weight / .bias                         [H, C·p·p] / [H]    vision_embeddings
+                                                                                 .patch_embedding
+                                                                                 (conv weight
+                                                                                 .flatten(1))
+embedding.word_embeddings.weight                             [V, T]              embeddings
+embedding.in_proj.weight / .bias  (T ≠ H only)               [H, T] / [H]        in_proj
+decoder.layers.{i}.self_attention.linear_qkv.layer_norm_     [H]                 visual.layers.{i}
+  weight / layer_norm_bias                                                       .layer_norm1
+decoder.layers.{i}.self_attention.linear_qkv.weight          [4H, H]             q/k/v_proj, see
+decoder.layers.{i}.self_attention.linear_qkv.bias            [4H]                below
+decoder.layers.{i}.self_attention.linear_proj.weight / .bias [H, H] / [H]        self_attn.out_proj
+decoder.layers.{i}.self_attn_bda.layer_scale                 [H]                 layer_scale1
+                                                                                 .lambda1
+decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight /        [H]                 layer_norm2
+  layer_norm_bias
+decoder.layers.{i}.mlp.linear_fc1.weight / .bias             [2F, H] / [2F]      cat[mlp.gate_fc,
+                                                                                 mlp.fc1] rows
+decoder.layers.{i}.mlp.linear_fc2.weight / .bias             [H, F] / [H]        mlp.fc2
+decoder.layers.{i}.mlp_bda.layer_scale                       [H]                 layer_scale2
+                                                                                 .lambda1
+decoder.final_layernorm.weight / .bias                       [H]                 ln_post
+output_proj.weight / .bias  (T ≠ H only)                     [T, H] / [T]        proj
+output_layer.weight                                          [V, T]              lm_head
+===========================================================  ==================  =================
+
+``linear_qkv`` rows are grouped per head h (n heads, head dim d = H/n): rows
+``[h·4d, h·4d + d)`` = query_h, ``+d`` gate_h, ``+2d`` key_h, ``+3d`` value_h, i.e.
+``stack([Wq.view(n,d,H), Wg.view(n,d,H), Wk.view(n,d,H), Wv.view(n,d,H)], 1).reshape(4H, H)``
+with ``Wq = q_proj.weight[:H]``, ``Wg = q_proj.weight[H:]``; the bias the same way.
+``linear_fc1`` rows: ``[0, F)`` gate_fc (SiLU branch), ``[F, 2F)`` fc1 (linear branch).
+
+In-memory names differ in two places: the local backend's ``model.state_dict()`` has
+``decoder.layers.{j}.input_layernorm.{weight,bias}`` and ``...pre_mlp_layernorm.{weight,bias}``
+(mapped to the ``layer_norm_*`` names above by ``layer_spec.LOCAL_TO_TE_KEYS``), and ``j`` is the
+index within this pipeline stage (global i = j + stage offset). TP shards (local tensors):
+``word_embeddings``/``output_layer`` rows ``[V/tp]``; ``linear_qkv`` rows: contiguous heads
+``[r·n/tp, (r+1)·n/tp)``; ``linear_proj``/``linear_fc2`` columns ``[H/tp]``/``[F/tp]``;
+``linear_fc1`` rows ``[gate_r; fc1_r]`` (partition stride 2); everything else replicated.
+No buffers are saved (MRoPE angles are computed from position ids).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.utils import get_pg_rank, get_pg_size
+from torch import Tensor
+
+from genlip_megatron.model.attention import build_prefix_lm_params
+from genlip_megatron.model.embedding import GenLIPEmbedding
+from genlip_megatron.model.init import init_genlip_weights
+from genlip_megatron.model.layer_spec import get_genlip_block_spec
+from genlip_megatron.model.norm import mark_sequence_parallel
+from genlip_megatron.model.rope import GenLIPRotaryEmbedding
+from genlip_megatron.model.transformer_config import GenLIPTransformerConfig
+
+__all__ = ["GenLIPModel", "build_genlip_model", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+class GenLIPModel(MegatronModule):
+    """GenLIP prefix-LM transformer (one pipeline chunk).
+
+    Args:
+        config: ``GenLIPTransformerConfig`` (the only configuration input).
+        pre_process: this chunk holds the embeddings (first pipeline stage).
+        post_process: this chunk holds ln_post, output_proj, lm_head and the loss (last stage).
+        vp_stage: virtual pipeline stage of this chunk (interleaved schedules).
+        pg_collection: process groups (tp, pp, ...); None uses megatron's global groups.
+    """
+
+    def __init__(self, config: GenLIPTransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: Optional[int] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        # Read by megatron's schedules and finalize_model_grads.
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+
+        self.rotary = GenLIPRotaryEmbedding(config.kv_channels, config.mrope_section,
+                                            config.rope_theta)
+        if pre_process:
+            self.embedding = GenLIPEmbedding(config, tp_group=self.tp_group)
+        pp_rank = get_pg_rank(getattr(pg_collection, "pp", None))
+        self.decoder = TransformerBlock(
+            config=config, spec=get_genlip_block_spec(config, vp_stage, pp_rank),
+            pre_process=pre_process, post_process=post_process, pg_collection=pg_collection,
+            vp_stage=vp_stage)
+        if post_process:
+            self.output_proj = (torch.nn.Linear(config.hidden_size, config.text_dim,
+                                                dtype=config.params_dtype)
+                                if config.text_dim != config.hidden_size else None)
+            if self.output_proj is not None:
+                # Under SP it sees only this rank's sequence chunk: grads are partial per rank.
+                mark_sequence_parallel(self.output_proj, bool(config.sequence_parallel))
+            self.output_layer = ColumnParallelLinear(
+                config.text_dim, config.vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False, skip_bias_add=False, tp_group=self.tp_group)
+        if config.perform_initialization:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference initialisation (``model/init.py``), identical under any TP/PP layout."""
+        init_genlip_weights(self, get_pg_rank(self.tp_group), get_pg_size(self.tp_group),
+                            [layer.layer_number for layer in self.decoder.layers])
+
+    def set_input_tensor(self, input_tensor: Union[Tensor, list[Tensor]]) -> None:
+        """Pipeline schedules hand the previous stage's output here (``[S(/tp), B, H]``)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise RuntimeError(f"GenLIPModel.set_input_tensor expects one tensor, got "
+                                   f"{len(input_tensor)}.")
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, tokens: Optional[Tensor], position_ids: Tensor, image_mask: Tensor,
+                segment_ids: Tensor, pixel_values: Optional[Tensor],
+                labels: Optional[Tensor] = None) -> Tensor:
+        """Run this chunk on one packed micro-batch (layout: ``data/batch.py`` PackedBatch).
+
+        Args:
+            tokens: int64 ``[B, S]`` (first stage only; may be None elsewhere).
+            position_ids: int64 ``[B, 3, S]`` MRoPE (t, h, w); needed on every stage.
+            image_mask: bool ``[B, S]``; needed on every stage (mask).
+            segment_ids: int32 ``[B, S]`` sample index per row, -1 on padding; every stage.
+            pixel_values: float ``[N, C·p·p]`` (first stage only; may be None elsewhere).
+            labels: int64 ``[B, S]`` already-shifted targets (-100 = no loss), last stage.
+
+        Returns:
+            Non-last stages: hidden states ``[S, B, H]`` (``[S/tp, B, H]`` under SP).
+            Last stage with labels: per-token CE, float32 ``[B, S]``, 0 where labels == -100
+            (the caller normalises by the number of loss tokens).
+            Last stage without labels: vocab-parallel logits ``[B, S, V/tp]``.
+        """
+        if self.config.sequence_parallel and segment_ids.shape[1] % get_pg_size(self.tp_group):
+            raise ValueError(f"sequence length {segment_ids.shape[1]} is not divisible by "
+                             f"parallel.tp ({get_pg_size(self.tp_group)}) under parallel.sp; "
+                             "pad data.max_seq_len to a multiple of tp.")
+        attention = build_prefix_lm_params(self.config.prefix_attention_backend, segment_ids,
+                                           image_mask)   # once per forward, shared by all layers
+        rotary = self.rotary(position_ids)                # [S, B, 1, head_dim] fp32
+        hidden = self.embedding(tokens, image_mask, pixel_values) if self.pre_process else None
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
+                              packed_seq_params=attention)
+        if not self.post_process:
+            return hidden
+        return self._lm_head(hidden, labels)
+
+    def _lm_head(self, hidden: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """ln_post output ``[S(/tp), B, H]`` → per-token loss ``[B, S]`` or logits."""
+        if self.output_proj is not None:
+            hidden = self.output_proj(hidden)                     # [S(/tp), B, T]
+        logits, _ = self.output_layer(hidden)                     # [S, B, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        target = labels.transpose(0, 1)                           # [S, B]
+        valid = target != IGNORE_INDEX
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target.masked_fill(~valid, 0))
+        return (loss.float() * valid).transpose(0, 1).contiguous()
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor, grid_hw: Tensor) -> list[Tensor]:
+        """Vision-encoder use: ln_post features of images alone (MLLM encoder, DESIGN §4).
+
+        Each image attends bidirectionally to itself only, with positions (0, r, c).
+
+        Args:
+            pixel_values: float ``[N, C·p·p]``, the images' patches in raster order, image after
+                image.
+            grid_hw: int ``[num_images, 2]`` patch grid (rows, cols); N = Σ rows·cols.
+
+        Returns:
+            One ``[rows·cols, H]`` tensor per image (final LayerNorm output, params dtype).
+        """
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("encode_images needs the whole model in one chunk; build it with "
+                               "parallel.pp: 1 (pre_process and post_process).")
+        tokens, position_ids, image_mask, segment_ids, lens = _image_only_row(
+            grid_hw, pixel_values.shape[0], get_pg_size(self.tp_group), pixel_values.device)
+        attention = build_prefix_lm_params(self.config.prefix_attention_backend, segment_ids,
+                                           image_mask)
+        hidden = self.embedding(tokens, image_mask, pixel_values)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None,
+                              rotary_pos_emb=self.rotary(position_ids),
+                              packed_seq_params=attention)       # [S(/tp), 1, H], ln_post'd
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        return list(hidden[: sum(lens), 0].split(lens))
+
+
+def _image_only_row(grid_hw: Tensor, num_patches: int, multiple: int, device
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """One packed row holding every image (one segment each), padded to ``multiple``."""
+    grid = grid_hw.to("cpu", torch.int64)
+    lens = (grid[:, 0] * grid[:, 1]).tolist()
+    if sum(lens) != num_patches:
+        raise ValueError(f"grid_hw describes {sum(lens)} patches but pixel_values has "
+                         f"{num_patches} rows.")
+    seq = -(-max(sum(lens), 1) // multiple) * multiple
+    segment_ids = torch.full((1, seq), -1, dtype=torch.int32)
+    position_ids = torch.zeros((1, 3, seq), dtype=torch.int64)
+    start = 0
+    for index, (rows, cols) in enumerate(grid.tolist()):
+        n = rows * cols
+        segment_ids[0, start:start + n] = index
+        r = torch.arange(rows).repeat_interleave(cols)
+        position_ids[0, 1, start:start + n] = r
+        position_ids[0, 2, start:start + n] = torch.arange(cols).repeat(rows)
+        start += n
+    image_mask = segment_ids >= 0
+    tokens = torch.zeros((1, seq), dtype=torch.int64)
+    return (tokens.to(device), position_ids.to(device), image_mask.to(device),
+            segment_ids.to(device), lens)
+
+
+def build_genlip_model(config: GenLIPTransformerConfig, pre_process: bool = True,
+                       post_process: bool = True, vp_stage: Optional[int] = None,
+                       pg_collection: Optional[ProcessGroupCollection] = None) -> GenLIPModel:
+    """Model factory for the trainer (megatron's ``model_provider`` signature).
+
+    Args: as :class:`GenLIPModel`. Returns the chunk on the default device (CPU init without
+    CUDA); the trainer moves it to the GPU and wraps it (DDP, Float16Module).
+    """
+    return GenLIPModel(config, pre_process=pre_process, post_process=post_process,
+                       vp_stage=vp_stage, pg_collection=pg_collection)

@@ -1,0 +1,193 @@
+"""GenLIP's megatron-core ``TransformerConfig`` and its construction from the run config.
+
+:class:`GenLIPTransformerConfig` is the ONLY input of the model code (plus an optional process
+group collection). :func:`build_transformer_config` is the single place that turns the YAML
+sections (``ModelConfig``, ``ParallelConfig``, ``PrecisionConfig``) into it, including the
+machine-dependent choices (CPU initialisation, fusions, gloo pipeline quirks).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+if TYPE_CHECKING:  # the model package does not import the run config at run time
+    from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+
+__all__ = ["GenLIPTransformerConfig", "build_transformer_config", "ATTENTION_BACKENDS"]
+
+ATTENTION_BACKENDS = ("dense", "flex", "te")
+"""Prefix-LM core-attention backends (``model.attention_backend``)."""
+
+
+@dataclass
+class GenLIPTransformerConfig(TransformerConfig):
+    """megatron ``TransformerConfig`` plus the GenLIP fields (reference notes §1–§2).
+
+    megatron fields GenLIP relies on: ``hidden_size`` H, ``num_layers``, ``num_attention_heads``
+    (= ``num_query_groups``, MHA), ``kv_channels`` (head dim), ``ffn_hidden_size`` (SwiGLU width),
+    ``layernorm_epsilon``, ``init_method_std``, ``attention_dropout``, ``transformer_impl``
+    ("local" | "transformer_engine"), ``mrope_section`` (T, H, W sections of the interleaved MRoPE;
+    megatron's own chunked MRoPE is not used).
+    """
+
+    text_dim: int = 0
+    """Text embedding width T (0 means H); in_proj T→H and proj H→T exist only when T ≠ H."""
+    vocab_size: int = 151936
+    """LM vocabulary size (must be divisible by the tensor-parallel size)."""
+    patch_dim: int = 768
+    """Length of one flattened image patch, C·p·p in (C, ph, pw) order."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    layerscale_init: float = 0.1
+    """Initial LayerScale value (two per block)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate, the same in every layer (per packed row, timm semantics)."""
+    prefix_attention_backend: str = "dense"
+    """Prefix-LM core attention: "dense" (oracle, CPU), "flex" (torch flex_attention), "te"."""
+    fp8_emulation_format: Optional[str] = None
+    """CPU FP8 emulation of the block linears ("e4m3" | "hybrid"); None disables it."""
+    fp8_emulation_layers: Optional[list[int]] = None
+    """1-based global layer numbers whose linears run emulated FP8 (None: every layer)."""
+    init_seed: int = 1234
+    """Seed of the reference initialisation (per-tensor generators; TP/PP-invariant)."""
+    genlip_extra: dict = field(default_factory=dict)
+    """Free-form provenance (variant name, ...); not read by the model."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.text_dim:
+            self.text_dim = self.hidden_size
+        _validate_genlip_fields(self)
+
+
+def _validate_genlip_fields(c: GenLIPTransformerConfig) -> None:
+    """Refuse GenLIP settings the model cannot build, naming the run-config key and the fix."""
+    if c.prefix_attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend ({c.prefix_attention_backend!r}) must be one "
+                         f"of {list(ATTENTION_BACKENDS)}.")
+    if c.num_query_groups != c.num_attention_heads:
+        raise ValueError(f"GenLIP attention is MHA: num_query_groups ({c.num_query_groups}) must "
+                         f"equal model.num_attention_heads ({c.num_attention_heads}).")
+    if c.kv_channels * c.num_attention_heads != c.hidden_size:
+        raise ValueError(f"kv_channels × heads ({c.kv_channels} × {c.num_attention_heads}) must "
+                         f"equal model.hidden_size ({c.hidden_size}).")
+    if c.kv_channels % 2:
+        raise ValueError(f"model head dim ({c.kv_channels}) must be even for rotary embeddings.")
+    if c.mrope_section is None or len(c.mrope_section) != 3:
+        raise ValueError(f"model.mrope_section must have 3 entries (T, H, W), got "
+                         f"{c.mrope_section}.")
+    if c.context_parallel_size != 1:
+        raise ValueError(f"parallel.cp ({c.context_parallel_size}) must be 1: the prefix-LM "
+                         "mask needs bottom-right-aligned causal masks, which Transformer Engine "
+                         "disables under context parallelism.")
+    if c.prefix_attention_backend == "flex" and c.attention_dropout > 0:
+        raise ValueError(f"model.attention_dropout ({c.attention_dropout}) must be 0 with "
+                         "model.attention_backend 'flex' (flex_attention has no dropout); use "
+                         "'dense' or 'te'.")
+    if c.prefix_attention_backend == "te" and c.transformer_impl != "transformer_engine":
+        raise ValueError("model.attention_backend 'te' needs model.transformer_impl: te.")
+    if not 0.0 <= c.drop_path_rate < 1.0:
+        raise ValueError(f"model.drop_path_rate ({c.drop_path_rate}) must be in [0, 1).")
+    if c.vocab_size % c.tensor_model_parallel_size:
+        raise ValueError(f"model.vocab_size ({c.vocab_size}) is not divisible by parallel.tp "
+                         f"({c.tensor_model_parallel_size}); pad the vocabulary.")
+
+
+def _apex_grad_accum_fusion_available() -> bool:
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def _recompute_kwargs(parallel: "ParallelConfig") -> dict:
+    r = parallel.recompute
+    if r.granularity is None:
+        return {}
+    if r.granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": "full", "recompute_method": r.method,
+            "recompute_num_layers": r.num_layers}
+
+
+def _precision_kwargs(model: "ModelConfig", precision: "PrecisionConfig") -> dict:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision.params_dtype]
+    out = {"params_dtype": dtype, "pipeline_dtype": dtype, "bf16": dtype == torch.bfloat16}
+    fp8 = precision.fp8
+    if fp8 is None:
+        return out
+    if fp8.emulate:
+        from genlip_megatron.model.fp8_emulation import emulation_config_kwargs, fp8_layer_numbers
+
+        out.update(emulation_config_kwargs(fp8))
+        out["fp8_emulation_layers"] = sorted(fp8_layer_numbers(model.num_layers, fp8))
+    else:
+        from genlip_megatron.training.fp8 import te_transformer_config_kwargs
+
+        out.update(te_transformer_config_kwargs(fp8))
+    return out
+
+
+def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
+                             precision: "PrecisionConfig", *, init_seed: int = 1234,
+                             has_cuda: Optional[bool] = None) -> GenLIPTransformerConfig:
+    """Translate the run config into the model's ``GenLIPTransformerConfig``.
+
+    Args:
+        model: ``model`` section (architecture, attention backend, transformer_impl).
+        parallel: ``parallel`` section (tp/pp/vpp/sp, recompute).
+        precision: ``precision`` section (params dtype, FP8 or its emulation).
+        init_seed: seed of the reference initialisation (the trainer passes training.seed).
+        has_cuda: override CUDA detection (tests); None probes ``torch.cuda.is_available()``.
+
+    Returns:
+        The config: LayerNorm (eps from the config), biases everywhere, SwiGLU, gated attention,
+        MHA, hidden dropout 0, CPU initialisation without CUDA, fusions only where they exist.
+    """
+    if has_cuda is None:
+        has_cuda = torch.cuda.is_available()
+    normal = _normal_init(model.init_std)
+    kwargs = dict(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_attention_heads, kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="LayerNorm", layernorm_epsilon=model.layernorm_eps,
+        add_bias_linear=True, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
+        attention_output_gate=True, hidden_dropout=0.0, attention_dropout=model.attention_dropout,
+        init_method_std=model.init_std, init_method=normal, output_layer_init_method=normal,
+        mrope_section=list(model.mrope_section),
+        # Machine-dependent: CPU init builds full master weights and slices them (TP-invariant);
+        # fused kernels only where they exist (apex is not on PyPI, see DESIGN §6).
+        use_cpu_initialization=not has_cuda,
+        bias_activation_fusion=has_cuda, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=has_cuda and _apex_grad_accum_fusion_available(),
+        # Parallel layout.
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp, sequence_parallel=parallel.sp,
+        context_parallel_size=parallel.cp,
+        # gloo matches batched p2p ops by posting order: with PP=2 interleaved, forward
+        # activations and backward grads of the same shape get swapped (megatron-core-on-cpu.md
+        # §3.3 item 1).
+        batch_p2p_comm=has_cuda or parallel.vpp is None,
+        deallocate_pipeline_outputs=True,
+        transformer_impl="transformer_engine" if model.transformer_impl == "te" else "local",
+        # GenLIP fields.
+        text_dim=model.text_dim, vocab_size=model.vocab_size, patch_dim=model.patch_dim,
+        rope_theta=model.rope_theta, layerscale_init=model.layerscale_init,
+        drop_path_rate=model.drop_path_rate, prefix_attention_backend=model.attention_backend,
+        init_seed=init_seed, genlip_extra={"variant": model.variant},
+    )
+    kwargs.update(_recompute_kwargs(parallel))
+    kwargs.update(_precision_kwargs(model, precision))
+    return GenLIPTransformerConfig(**kwargs)
+
+
+def _normal_init(std: float):
+    """N(0, std) initialiser (a partial, so configs stay picklable)."""
+    return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)

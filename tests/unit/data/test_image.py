@@ -1,0 +1,172 @@
+"""Image policies (reference smart-resize rule), patch layout, and DALI / Pillow decoding."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genlip_megatron.data import image as image_mod
+from genlip_megatron.data.config import ImageConfig
+from genlip_megatron.data.image import DaliDecoder, PillowDecoder, build_decoder, \
+    normalize_patches, patchify, resize_uint8, smart_resize, target_size
+from genlip_megatron.data.synthetic import bad_sample, encode_image, render_sample
+from genlip_megatron.data.template import SampleError
+
+
+def reference_smart_resize(height, width, factor=16, min_pixels=4096, max_pixels=262144):
+    """Verbatim copy of YanFangCS/GenLIP@db2c226 tasks/custom_navit_processor.py::smart_resize."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError("absolute aspect ratio must be smaller than 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# (height, width) → (height, width) worked out by hand from the rule
+HAND = {
+    (224, 224): (224, 224),    # already multiples of 16, area in range
+    (1024, 768): (576, 432),   # beta = sqrt(3): floor(36.95)*16, floor(27.71)*16
+    (40, 24): (96, 64),        # round(2.5)=2, round(1.5)=2 (banker's) → 32×32 < min → ceil
+    (10, 2000): (16, 2000),    # aspect exactly 200 is allowed: 125 tokens
+    (300, 500): (304, 496),    # round(18.75)=19, round(31.25)=31
+    (64, 64): (64, 64),        # exactly min_pixels
+    (512, 512): (512, 512),    # exactly max_pixels
+}
+TABLE = list(HAND) + [(1, 2), (17, 33), (63, 65), (100, 3000), (480, 640), (720, 1280),
+                      (1080, 1920), (3000, 4000), (5000, 5000), (513, 511), (7, 1400), (999, 5)]
+
+
+@pytest.mark.parametrize("hw", TABLE)
+def test_native_policy_matches_reference_rule(hw):
+    got = target_size(ImageConfig(policy="native"), *hw)
+    assert got == reference_smart_resize(*hw)
+    if hw in HAND:
+        assert got == HAND[hw]
+    tokens = got[0] * got[1] // 256
+    assert got[0] % 16 == 0 and got[1] % 16 == 0 and 16 <= tokens <= 1024 or hw == (10, 2000)
+
+
+def test_native_policy_rejects_aspect_over_200():
+    with pytest.raises(ValueError):
+        reference_smart_resize(10, 2001)
+    with pytest.raises(SampleError) as info:
+        target_size(ImageConfig(policy="native"), 10, 2001)
+    assert info.value.reason == "aspect_ratio"
+    assert smart_resize(10, 2000) == (16, 2000)
+
+
+@pytest.mark.parametrize("hw", TABLE)
+def test_fixed_policy_is_square_no_crop(hw):
+    if max(hw) / min(hw) > 200:
+        return
+    assert target_size(ImageConfig(), *hw) == (224, 224)
+    assert target_size(ImageConfig(fixed_size=64), *hw) == (64, 64)
+
+
+def test_one_by_one_is_rejected():
+    for policy in ("fixed", "native"):
+        with pytest.raises(SampleError) as info:
+            target_size(ImageConfig(policy=policy), 1, 1)
+        assert info.value.reason == "image_too_small"
+
+
+def test_patchify_raster_order_and_channel_layout():
+    h, w, p = 32, 48, 16
+    img = torch.zeros(h, w, 3, dtype=torch.uint8)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img[..., 0], img[..., 1], img[..., 2] = ys.to(torch.uint8), xs.to(torch.uint8), 7
+    patches = patchify(img, p)
+    assert patches.shape == (6, 3 * 16 * 16)
+    for j in range(6):
+        r, c = divmod(j, 3)  # raster: row-major over the 2×3 grid
+        chw = patches[j].view(3, p, p)  # (C, ph, pw)
+        assert torch.equal(chw[0], ys[r * p:(r + 1) * p, c * p:(c + 1) * p].to(torch.uint8))
+        assert torch.equal(chw[1], xs[r * p:(r + 1) * p, c * p:(c + 1) * p].to(torch.uint8))
+        assert (chw[2] == 7).all()
+
+
+def test_normalize_mean_std_half():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 256)
+    ref = (x.numpy().astype(np.float64) / 255 - 0.5) / 0.5
+    got = normalize_patches(x)
+    assert got.dtype == torch.float32
+    assert np.abs(got.numpy() - ref).max() < 1e-6 and got[0, 0] == -1 and got[0, -1] == 1
+
+
+def _jpeg(seed=0, side=200):
+    img, _ = render_sample(np.random.default_rng(seed), min_side=side, max_side=side)
+    return encode_image(img)
+
+
+def test_pillow_decoder_is_the_reference_pixel_path():
+    data = _jpeg()
+    (got,) = PillowDecoder().decode([data], [(64, 96)])
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((96, 64), Image.BILINEAR))
+    assert got.shape == (64, 96, 3) and np.array_equal(got.numpy(), ref)
+
+
+def test_torch_resize_close_to_pil_bilinear():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)
+    for size in [(224, 224), (64, 96), (480, 640)]:  # down- and up-scaling
+        ref = np.asarray(Image.fromarray(arr).resize(size[::-1], Image.BILINEAR)).astype(int)
+        got = resize_uint8(torch.from_numpy(arr), size).numpy().astype(int)
+        assert np.abs(got - ref).mean() < 0.1 and np.abs(got - ref).max() <= 2
+
+
+@pytest.mark.parametrize("backend, tol", [("torch", 0.2), ("dali", 1.0)])
+def test_dali_cpu_close_to_reference(backend, tol):
+    cfg = ImageConfig(resize_backend=backend, decode_batch_size=4)
+    datas = [_jpeg(s, 150 + 40 * s) for s in range(5)]
+    sizes = [(224, 224), (64, 64), (96, 160), (224, 224), (32, 48)]
+    dali = build_decoder(cfg, "cpu").decode(datas, sizes)
+    ref = PillowDecoder().decode(datas, sizes)
+    for a, b, s in zip(dali, ref, sizes):
+        assert a.shape == (*s, 3)
+        assert np.abs(a.numpy().astype(int) - b.numpy().astype(int)).mean() < tol
+
+
+def test_dali_decodes_odd_modes_like_pil():
+    dec = DaliDecoder(ImageConfig(decode_batch_size=8), "cpu")
+    kinds = ["cmyk_jpeg", "grayscale_jpeg", "rgba_png", "palette_png"]
+    datas = [next(v for k, v in bad_sample(kind, "k", 3).items() if k in ("jpg", "png"))
+             for kind in kinds]
+    webp = encode_image(render_sample(np.random.default_rng(1))[0].convert("RGB"), "webp")
+    datas.append(webp)
+    sizes = [(64, 64)] * len(datas)
+    for got, data in zip(dec.decode(datas, sizes), datas):
+        ref = np.asarray(image_mod.pil_decode(data))
+        assert np.array_equal(got.numpy(), resize_uint8(torch.from_numpy(ref.copy()), (64, 64)).numpy())
+    assert dec.fallbacks == 0  # all of them in one DALI batch, no Pillow fallback
+
+
+def test_dali_survives_bad_images():
+    dec = DaliDecoder(ImageConfig(decode_batch_size=4), "cpu")
+    good = _jpeg()
+    truncated = bad_sample("truncated_jpeg", "k")["jpg"]
+    garbage = bad_sample("garbage_image", "k")["jpg"]
+    cut_png = encode_image(Image.new("RGB", (50, 50), (1, 2, 3)), "png")[:60]
+    out = dec.decode([good, truncated, garbage, cut_png, good], [(32, 32)] * 5)
+    assert [getattr(o, "reason", "ok") for o in out] == \
+        ["ok", "undecodable_image", "undecodable_image", "undecodable_image", "ok"]
+    assert dec.fallbacks >= 1
+    again = dec.decode([good, good], [(32, 32)] * 2)  # the rebuilt pipeline works
+    assert torch.equal(again[0], out[0])
+
+
+def test_missing_dali_gives_install_hint(monkeypatch):
+    monkeypatch.setattr(image_mod, "dali_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install nvidia-dali.*decoder: pillow"):
+        build_decoder(ImageConfig(decoder="dali"), "cpu")
+    assert isinstance(build_decoder(ImageConfig(decoder="pillow")), PillowDecoder)

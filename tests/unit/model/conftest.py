@@ -1,0 +1,58 @@
+"""Fixtures for single-process model tests: a gloo world of size 1 and megatron parallel state.
+
+Tests here build GenLIP models with megatron-core's local (CPU) path, which needs the CPU compat
+layer and an initialised model-parallel state even with TP = PP = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from genlip_megatron.compat import apply_cpu_compat
+
+
+@pytest.fixture(scope="session")
+def gloo_world(tmp_path_factory):
+    """A gloo world of size 1 on a file:// rendezvous (reused when one is already open)."""
+    apply_cpu_compat()
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    rdzv = tmp_path_factory.mktemp("gloo") / "rdzv"
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def mp_state(gloo_world):
+    """megatron parallel state with TP = PP = 1 and seeded RNGs (CPU generator + tracker)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture
+def make_config():
+    """Factory for tiny-preset configs (see :func:`tiny_config`)."""
+    return tiny_config
+
+
+def tiny_config(params_dtype: str = "fp32", init_seed: int = 1234, parallel=None, precision=None,
+                **model_overrides):
+    """``GenLIPTransformerConfig`` of the "tiny" preset (H 64, T 48, 2 layers, 4 heads)."""
+    from genlip_megatron.config import ParallelConfig, PrecisionConfig, decode_variant
+    from genlip_megatron.model.transformer_config import build_transformer_config
+
+    model = dataclasses.replace(decode_variant("tiny"), **model_overrides)
+    return build_transformer_config(model, parallel or ParallelConfig(),
+                                    precision or PrecisionConfig(params_dtype=params_dtype),
+                                    init_seed=init_seed, has_cuda=False)
