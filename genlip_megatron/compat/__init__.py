@@ -21,11 +21,15 @@ literals               ``device="cuda"`` in megatron's schedules/optimizer/... a
                        ``Tensor.cuda()`` → cpu
 type_strings           ``param.type() == 'torch.cuda.FloatTensor'`` checks pass for CPU tensors
                        (scoped to the optimizer functions that make them)
-adam_step              DistributedOptimizer load: one Adam ``step`` tensor per param, no
-                       ``KeyError: 'step'`` (a real bug for any run without Apex/TE)
+adam_step              DistributedOptimizer + torch Adam resume: a fresh optimizer can build its
+                       loading state dict, no ``KeyError: 'step'``, one ``step`` tensor per
+                       param (real bugs for any run without Apex/TE)
 checkpoint_queue       in-process result queue for synchronous torch_dist saves (no spawn
                        Manager: ≈5 s per process)
 =====================  =========================================================================
+
+:func:`apply_torch_adam_fixes` applies only ``adam_step``, on any device: megatron uses torch Adam
+whenever Apex and TE are both missing, GPU included.
 
 Layer-level CPU support (a sequence-parallel torch LayerNorm) is not a patch; it lives in
 ``genlip_megatron.model.norm``.
@@ -43,7 +47,8 @@ from genlip_megatron.compat._patching import PatchSet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_cpu_compat", "cpu_compat_applied", "cpu_compat_disabled", "GROUPS"]
+__all__ = ["apply_cpu_compat", "apply_torch_adam_fixes", "cpu_compat_applied",
+           "cpu_compat_disabled", "GROUPS"]
 
 
 def _groups() -> dict[str, Callable[[PatchSet], None]]:
@@ -90,9 +95,22 @@ def apply_cpu_compat() -> bool:
     return True
 
 
+def apply_torch_adam_fixes() -> None:
+    """Apply only the ``adam_step`` group, on any device (idempotent).
+
+    megatron-core falls back to torch ``AdamW`` whenever neither Apex nor Transformer Engine is
+    installed, on GPU too; its DistributedOptimizer then has the resume bugs described in
+    ``compat/optimizer.py``. :func:`apply_cpu_compat` includes this group; a GPU run without
+    TE/Apex should call this function before building the optimizer.
+    """
+    patches = _STATE.setdefault("adam_step", PatchSet("adam_step"))
+    if not patches.applied:
+        _groups()["adam_step"](patches)
+
+
 def cpu_compat_applied() -> bool:
     """True when :func:`apply_cpu_compat` has run in this process (and CUDA is absent)."""
-    return bool(_STATE) and not torch.cuda.is_available()
+    return "device" in _STATE and _STATE["device"].applied and not torch.cuda.is_available()
 
 
 @contextlib.contextmanager

@@ -98,8 +98,8 @@ def wrap_callable(raw: Any, make_wrapper: Callable[[Callable], Callable]) -> Any
 def rebind_function(patches: PatchSet, module: str, name: str, new: Callable) -> bool:
     """Replace module-level function ``module.name`` and every ``from module import name`` copy.
 
-    megatron modules import helpers by name (``from .clip_grads import clip_grad_by_total_norm_fp32``),
-    so patching only the defining module would miss the callers.
+    megatron modules import helpers by name (``from .clip_grads import
+    clip_grad_by_total_norm_fp32``), so patching only the defining module would miss callers.
     """
     owner, attr, raw = resolve(module, name)
     if raw is None:

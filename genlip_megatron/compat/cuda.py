@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from genlip_megatron.compat._patching import PatchSet, ScopedAttr, import_or_none, rebind_function, \
-    resolve, wrap_callable
+from genlip_megatron.compat._patching import PatchSet, ScopedAttr, import_or_none, \
+    rebind_function, resolve, wrap_callable
 
 _CPU = torch.device("cpu")
 

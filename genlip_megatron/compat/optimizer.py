@@ -10,6 +10,10 @@ has a ``step`` tensor besides ``exp_avg``/``exp_avg_sq``. Two bugs follow (megat
 2. ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies every state tensor from
    the checkpoint's per-parameter dict, which has no ``step``: ``KeyError: 'step'`` (0.19.2) or
    ``copy_(None)`` (0.16.1) when loading a ``fully_reshardable`` checkpoint.
+3. ``DistributedOptimizer.state_dict`` reads ``step`` from every parameter state and asserts
+   they agree; a fresh optimizer (the normal state when resuming: ``sharded_state_dict(...,
+   is_loading=True)`` calls it first) has no state, or only megatron's ``init_state_fn``
+   ``exp_avg``/``exp_avg_sq`` without ``step``: ``AssertionError`` / ``KeyError: 'step'``.
 
 Any GPU run without TE/Apex has the same bugs, so this group is applied whenever megatron uses
 torch's Adam; ``apply_cpu_compat`` applies it on CPU.
@@ -18,6 +22,7 @@ torch's Adam; ``apply_cpu_compat`` applies it on CPU.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -32,6 +37,38 @@ def _own_step_tensors(optimizer: torch.optim.Optimizer) -> None:
         step = state.get("step")
         if torch.is_tensor(step):
             state["step"] = step.detach().clone()
+
+
+def _scalar_step_zero() -> torch.Tensor:
+    get_dtype = getattr(importlib.import_module("torch.optim.optimizer"), "_get_scalar_dtype", None)
+    return torch.tensor(0.0, dtype=get_dtype() if get_dtype else torch.float32)
+
+
+def _ensure_step_states(optimizer: torch.optim.Optimizer, init_state_fn, config) -> None:
+    """Allocate a never-stepped torch Adam's states as Adam itself would (step 0, zero moments)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [p for p in params if "step" not in optimizer.state.get(p, {})]
+    if not missing:
+        return
+    if any(len(optimizer.state.get(p, {})) == 0 for p in missing) and init_state_fn is not None:
+        init_state_fn(optimizer, config)
+    for p in missing:
+        state = optimizer.state[p]
+        if "exp_avg" in state:  # Adam skips its lazy init for non-empty states: complete them
+            state["step"] = _scalar_step_zero()
+
+
+def _state_dict_of_fresh_optimizer(state_dict_fn):
+    @functools.wraps(state_dict_fn)
+    def wrapper(self):
+        inner = getattr(self, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            _ensure_step_states(inner, getattr(self, "init_state_fn", None),
+                                getattr(self, "config", None))
+        return state_dict_fn(self)
+
+    wrapper.__genlip_compat__ = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _load_state_dict_with_own_steps(load_state_dict):
@@ -71,12 +108,16 @@ def patch_distopt_adam_step(patches: PatchSet) -> None:
 
     Covers ``optimizer/distrib_optimizer.py`` ``DistributedOptimizer.load_state_dict`` (the
     ``# Extract 'step', for non-Apex/TE support.`` block: one shared tensor) and
-    ``DistributedOptimizer._set_main_param_and_optimizer_states`` (``KeyError: 'step'``).
+    ``DistributedOptimizer._set_main_param_and_optimizer_states`` (``KeyError: 'step'``) and
+    ``DistributedOptimizer.state_dict`` of a never-stepped optimizer (``assert len(steps) == 1``).
 
-    TODO(upstream): remove when megatron-core clones the step per parameter and skips states
-    absent from the checkpoint (both still present in 0.19.2).
+    Only torch ``Adam``/``AdamW`` states are touched (megatron uses them without Apex/TE).
+
+    TODO(upstream): remove when megatron-core clones the step per parameter, skips states absent
+    from the checkpoint and handles never-stepped torch Adam (all still present in 0.19.2).
     """
-    for qualname, make in (("DistributedOptimizer.load_state_dict",
+    for qualname, make in (("DistributedOptimizer.state_dict", _state_dict_of_fresh_optimizer),
+                           ("DistributedOptimizer.load_state_dict",
                             _load_state_dict_with_own_steps),
                            ("DistributedOptimizer._set_main_param_and_optimizer_states",
                             _set_states_keeping_missing)):

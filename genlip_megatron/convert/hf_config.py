@@ -61,8 +61,13 @@ def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = F
         special_ids: ``vision_start_token_id`` / ``vision_end_token_id`` overrides.
         provenance: free-form ``genlip_megatron`` entry (variant, source checkpoint).
     """
-    special = {"vision_start_token_id": 151652, "vision_end_token_id": 151653}
+    special = {"vision_start_token_id": 151652, "vision_end_token_id": 151653,
+               "image_token_id": 151655}
     special.update(special_ids or {})
+    if image_token_id is not None:
+        special["image_token_id"] = image_token_id
+    # Qwen ids do not exist in small test/demo vocabularies: record "no such token" instead.
+    special = {k: (v if v is not None and v < m.vocab_size else None) for k, v in special.items()}
     cfg = {
         "architectures": ["GenLIPModel"],
         "auto_map": dict(AUTO_MAP),
@@ -95,7 +100,6 @@ def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = F
         "rope_scaling": {"type": "mrope", "mrope_section": list(m.mrope_section)},
         "tie_word_embeddings": False,
         "layer_norm_eps": m.layernorm_eps,
-        "image_token_id": 151655 if image_token_id is None else image_token_id,
         "vision_only": vision_only,
         "genlip_megatron": {"variant": m.variant, **(provenance or {})},
     }

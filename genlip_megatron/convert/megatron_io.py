@@ -21,14 +21,18 @@ save it, pulling each tensor from a producer callback only when its bytes are wr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, \
     MetadataIndex, TensorProperties, TensorStorageMetadata
@@ -46,6 +50,20 @@ __all__ = ["DistCheckpointReader", "TensorLayout", "write_dist_checkpoint",
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
 _STACKED_RE = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
+
+
+@contextlib.contextmanager
+def _unwrapped_dcp_errors():
+    """Re-raise the original error of a one-process DCP call (DCP wraps it, per rank, in a
+    ``CheckpointException``, a BaseException that ``except Exception`` would not catch)."""
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = list(exc.failures.values())
+        if len(failures) == 1 and isinstance(failures[0], tuple) and \
+                isinstance(failures[0][0], Exception):
+            raise failures[0][0] from None
+        raise
 
 
 def find_checkpoint_dir(path: str | Path) -> Path:
@@ -178,8 +196,10 @@ class DistCheckpointReader:
         if layer is not None:
             shape, offsets = (1, *shape[1:]), (layer,) + offsets[1:]
         dest = torch.empty(shape, dtype=md.properties.dtype)
-        dcp_load({}, storage_reader=self._reader, planner=_SliceLoadPlanner({fqn: (dest, offsets)}),
-                 no_dist=True)
+        with warnings.catch_warnings(), _unwrapped_dcp_errors():
+            warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+            dcp_load({}, storage_reader=self._reader,
+                     planner=_SliceLoadPlanner({fqn: (dest, offsets)}), no_dist=True)
         return dest[0] if layer is not None else dest
 
 
@@ -221,14 +241,28 @@ class TensorLayout:
         return out
 
 
+def _object_fqns(pattern: str, num_layers: int) -> list[str]:
+    """Storage keys megatron gives a ShardedObject (``ShardedObject.unique_key``).
+
+    Layer objects are stacked like tensors: ``decoder.layers.<suffix>/shard_<i>_<L>``; others
+    are ``<key>/shard_0_1``.
+    """
+    if "*" in pattern:
+        key = pattern.replace("*.", "", 1)
+        return [f"{key}/shard_{i}_{num_layers}" for i in range(num_layers)]
+    return [f"{pattern}/shard_0_1"]
+
+
 class _LazySavePlanner(DefaultSavePlanner):
     """Save plan from a list of layouts; tensor bytes come from ``produce`` when written."""
 
     def __init__(self, layouts: list[TensorLayout], num_layers: int, dtype_of: Callable,
                  produce: Callable[[str], torch.Tensor],
-                 on_tensor: Optional[Callable[[str], None]] = None) -> None:
+                 on_tensor: Optional[Callable[[str], None]] = None,
+                 objects: tuple[str, ...] = ()) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.layouts, self.num_layers = layouts, num_layers
+        self.objects = [f for p in objects for f in _object_fqns(p, num_layers)]
         self.dtype_of, self.produce, self.on_tensor = dtype_of, produce, on_tensor
         self._where: dict[tuple[str, tuple[int, ...]], tuple[TensorLayout, tuple, tuple]] = {}
         self._cache: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
@@ -251,10 +285,17 @@ class _LazySavePlanner(DefaultSavePlanner):
                                                    sizes=torch.Size(s_size)),
                         properties=props, size=torch.Size(gshape))))
                 self._where[(fqn, tuple(s_off))] = (lay, off, size, layer is not None)
+        items += [WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)
+                  for fqn in self.objects]
         self.plan = SavePlan(items)
         return self.plan
 
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:  # megatron packs a list of object values
+            buf = io.BytesIO()
+            torch.save([None], buf)
+            buf.seek(0)
+            return buf
         lay, off, size, stacked = self._where[(write_item.index.fqn,
                                                tuple(write_item.index.offset))]
         if self._cache[0] != lay.canonical:  # chunks of one tensor are written back to back
@@ -276,7 +317,8 @@ class _LazySavePlanner(DefaultSavePlanner):
 def write_dist_checkpoint(path: str | Path, layouts: list[TensorLayout], num_layers: int,
                           dtype_of: Callable[[str], torch.dtype],
                           produce: Callable[[str], torch.Tensor], common: dict,
-                          on_tensor: Optional[Callable[[str], None]] = None) -> None:
+                          on_tensor: Optional[Callable[[str], None]] = None,
+                          objects: tuple[str, ...] = ()) -> None:
     """Write a torch_dist checkpoint directory ``path`` (which must exist and be empty).
 
     Args:
@@ -286,10 +328,13 @@ def write_dist_checkpoint(path: str | Path, layouts: list[TensorLayout], num_lay
         produce: canonical key → tensor (called once per tensor, in layout order).
         common: the non-tensor state (``common.pt``).
         on_tensor: progress callback after each produced tensor.
+        objects: ShardedObject keys (``*`` = layer) written with the value None.
     """
     path = Path(path)
-    planner = _LazySavePlanner(layouts, num_layers, dtype_of, produce, on_tensor)
-    dcp_save({}, storage_writer=FileSystemWriter(str(path), thread_count=1),
-             planner=planner, no_dist=True)
+    planner = _LazySavePlanner(layouts, num_layers, dtype_of, produce, on_tensor, objects)
+    with warnings.catch_warnings(), _unwrapped_dcp_errors():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+        dcp_save({}, storage_writer=FileSystemWriter(str(path), thread_count=1),
+                 planner=planner, no_dist=True)
     torch.save(common, path / "common.pt")
     (path / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))

@@ -23,25 +23,37 @@ from genlip_megatron.convert.rules import ConvAsLinear, GatedMLPMapping, QKVGate
     Rename, Rule
 
 __all__ = ["mapping_registry", "MappingRegistry", "BoundRule", "ConversionError",
-           "renumber_layers", "hf_shapes", "BACKEND_ALIASES"]
+           "renumber_layers", "hf_shapes", "hf_pattern", "BACKEND_ALIASES", "MEGATRON_EXTRA_STATE"]
 
 
 class ConversionError(ValueError):
     """A checkpoint that does not fit the mapping (missing/unexpected keys, wrong shapes)."""
 
 
-# Transformer Engine fuses the pre-attention/pre-MLP LayerNorms into the following linear; its
-# state dicts name them differently. The canonical (local-spec) name is the one in the table.
+# The canonical names are the dist-checkpoint names of genlip_megatron.model (TE's fused-norm
+# names for every backend). The local backend's in-memory ``state_dict()`` names the two block
+# norms differently; this is the one place that maps them (same table as
+# ``model.layer_spec.LOCAL_TO_TE_KEYS``, pinned by a unit test).
 BACKEND_ALIASES: dict[str, str] = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
 }
 
 # Keys with no counterpart on the other side (None in the table's sense): consumed, not mapped.
-DROPPED_MEGATRON = ("*._extra_state", "*._extra_state/*")  # TE/FP8 metadata, not weights
+DROPPED_MEGATRON = ("*._extra_state", "*._extra_state/*")  # linear/TE FP8 metadata, no weights
 DROPPED_HF = ("rotary_emb.inv_freq", "visual.rotary_emb.inv_freq")  # recomputed from config
+# The megatron-only objects of a GenLIP checkpoint (ShardedObjects, ``get_extra_state`` of every
+# parallel linear): dropped by to-hf, written as ``None`` by from-hf (what local linears save and
+# what TE accepts for "no FP8 metadata yet"), so megatron's loader finds every key it expects.
+MEGATRON_EXTRA_STATE = (
+    "decoder.layers.*.self_attention.linear_qkv._extra_state",
+    "decoder.layers.*.self_attention.linear_proj._extra_state",
+    "decoder.layers.*.mlp.linear_fc1._extra_state",
+    "decoder.layers.*.mlp.linear_fc2._extra_state",
+    "output_layer._extra_state",
+)
 
 
 def mapping_registry(m: ModelConfig, vision_only: bool = False) -> "MappingRegistry":
@@ -62,8 +74,8 @@ def mapping_registry(m: ModelConfig, vision_only: bool = False) -> "MappingRegis
         Rename("embedding.word_embeddings.weight", hf="embeddings.weight", tp_axis=0, text=True),
         *([Rename("embedding.in_proj.weight", hf="in_proj.weight", text=True),
            Rename("embedding.in_proj.bias", hf="in_proj.bias", text=True)] if has_proj else []),
-        Rename(L + "input_layernorm.weight", hf=V + "layer_norm1.weight"),
-        Rename(L + "input_layernorm.bias", hf=V + "layer_norm1.bias"),
+        Rename(L + "self_attention.linear_qkv.layer_norm_weight", hf=V + "layer_norm1.weight"),
+        Rename(L + "self_attention.linear_qkv.layer_norm_bias", hf=V + "layer_norm1.bias"),
         QKVGateMapping(L + "self_attention.linear_qkv.weight", q=V + "self_attn.q_proj.weight",
                        k=V + "self_attn.k_proj.weight", v=V + "self_attn.v_proj.weight",
                        num_heads=nh, tp_axis=0),
@@ -74,8 +86,8 @@ def mapping_registry(m: ModelConfig, vision_only: bool = False) -> "MappingRegis
                tp_axis=1),
         Rename(L + "self_attention.linear_proj.bias", hf=V + "self_attn.out_proj.bias"),
         Rename(L + "self_attn_bda.layer_scale", hf=V + "layer_scale1.lambda1"),
-        Rename(L + "pre_mlp_layernorm.weight", hf=V + "layer_norm2.weight"),
-        Rename(L + "pre_mlp_layernorm.bias", hf=V + "layer_norm2.bias"),
+        Rename(L + "mlp.linear_fc1.layer_norm_weight", hf=V + "layer_norm2.weight"),
+        Rename(L + "mlp.linear_fc1.layer_norm_bias", hf=V + "layer_norm2.bias"),
         GatedMLPMapping(L + "mlp.linear_fc1.weight", gate=V + "mlp.gate_fc.weight",
                         up=V + "mlp.fc1.weight", tp_axis=0, tp_stride=2),
         GatedMLPMapping(L + "mlp.linear_fc1.bias", gate=V + "mlp.gate_fc.bias",
@@ -85,11 +97,19 @@ def mapping_registry(m: ModelConfig, vision_only: bool = False) -> "MappingRegis
         Rename(L + "mlp_bda.layer_scale", hf=V + "layer_scale2.lambda1"),
         Rename("decoder.final_layernorm.weight", hf="ln_post.weight"),
         Rename("decoder.final_layernorm.bias", hf="ln_post.bias"),
-        *([Rename("proj.weight", hf="proj.weight", text=True),
-           Rename("proj.bias", hf="proj.bias", text=True)] if has_proj else []),
+        *([Rename("output_proj.weight", hf="proj.weight", text=True),
+           Rename("output_proj.bias", hf="proj.bias", text=True)] if has_proj else []),
         Rename("output_layer.weight", hf="lm_head.weight", tp_axis=0, text=True),
     ]
     return MappingRegistry(rules, m.num_layers, vision_only=vision_only)
+
+
+def hf_pattern(name: str) -> str:
+    """``visual.layers.7.mlp.fc1.weight`` → ``visual.layers.*.mlp.fc1.weight`` (table key)."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "visual" and parts[1] == "layers":
+        parts[2] = "*"
+    return ".".join(parts)
 
 
 def hf_shapes(m: ModelConfig, vision_only: bool = False) -> dict[str, tuple[int, ...]]:
@@ -142,7 +162,7 @@ _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
 def canonical_megatron_key(key: str) -> str:
-    """Map backend aliases (Transformer Engine fused-norm names) to the canonical name."""
+    """Map backend aliases (the local backend's separate norm names) to the canonical name."""
     match = _LAYER_RE.match(key)
     if match and match.group(2) in BACKEND_ALIASES:
         return f"decoder.layers.{match.group(1)}.{BACKEND_ALIASES[match.group(2)]}"
@@ -192,8 +212,8 @@ class MappingRegistry:
             text = " (text; dropped by --vision-only)" if r.text else ""
             rows.append(f"| `{r.megatron}` | {', '.join(f'`{n}`' for n in r.hf_names())}{text} "
                         f"| {type(r).__name__} | {tp} |")
-        for k in DROPPED_MEGATRON:
-            rows.append(f"| `{k}` | None (dropped) | – | – |")
+        for k in MEGATRON_EXTRA_STATE:
+            rows.append(f"| `{k}` | None (dropped; written as None by from-hf) | – | – |")
         for k in DROPPED_HF:
             rows.append(f"| None (dropped) | `{k}` | – | – |")
         return "\n".join(rows)
@@ -249,8 +269,8 @@ class MappingRegistry:
             ConversionError: with the missing and unexpected keys.
         """
         keys = [k for k in keys if k not in DROPPED_HF]
-        expected = set(self.hf_keys())
-        missing = [k for k in self.hf_keys() if k not in set(keys)]
+        expected, found = set(self.hf_keys()), set(keys)
+        missing = [k for k in self.hf_keys() if k not in found]
         unexpected = [k for k in keys if k not in expected]
         if missing or unexpected:
             hint = ""
@@ -335,12 +355,15 @@ class MappingRegistry:
                 merged[canon] = bound.rule.gather([s[key] for s in shards])
         return merged
 
-    def split_ranks(self, state_dict: Mapping[str, Tensor], tp: int,
-                    pp: int) -> dict[tuple[int, int], dict[str, Tensor]]:
+    def split_ranks(self, state_dict: Mapping[str, Tensor], tp: int, pp: int,
+                    local_names: bool = False) -> dict[tuple[int, int], dict[str, Tensor]]:
         """Canonical TP=1 dict → per-rank dicts ``{(pp_rank, tp_rank): sd}`` (local numbering).
 
         Stage 0 holds the embedding, the last stage the final norm and head (megatron's layout).
+        ``local_names`` emits the local backend's in-memory norm names (``input_layernorm.*``),
+        i.e. what ``model.load_state_dict`` of a local-spec chunk expects.
         """
+        inverse = {v: k for k, v in BACKEND_ALIASES.items()}
         if self.num_layers % pp:
             raise ConversionError(f"num_layers ({self.num_layers}) is not divisible by pp ({pp}).")
         per = self.num_layers // pp
@@ -352,7 +375,9 @@ class MappingRegistry:
                 raise ConversionError(f"megatron key {key!r} is not in the mapping.")
             if bound.layer is not None:
                 p, local = divmod(bound.layer, per)
-                local_key = f"decoder.layers.{local}." + bound.megatron.split(".", 3)[3]
+                suffix = bound.megatron.split(".", 3)[3]
+                suffix = inverse.get(suffix, suffix) if local_names else suffix
+                local_key = f"decoder.layers.{local}.{suffix}"
             else:
                 p = 0 if key.startswith("embedding.") else pp - 1
                 local_key = bound.megatron

@@ -128,8 +128,10 @@ class ReaderConfig:
     1 disables sample shuffling."""
     prefetch: int = 64
     """Processed samples each worker may queue ahead of the trainer."""
-    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
-    """multiprocessing start method for workers (spawn is safe with CUDA and DALI threads)."""
+    start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
+    """multiprocessing start method for workers. forkserver (default) forks them from a clean
+    server process that has the data modules preloaded: safe with CUDA and DALI threads in the
+    trainer, and ~0.2 s per worker instead of ~1.7 s with spawn."""
     snapshot_interval: int = 64
     """Keep a resume point every this many samples (restores replay at most this many extra)."""
 

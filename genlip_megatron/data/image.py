@@ -112,13 +112,14 @@ def resize_uint8(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """
     if tuple(img.shape[:2]) == tuple(size):
         return img
-    x = img.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels-last memory
+    # [1, 3, H, W] view of the HWC buffer; channels-last is what the fast uint8 kernel wants
+    x = img.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
     if x.device.type == "cpu":
         y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     else:
         y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True,
                           align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-    return y[0].permute(1, 2, 0).contiguous()
+    return y[0].permute(1, 2, 0).contiguous()  # no copy when y is channels-last
 
 
 def patchify(img: torch.Tensor, patch: int) -> torch.Tensor:
@@ -133,8 +134,9 @@ def normalize_patches(patches: torch.Tensor, out: Optional[torch.Tensor] = None)
     """uint8 patches → float32 with mean = std = 0.5: ``(x/255 - 0.5)/0.5``."""
     if out is None:
         out = torch.empty(patches.shape, dtype=torch.float32, device=patches.device)
-    torch.mul(patches, 2.0 / 255.0, out=out)
-    return out.sub_(1.0)
+    # copy_ then in-place float ops: ~8× faster than torch.mul(uint8, float, out=float32)
+    out.copy_(patches)
+    return out.mul_(2.0 / 255.0).sub_(1.0)
 
 
 def pil_decode(data: bytes) -> Image.Image:

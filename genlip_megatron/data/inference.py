@@ -58,7 +58,7 @@ def image_to_patches(image: ImageInput, cfg: DataConfig) -> tuple[np.ndarray, tu
         img = torch.from_numpy(np.array(pil.resize((size[1], size[0]), Image.BILINEAR)
                                         if pil.size != (size[1], size[0]) else pil))
     else:
-        arr = np.array(pil) if pil is not None else np.ascontiguousarray(arr)
+        arr = np.array(pil) if pil is not None else np.array(arr)  # writable copy
         img = resize_uint8(torch.from_numpy(arr), size)
     p = cfg.image.patch_size
     return patchify(img, p).numpy(), (size[0] // p, size[1] // p)

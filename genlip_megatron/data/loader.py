@@ -348,6 +348,11 @@ class PackedLoader:
 
     def _start_workers(self, start: ResumePoint, decode: bool) -> None:
         ctx = mp.get_context(self.cfg.reader.start_method)
+        if self.cfg.reader.start_method == "forkserver":
+            # Only effective before the server starts; later loaders fork a warm process.
+            preload = [__name__] + (["nvidia.dali.fn"] if self.cfg.image.decoder == "dali"
+                                    else [])
+            ctx.set_forkserver_preload(preload)
         depth = max(2, self.cfg.reader.prefetch // self.cfg.image.decode_batch_size)
         for w in range(self._num_workers):
             q = ctx.Queue(maxsize=depth)

@@ -52,7 +52,8 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, samples_per_sh
             if writer is not None:
                 writer.close()
             paths.append(str(out_dir / f"{prefix}-{len(paths):06d}.tar"))
-            writer, count = TarWriter(paths[-1]), 0
+            # fixed mtime: the same samples give byte-identical shards
+            writer, count = TarWriter(paths[-1], mtime=0.0), 0
         writer.write(_encode_members(sample))
         count += 1
     if writer is not None:

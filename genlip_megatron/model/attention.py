@@ -196,8 +196,10 @@ def build_prefix_lm_params(backend: str, segment_ids: Tensor, image_mask: Tensor
         from torch.nn.attention.flex_attention import create_block_mask
 
         B, S = segment_ids.shape
+        # On GPU compile the mask construction: eager materialises a [B, S, S] mask first.
         block_mask = create_block_mask(prefix_lm_mask_mod(segment_ids, image_mask), B, None, S,
-                                       S, device=segment_ids.device)
+                                       S, device=segment_ids.device,
+                                       _compile=segment_ids.device.type == "cuda")
         return PrefixLMParams(backend=backend, block_mask=block_mask)
     if backend == "te":
         return PrefixLMParams(backend=backend, varlen=build_varlen_index(segment_ids, image_mask))

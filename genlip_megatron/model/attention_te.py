@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import transformer_engine.pytorch as te
 from megatron.core.extensions.transformer_engine import TEDotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from genlip_megatron.model.attention import _params_from, two_call_prefix_lm
@@ -27,6 +28,9 @@ class TEPrefixLMAttention(TEDotProductAttention):
     Forward: q, k, v ``[S, B, np/tp, hn]`` + :class:`PrefixLMParams` (``varlen`` set) →
     ``[S, B, np/tp·hn]``.
     """
+
+    spec_attn_mask_type = AttnMaskType.padding
+    """Mask type given to TE at construction (each call passes its own)."""
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,

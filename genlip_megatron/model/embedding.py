@@ -44,13 +44,15 @@ class GenLIPEmbedding(MegatronModule):
         self.in_proj = (torch.nn.Linear(config.text_dim, config.hidden_size, dtype=dtype)
                         if config.text_dim != config.hidden_size else None)
 
-    def forward(self, tokens: Tensor, image_mask: Tensor, pixel_values: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, image_mask: Tensor,
+                pixel_values: Optional[Tensor]) -> Tensor:
         """Embed one micro-batch.
 
         Args:
             tokens: int64 ``[B, S]`` (0 at image and padding positions).
             image_mask: bool ``[B, S]``, True at image patches.
-            pixel_values: float ``[N, C·p·p]``, N = ``image_mask.sum()``, row-major order.
+            pixel_values: float ``[N, C·p·p]``, N = ``image_mask.sum()``, row-major order
+                (None: no images in this micro-batch).
 
         Returns:
             ``[S, B, H]`` in ``params_dtype``; ``[S/tp, B, H]`` under sequence parallelism.
@@ -58,6 +60,8 @@ class GenLIPEmbedding(MegatronModule):
         text = self.word_embeddings(tokens)                        # [B, S, T] (TP all-reduced)
         if self.in_proj is not None:
             text = self.in_proj(text)                              # [B, S, H]
+        if pixel_values is None:                                   # text-only micro-batch
+            pixel_values = text.new_zeros(0, self.patch_embed.in_features)
         patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [N, H]
         # masked_scatter fills mask positions in row-major [B, S] order, which is the order of
         # pixel_values (row 0 first); no host sync, unlike boolean indexing.

@@ -4,12 +4,12 @@ Pipeline stages: embeddings only on the first stage (``pre_process``); final Lay
 (``ln_post``), ``output_proj`` (H→T, only when T ≠ H), untied ``output_layer`` (lm_head, no bias,
 vocab-parallel) and vocab-parallel cross-entropy only on the last stage (``post_process``).
 
-Canonical checkpoint keys (``sharded_state_dict``; TP=1 shapes, H hidden, T text width, V vocab,
-F SwiGLU width, C·p·p patch length, L layers, i = GLOBAL layer index 0..L-1). The dist-checkpoint
-keys are the same for the local and TE backends and for every TP/PP layout:
+Canonical tensor names (TP=1 shapes; H hidden, T text width, V vocab, F SwiGLU width, C·p·p
+patch length, L layers, i = GLOBAL layer index 0..L-1). They are the same for the local and TE
+backends and every TP/PP layout:
 
 ===========================================================  ==================  =================
-key                                                          shape               reference (HF)
+name                                                         shape               reference (HF)
 ===========================================================  ==================  =================
 embedding.patch_embed.weight / .bias                         [H, C·p·p] / [H]    vision_embeddings
                                                                                  .patch_embedding
@@ -42,12 +42,25 @@ output_layer.weight                                          [V, T]             
 with ``Wq = q_proj.weight[:H]``, ``Wg = q_proj.weight[H:]``; the bias the same way.
 ``linear_fc1`` rows: ``[0, F)`` gate_fc (SiLU branch), ``[F, 2F)`` fc1 (linear branch).
 
-In-memory names differ in two places: the local backend's ``model.state_dict()`` has
-``decoder.layers.{j}.input_layernorm.{weight,bias}`` and ``...pre_mlp_layernorm.{weight,bias}``
-(mapped to the ``layer_norm_*`` names above by ``layer_spec.LOCAL_TO_TE_KEYS``), and ``j`` is the
-index within this pipeline stage (global i = j + stage offset). TP shards (local tensors):
-``word_embeddings``/``output_layer`` rows ``[V/tp]``; ``linear_qkv`` rows: contiguous heads
-``[r·n/tp, (r+1)·n/tp)``; ``linear_proj``/``linear_fc2`` columns ``[H/tp]``/``[F/tp]``;
+Where the names appear:
+
+* dist checkpoint (``sharded_state_dict()`` → ``ShardedTensor.key``): megatron's homogeneous-layer
+  format stacks the per-layer tensors along a leading axis of size L under one key without the
+  index, e.g. ``decoder.layers.self_attention.linear_qkv.weight`` of global shape ``[L, 4H, H]``
+  ``linear_fc1.weight/bias`` go through megatron's SwiGLU ``ShardedTensorFactory``: each rank
+  saves its gate and fc1 halves as two shards of the same key, so the stored global tensor has
+  the TP=1 row layout ``[gate_fc; fc1]`` for any TP. With ``metadata={"non_homogeneous_layers":
+  True}`` the keys are per layer, ``decoder.layers.{i}.<name>``, as in the table; with
+  ``singleton_local_shards`` also per layer, and fc1 is split into ``linear_fc1.weight_w``
+  (gate_fc) and ``linear_fc1.weight_v`` (fc1).
+* ``model.state_dict()`` (in memory, one pipeline chunk): per layer with the LOCAL index ``j``
+  (global ``i = j + stage offset``); the local backend names the block norms
+  ``decoder.layers.{j}.input_layernorm.{weight,bias}`` and ``...pre_mlp_layernorm.{weight,bias}``
+  (mapped to the ``layer_norm_*`` names by ``layer_spec.LOCAL_TO_TE_KEYS``); tensors are this
+  rank's TP shards. ``*._extra_state`` entries (None, or TE FP8 metadata) carry no weights.
+
+TP shards: ``word_embeddings``/``output_layer`` rows ``[V/tp]``; ``linear_qkv`` rows: contiguous
+heads ``[r·n/tp, (r+1)·n/tp)``; ``linear_proj``/``linear_fc2`` columns ``[H/tp]``/``[F/tp]``;
 ``linear_fc1`` rows ``[gate_r; fc1_r]`` (partition stride 2); everything else replicated.
 No buffers are saved (MRoPE angles are computed from position ids).
 """

@@ -106,7 +106,10 @@ def get_genlip_layer_submodules(backend: BackendSpecProvider,
         input_layernorm=norm,
         self_attention=ModuleSpec(
             module=SelfAttention,
-            params={"attn_mask_type": AttnMaskType.arbitrary},
+            # Structural constant for the core attention's constructor; every backend takes
+            # its real mask from the per-forward PrefixLMParams.
+            params={"attn_mask_type": getattr(core_attention, "spec_attn_mask_type",
+                                              AttnMaskType.arbitrary)},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=linear_in, core_attention=core_attention,
                 linear_proj=backend.row_parallel_linear(), q_layernorm=None, k_layernorm=None),

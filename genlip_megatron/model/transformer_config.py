@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -57,8 +57,6 @@ class GenLIPTransformerConfig(TransformerConfig):
     """1-based global layer numbers whose linears run emulated FP8 (None: every layer)."""
     init_seed: int = 1234
     """Seed of the reference initialisation (per-tensor generators; TP/PP-invariant)."""
-    genlip_extra: dict = field(default_factory=dict)
-    """Free-form provenance (variant name, ...); not read by the model."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,7 +179,7 @@ def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
         text_dim=model.text_dim, vocab_size=model.vocab_size, patch_dim=model.patch_dim,
         rope_theta=model.rope_theta, layerscale_init=model.layerscale_init,
         drop_path_rate=model.drop_path_rate, prefix_attention_backend=model.attention_backend,
-        init_seed=init_seed, genlip_extra={"variant": model.variant},
+        init_seed=init_seed,
     )
     kwargs.update(_recompute_kwargs(parallel))
     kwargs.update(_precision_kwargs(model, precision))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -79,9 +80,13 @@ class DropPath(torch.nn.Module):
         super().__init__()
         self.rate = float(rate)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[S, B, H]`` → same shape; rows dropped with probability ``rate`` (training only)."""
-        if self.rate == 0.0 or not self.training:
+    def forward(self, x: Tensor, training: Optional[bool] = None) -> Tensor:
+        """``[S, B, H]`` → same shape; rows dropped with probability ``rate`` when training.
+
+        ``training`` overrides the module's own flag (megatron passes the layer's).
+        """
+        training = self.training if training is None else training
+        if self.rate == 0.0 or not training:
             return x
         with _drop_path_rng_context():
             return drop_path(x, self.rate, True, batch_dim=1)
@@ -112,18 +117,17 @@ class LayerScaleDropPathAdd(MegatronModule):
         dropout_p)`` and returns ``[S, B, H]``. ``fused`` is ignored (no fused kernel);
         ``dropout_p`` is megatron's ``hidden_dropout`` (0 for GenLIP), applied before DropPath.
         """
-        self.drop_path.train(training)
-        return self._residual_add
+        return functools.partial(self._residual_add, training)
 
-    def _residual_add(self, x_with_bias: tuple[Tensor, Optional[Tensor]], residual: Tensor,
-                      prob: float) -> Tensor:
+    def _residual_add(self, training: bool, x_with_bias: tuple[Tensor, Optional[Tensor]],
+                      residual: Tensor, prob: float) -> Tensor:
         x, bias = x_with_bias
         if bias is not None:
             x = x + bias
         x = x * self.layer_scale
         if prob > 0.0:
-            x = torch.nn.functional.dropout(x, p=prob, training=self.drop_path.training)
-        x = self.drop_path(x)
+            x = torch.nn.functional.dropout(x, p=prob, training=training)
+        x = self.drop_path(x, training=training)
         return residual.to(x.dtype) + x
 
 

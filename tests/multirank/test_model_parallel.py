@@ -186,7 +186,7 @@ def _run_pipeline(tp, pp, sp, batches, vpp=None, **overrides):
 
         def loss_func(per_token):
             loss = per_token.sum() / n_valid
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # megatron divides loss in place
 
         return output, loss_func
 
@@ -261,3 +261,42 @@ def test_dist_checkpoint_tp2_save_loads_into_pp2():
     loaded.load_state_dict(state)
     for name, param in loaded.named_parameters():
         assert torch.equal(param.detach(), ref_params[_global_name(name, loaded)]), name
+
+
+@pytest.mark.world_size(2)
+def test_tp2_sp_megatron_ddp_finalize_model_grads():
+    """The trainer's path: megatron DDP + schedule + finalize_model_grads sums the grads of the
+    SP-tagged params (norms, LayerScale, output_proj, row-parallel biases) over TP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = _batches(2)
+    ref_loss, ref_params, ref_grads = _reference(batches)
+    _init_parallel(2, 1)
+    cfg = _config(tp=2, sp=True)
+    model = DistributedDataParallel(cfg, DistributedDataParallelConfig(), GenLIPModel(cfg))
+    cfg.finalize_model_grads_func = finalize_model_grads
+
+    def forward_step(data_iterator, chunk):
+        b = next(data_iterator)
+        n_valid = (b["labels"] != -100).sum()
+        return chunk(*_args(b), labels=b["labels"]), lambda t: (t.sum() / n_valid, {})
+
+    model.zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches),
+                                model=[model], num_microbatches=len(batches), seq_length=SEQ,
+                                micro_batch_size=2, forward_only=False)
+    inner = model.module
+    for param in inner.parameters():
+        param.grad = param.main_grad
+    _check_against_reference(inner, ref_params, ref_grads)
+
+
+@pytest.mark.world_size(4)
+def test_tp4_sp_matches_tp1():
+    batches = _batches(2)
+    ref_loss, ref_params, ref_grads = _reference(batches)
+    loss, model = _run_tp(4, True, batches)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    _check_against_reference(model, ref_params, ref_grads)

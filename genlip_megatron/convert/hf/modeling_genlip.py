@@ -11,8 +11,8 @@ It implements the reference forward (YanFangCS/GenLIP@db2c226 ``genlip_modeling.
 conv patch embedding (applied as the equivalent linear on (C, ph, pw)-flattened patches), text
 embedding + ``in_proj``, masked scatter of the patch embeddings into the image positions,
 interleaved MRoPE, pre-norm blocks with elementwise sigmoid-gated attention (``q_proj`` rows
-``[query | gate]``), SwiGLU ``fc2(silu(gate_fc x) * fc1 x)``, two LayerScales per block, ``ln_post``,
-``proj`` and an untied bias-free ``lm_head``.
+``[query | gate]``), SwiGLU ``fc2(silu(gate_fc x) * fc1 x)``, two LayerScales per block,
+``ln_post``, ``proj`` and an untied bias-free ``lm_head``.
 
 Fixes of the reference's inference pitfalls (reference notes §7.10):
 - the prefix-LM mask is built per row, so batch size > 1 and packed rows both work;
@@ -179,6 +179,22 @@ def build_prefix_lm_mask(image_mask: torch.Tensor, segment_ids: torch.Tensor) ->
     allowed = allowed | (torch.eye(length, dtype=torch.bool, device=image_mask.device)[None]
                          & (segment_ids < 0)[:, :, None])
     return allowed[:, None]
+
+
+def _decode_mask(shape: tuple[int, int], past_len: int, attention_mask: Optional[torch.Tensor],
+                 segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, 1, L, past + L]`` mask of new text tokens over cached + new keys (causal, no pads)."""
+    b, length = shape
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
+    key_valid = (attention_mask.bool() if attention_mask is not None else
+                 torch.ones(b, past_len + length, dtype=torch.bool))
+    if key_valid.shape[1] != past_len + length:
+        raise ValueError(f"attention_mask covers {key_valid.shape[1]} positions; with a cache of "
+                         f"{past_len} it must cover {past_len + length}.")
+    q_idx = torch.arange(past_len, past_len + length, device=key_valid.device)
+    k_idx = torch.arange(past_len + length, device=key_valid.device)
+    return ((k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :])[:, None]
 
 
 def normalize_position_ids(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -432,6 +448,19 @@ class GenLIPModel(GenLIPPreTrainedModel):
             self.lm_head = nn.Linear(t, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; a missing ``text_embed_dim`` (the released
+        configs omit it) is read from the local ``embeddings.weight`` shape first."""
+        config = kwargs.get("config")
+        # duck-typed: AutoConfig may load configuration_genlip under another module name
+        if getattr(config, "model_type", None) == "genlip" and \
+                getattr(config, "text_embed_dim", 0) is None and not config.vision_only:
+            width = _local_embedding_width(pretrained_model_name_or_path)
+            if width is not None:
+                config.text_embed_dim = width
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     # ----------------------------------------------------------------- embedding
     def _embed(self, input_ids, pixel_values, image_grid_thw, image_mask):
         cfg = self.config
@@ -440,7 +469,8 @@ class GenLIPModel(GenLIPPreTrainedModel):
         if input_ids is None:
             raise ValueError("input_ids is required (0 at image positions, or image_token_id).")
         if image_mask is None:
-            image_mask = input_ids == cfg.image_token_id
+            image_mask = (input_ids == cfg.image_token_id if cfg.image_token_id is not None
+                          else torch.zeros_like(input_ids, dtype=torch.bool))
         image_mask = image_mask.bool()
         if cfg.vision_only:
             if not bool(image_mask.all()):
@@ -477,6 +507,7 @@ class GenLIPModel(GenLIPPreTrainedModel):
                 labels: Optional[torch.Tensor] = None,
                 past_key_values: Optional[GenLIPKVCache] = None,
                 use_cache: bool = False, return_logits: bool = True,
+                logits_to_keep: int = 0,
                 output_hidden_states: bool = False, return_dict: bool = True,
                 **unused) -> GenLIPOutput:
         """Run the model on ``[B, L]`` rows of ``[image patches | text]`` samples.
@@ -496,26 +527,16 @@ class GenLIPModel(GenLIPPreTrainedModel):
             labels: ``[B, L]`` unshifted targets (-100 = ignore); the loss shifts them.
             past_key_values / use_cache: incremental decoding of text tokens (one sample/row).
             return_logits: False skips ``proj``/``lm_head`` (features only).
+            logits_to_keep: > 0 computes logits for the last this-many positions only.
         """
         if unused:
             raise TypeError(f"GenLIPModel.forward got unexpected arguments {sorted(unused)}.")
         embeds, image_mask, grids = self._embed(input_ids, pixel_values, image_grid_thw,
                                                 image_mask)
-        b, length = input_ids.shape
+        b = input_ids.shape[0]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past_len:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
-            key_valid = (attention_mask.bool() if attention_mask is not None else
-                         torch.ones(b, past_len + length, dtype=torch.bool,
-                                    device=input_ids.device))
-            if key_valid.shape[1] != past_len + length:
-                raise ValueError(f"attention_mask covers {key_valid.shape[1]} positions; with "
-                                 f"a cache of {past_len} it must cover {past_len + length}.")
-            q_idx = torch.arange(past_len, past_len + length, device=input_ids.device)
-            k_idx = torch.arange(past_len + length, device=input_ids.device)
-            mask = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
-            mask = mask[:, None]
+            mask = _decode_mask(input_ids.shape, past_len, attention_mask, segment_ids)
             if position_ids is None:
                 raise ValueError("position_ids are required when decoding with a KV cache.")
         else:
@@ -547,8 +568,9 @@ class GenLIPModel(GenLIPPreTrainedModel):
             if self.config.vision_only:
                 raise ValueError("this is a vision-only export (no lm_head); call with "
                                  "return_logits=False or use encode_images().")
-            logits = self.lm_head(self.proj(feats))
-            if labels is not None:
+            logits = self.lm_head(self.proj(feats[:, -logits_to_keep:] if logits_to_keep
+                                            else feats))
+            if labels is not None and not logits_to_keep:
                 loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                        labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         return GenLIPOutput(loss=loss, logits=logits, last_hidden_state=feats,
@@ -581,7 +603,8 @@ class GenLIPModel(GenLIPPreTrainedModel):
         n, longest = len(sizes), max(sizes)
         dev = patches.device
         # One padded row per image: attention never crosses images, padding is masked.
-        valid = torch.arange(longest, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
+        sizes_t = torch.tensor(sizes, device=dev)
+        valid = torch.arange(longest, device=dev)[None, :] < sizes_t[:, None]
         segment_ids = torch.where(valid, 0, -1)
         pos = torch.zeros(n, 3, longest, dtype=torch.long, device=dev)
         for i, (gh, gw) in enumerate(grids.tolist()):
@@ -604,6 +627,29 @@ class GenLIPModel(GenLIPPreTrainedModel):
         if self.config.vision_only:
             raise ValueError("this is a vision-only export (no lm_head).")
         return self.lm_head(self.proj(features))
+
+
+def _local_embedding_width(path) -> Optional[int]:
+    """``embeddings.weight.shape[1]`` from a local checkpoint's safetensors header, or None."""
+    import json
+    import os
+    import struct
+
+    path = str(path)
+    files = [os.path.join(path, "model.safetensors")]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            name = json.load(fh)["weight_map"].get("embeddings.weight")
+        files = [os.path.join(path, name)] if name else []
+    for f in files:
+        if os.path.isfile(f):
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                entry = json.loads(fh.read(n)).get("embeddings.weight")
+            if entry:
+                return int(entry["shape"][1])
+    return None
 
 
 def stack_grids(grids: Sequence[Sequence[int]]) -> torch.Tensor:

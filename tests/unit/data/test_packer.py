@@ -31,7 +31,7 @@ def test_packed_batch_by_hand():
     pad = [0] * 17
     assert b.tokens[0].tolist() == [0] * 6 + [11, 12, 13, 14] + [0, 0] + [21, 22, 23] + pad
     # shifted: position i holds the label of token i+1 of the same sample; -100 at sample ends
-    assert b.labels[0].tolist() == [M] * 7 + [13, 14] + [M] * 4 + [22, 23] + [M] * 17
+    assert b.labels[0].tolist() == [M] * 7 + [13, 14] + [M] * 3 + [22, 23] + [M] * 18
     assert b.labels[1].tolist() == [31, 32] + [M] * 30
     t, h, w = b.position_ids[0]
     # image (0, r, c) in raster order; text t=h=w = max(gh, gw) + k, restarting per sample

@@ -14,6 +14,10 @@ import torch.distributed as dist
 
 from genlip_megatron.compat import apply_cpu_compat
 
+# Before any test module imports megatron: on megatron-core >= 0.19 without triton the
+# triton_stub group must precede the first import of megatron's pipeline code.
+apply_cpu_compat()
+
 
 @pytest.fixture(scope="session")
 def gloo_world(tmp_path_factory):

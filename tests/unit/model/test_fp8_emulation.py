@@ -210,10 +210,10 @@ def test_fp8_layer_numbers_mirror_megatron(on, start, end):
 
 def test_fp8_layer_numbers_warns_when_no_layer_is_fp8(caplog):
     with caplog.at_level(logging.WARNING):
-        assert fp8_layer_numbers(2, Fp8Config()) == set()
+        assert fp8_layer_numbers(2, Fp8Config(first_last_layers_bf16=True)) == set()
     assert "no layer runs in FP8" in caplog.text
     with pytest.raises(ValueError, match="num_layers_at_start_in_bf16"):
-        fp8_layer_numbers(4, Fp8Config(num_layers_at_start_in_bf16=-1))
+        fp8_layer_numbers(4, Fp8Config(first_last_layers_bf16=True, num_layers_at_start_in_bf16=-1))
 
 
 @dataclasses.dataclass

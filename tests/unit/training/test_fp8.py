@@ -54,7 +54,8 @@ def test_recipe_builder_on_gpu(recipe, cls, fmt):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "mxfp8", "blockwise"])
 def test_config_kwargs_are_megatron_fields(recipe):
-    cfg = Fp8Config(recipe=recipe, format="e4m3", margin=2, num_layers_at_end_in_bf16=2)
+    cfg = Fp8Config(recipe=recipe, format="e4m3", margin=2, num_layers_at_end_in_bf16=2,
+                     first_last_layers_bf16=True)
     kw = te_transformer_config_kwargs(cfg)
     assert set(kw) <= {f.name for f in dataclasses.fields(TransformerConfig)}
     tc = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, **kw)
@@ -69,7 +70,7 @@ def test_config_kwargs_delayed_recipe():
     assert (kw["fp8_recipe"], kw["fp8_amax_history_len"], kw["fp8_amax_compute_algo"]) == (
         "delayed", 16, "max")
     with pytest.raises(ValueError, match="first_last_layers_bf16: false"):
-        te_transformer_config_kwargs(Fp8Config(recipe="delayed"))
+        te_transformer_config_kwargs(Fp8Config(recipe="delayed", first_last_layers_bf16=True))
 
 
 def test_config_kwargs_refuse_emulation():

@@ -1,0 +1,136 @@
+"""Load any GenLIP checkpoint as the HF-format module (the one inference implementation).
+
+- an HF export (``config.json`` + ``model.safetensors``) loads directly;
+- a Megatron torch_dist checkpoint (any TP/PP) is read tensor by tensor on CPU and mapped in
+  memory through the conversion registry, no export needed;
+- a live megatron model's TP=1 state dict maps through :func:`from_megatron_state_dict` (the
+  trainer's caption evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from genlip_megatron.config import ModelConfig
+from genlip_megatron.convert.converter import megatron_state_dict_to_hf
+from genlip_megatron.convert.hf.configuration_genlip import GenLIPConfig
+from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
+from genlip_megatron.convert.hf_config import hf_config_dict, model_config_from_dict, \
+    read_hf_config
+from genlip_megatron.convert.megatron_io import DistCheckpointReader
+from genlip_megatron.convert.registry import ConversionError, mapping_registry
+from genlip_megatron.convert.safetensors_io import SafetensorsReader
+from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_genlip_for_inference", "from_megatron_state_dict", "build_hf_model"]
+
+
+def build_hf_model(m: ModelConfig, state_dict: Mapping[str, Tensor], *,
+                   vision_only: bool = False, dtype: Optional[torch.dtype] = None,
+                   image_token_id: Optional[int] = None) -> GenLIPModel:
+    """An HF ``GenLIPModel`` for architecture ``m`` holding ``state_dict`` (HF keys).
+
+    Built on the meta device and filled with ``assign=True``: no random init, no second copy.
+    """
+    cfg = GenLIPConfig(**{k: v for k, v in hf_config_dict(
+        m, vision_only=vision_only, image_token_id=image_token_id).items()
+        if k not in ("architectures", "auto_map", "model_type", "torch_dtype")})
+    with torch.device("meta"):
+        model = GenLIPModel(cfg)
+    sd = {k: (v.to(dtype) if dtype is not None else v) for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def from_megatron_state_dict(state_dict: Mapping[str, Tensor], model_config: ModelConfig, *,
+                             vision_only: bool = False, dtype: Optional[torch.dtype] = None,
+                             copy: bool = True) -> GenLIPModel:
+    """HF module from a megatron TP=1 state dict (``model.state_dict()`` of a TP=1, PP=1 chunk,
+    local or canonical names; ``module.`` prefixes of DDP/Float16Module wrappers and
+    ``_extra_state`` entries are ignored).
+
+    For TP/PP > 1 merge the per-rank dicts first with
+    ``mapping_registry(m).merge_ranks({(pp, tp): sd, ...})``.
+
+    Args:
+        state_dict: megatron tensors (any device; the module is built on that device).
+        model_config: the run's ``model`` section.
+        vision_only: keep only the vision trunk.
+        dtype: cast the weights (default: keep; pass torch.float32 for bf16 training weights
+            evaluated on CPU).
+        copy: copy the weights (default) so the module never shares storage with a model that
+            keeps training; False saves one model's worth of memory.
+    """
+    sd = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if torch.is_tensor(value):
+            sd[key] = value.detach().clone() if copy else value.detach()
+    hf = megatron_state_dict_to_hf(sd, model_config, vision_only=vision_only)
+    return build_hf_model(model_config, hf, vision_only=vision_only, dtype=dtype)
+
+
+def _load_megatron(path: Path, dtype: Optional[torch.dtype]) -> tuple[GenLIPModel, dict]:
+    reader = DistCheckpointReader(path)
+    m = model_config_from_dict((reader.common.get("config") or {}).get("model"))
+    reg = mapping_registry(m)
+    hf = dict(reg.megatron_to_hf(reader.get, reader.keys()))
+    return build_hf_model(m, hf, dtype=dtype), reader.common
+
+
+def _load_hf(path: Path, dtype: Optional[torch.dtype]) -> GenLIPModel:
+    """An export through our modeling file (``from_pretrained`` equivalent, no remote code)."""
+    reader = SafetensorsReader(path)
+    emb = reader.shape("embeddings.weight") if "embeddings.weight" in reader.entries else None
+    m, raw = read_hf_config(path, emb)
+    vision_only = bool(raw.get("vision_only")) or emb is None
+    reg = mapping_registry(m, vision_only=vision_only)
+    reg.check_hf_keys(reader.keys())
+    hf = {k: reader.get(k) for k in reg.hf_keys()}
+    return build_hf_model(m, hf, vision_only=vision_only, dtype=dtype,
+                          image_token_id=raw.get("image_token_id"))
+
+
+def load_genlip_for_inference(path: str | Path, *, dtype: Optional[torch.dtype] = torch.float32,
+                              device: str | torch.device = "cpu",
+                              tokenizer: Optional[str | Path] = None
+                              ) -> tuple[GenLIPModel, Optional[TextTokenizer]]:
+    """Load an HF export or a Megatron checkpoint as an eval-mode HF ``GenLIPModel``.
+
+    Args:
+        path: HF export dir, Megatron ``iter_N`` dir, or a Megatron save dir with ``latest``.
+        dtype: weight dtype (fp32 default; None keeps the stored dtype).
+        device: where to put the model.
+        tokenizer: tokenizer.json to use; default: the export's ``tokenizer.json``, or the
+            training config's ``data.text.tokenizer_path`` of a Megatron checkpoint.
+
+    Returns:
+        (model, tokenizer or None when none was found).
+    """
+    path = Path(path)
+    tok_path: Optional[Path] = Path(tokenizer) if tokenizer is not None else None
+    if (path / "config.json").is_file():
+        model = _load_hf(path, dtype)
+        if tok_path is None and (path / "tokenizer.json").is_file():
+            tok_path = path / "tokenizer.json"
+    elif (path / "metadata.json").is_file() or (path / "latest").is_file():
+        model, common = _load_megatron(path, dtype)
+        if tok_path is None:
+            cand = (((common.get("config") or {}).get("data") or {}).get("text") or {}) \
+                .get("tokenizer_path")
+            tok_path = Path(cand) if cand and Path(cand).is_file() else None
+    else:
+        raise ConversionError(f"{path} is neither an HF export (config.json) nor a Megatron "
+                              "checkpoint (metadata.json or a 'latest' pointer).")
+    tok = load_tokenizer(tok_path) if tok_path is not None else None
+    if tok is None:
+        logger.warning("no tokenizer found for %s; pass tokenizer= to decode text.", path)
+    return model.to(device), tok
