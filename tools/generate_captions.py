@@ -9,7 +9,8 @@
 
 Caption accuracy on a run's held-out shards (data.eval_sources of its YAML), e.g. the demo's,
 for a Megatron checkpoint and its HF export alike:
-    python tools/generate_captions.py runs/demo/checkpoints --eval-config         examples/configs/demo_cpu.yaml --limit 200
+    python tools/generate_captions.py runs/demo/checkpoints --eval-config \
+        examples/configs/demo_cpu.yaml --limit 200
     python tools/generate_captions.py exports/demo --eval-config examples/configs/demo_cpu.yaml
 
 Greedy by default; stops at <|im_end|> or after --max-new-tokens (≤ 256). Prints one
@@ -106,29 +107,21 @@ def _evaluate(args, model, tok) -> int:
     """Exact-match caption accuracy on ``data.eval_sources`` of a run config."""
     from genlip_megatron.config import load_config
     from genlip_megatron.data.inference import iter_eval_samples
-    from genlip_megatron.probes import generate_captions
+    from genlip_megatron.probes import caption_exact_match
 
     cfg = load_config(args.eval_config)
     samples = list(iter_eval_samples(cfg.data, tok, limit=args.limit))
     if not samples:
         raise ValueError(f"{args.eval_config}: data.eval_sources yielded no samples.")
-    caps = [""] * len(samples)
-    groups: dict[tuple, list[int]] = {}   # conversation samples may carry different prompts
-    for i, s in enumerate(samples):
-        groups.setdefault(tuple(int(t) for t in s.prompt_ids), []).append(i)
-    for prompt_ids, idx in groups.items():
-        out = generate_captions(model, [(samples[i].patches, samples[i].grid) for i in idx],
-                                tok, prompt_ids=list(prompt_ids), **_decoding(args))
-        for i, c in zip(idx, out):
-            caps[i] = c
-    hits = [c == s.caption for c, s in zip(caps, samples)]
+    acc, caps = caption_exact_match(model, samples, tok, **_decoding(args))
+    hits = [c == s.caption.strip() for c, s in zip(caps, samples)]
     for s, c, ok in zip(samples, caps, hits):
         print(f"{s.key}\t{'OK ' if ok else 'BAD'}\t{c}\t(ref: {s.caption})")
     if args.json:
         with open(args.json, "w") as fh:
             for s, c in zip(samples, caps):
                 fh.write(json.dumps({"key": s.key, "caption": c, "reference": s.caption}) + "\n")
-    print(f"EVAL caption_exact_match={sum(hits) / len(hits):.4f} n={len(hits)}")
+    print(f"EVAL caption_exact_match={acc:.4f} n={len(hits)}")
     return 0
 
 

@@ -19,8 +19,7 @@ from PIL import Image
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch
 from genlip_megatron.data.config import DataConfig
-from genlip_megatron.data.image import build_decoder, patchify, pil_decode, resize_uint8, \
-    target_size
+from genlip_megatron.data.image import patchify, pil_decode, resize_uint8, target_size
 from genlip_megatron.data.packer import collate_rows
 from genlip_megatron.data.sample import ProcessedSample, SampleProcessor
 from genlip_megatron.data.shards import RawSample, expand_shards

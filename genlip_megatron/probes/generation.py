@@ -21,7 +21,8 @@ from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.data.config import DEFAULT_PROMPT
 from genlip_megatron.data.tokenizer import TextTokenizer
 
-__all__ = ["ImageInput", "GenerationConfig", "generate_ids", "generate_captions"]
+__all__ = ["ImageInput", "GenerationConfig", "generate_ids", "generate_captions",
+           "caption_exact_match"]
 
 ImageInput = tuple[Union[Tensor, np.ndarray], tuple[int, int]]
 """(pixel_values ``[N, C*p*p]`` normalised float (or uint8 patches), grid (gh, gw))."""
@@ -201,3 +202,33 @@ def generate_captions(model: GenLIPModel, images: Sequence[ImageInput],
     stop = tokenizer.im_end_id if stop_id is None else stop_id
     tokens = generate_ids(model, images, ids, stop_id=stop, config=cfg)
     return [tokenizer.decode(t).strip() for t in tokens]
+
+
+def caption_exact_match(model: GenLIPModel, samples: Sequence, tokenizer: TextTokenizer,
+                        **decoding) -> tuple[float, list[str]]:
+    """Exact-match caption accuracy on held-out samples (the demo's caption evaluation).
+
+    Args:
+        model: HF-format GenLIP.
+        samples: objects with ``patches`` (uint8 or float ``[N, C*p*p]``), ``grid`` (gh, gw),
+            ``prompt_ids`` and ``caption`` (``data.inference.EvalSample``); samples with
+            different prompts are decoded in separate groups.
+        tokenizer: the training tokenizer.
+        decoding: :func:`generate_captions` keywords (max_new_tokens, greedy, batch_size, ...).
+
+    Returns:
+        (fraction of generated captions equal to the reference, the captions in order).
+    """
+    if not samples:
+        raise ValueError("caption_exact_match needs at least one sample.")
+    caps = [""] * len(samples)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(int(t) for t in s.prompt_ids), []).append(i)
+    for prompt_ids, idx in groups.items():
+        out = generate_captions(model, [(samples[i].patches, samples[i].grid) for i in idx],
+                                tokenizer, prompt_ids=list(prompt_ids), **decoding)
+        for i, c in zip(idx, out):
+            caps[i] = c
+    hits = sum(c == s.caption.strip() for c, s in zip(caps, samples))
+    return hits / len(samples), caps

@@ -90,14 +90,21 @@ def init_distributed(timeout_s: int = 1800) -> LaunchEnv:
 def set_seeds(seed: int) -> None:
     """Seed python, numpy, torch and megatron's model-parallel RNG tracker.
 
-    Every rank of a tensor-parallel group gets the same default-generator seed (DropPath and
-    other replicated randomness must agree across TP ranks); pipeline stages differ by 100 per
-    stage, as in megatron-training, because they hold different layers.
+    Every rank of a tensor-parallel group gets the same default-generator seed (replicated
+    randomness must agree across TP ranks); pipeline stages differ by 100 per stage, as in
+    megatron-training, because they hold different layers. DropPath draws from its own tracker
+    state, equal across TP ranks and different per data-parallel rank, so replicas drop
+    different rows (GenLIP's DropPath drops whole packed rows).
     """
     from megatron.core import parallel_state, tensor_parallel
+
+    from genlip_megatron.model.transformer_layer import DROP_PATH_RNG_TRACKER_NAME
 
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)
     np.random.seed(stage_seed % (2**32))
     torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    tracker.add(DROP_PATH_RNG_TRACKER_NAME, stage_seed + 7919 * (dp_rank + 1))

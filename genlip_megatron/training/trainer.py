@@ -98,7 +98,8 @@ class Trainer:
         # ---- model + optimizer --------------------------------------------------------
         from genlip_megatron.model.transformer_config import build_transformer_config
 
-        self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision)
+        self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision,
+                                               init_seed=cfg.training.seed)
         self.tconfig.calculate_per_token_loss = True
         self.model = wrap_with_ddp(build_model_chunks(self.tconfig, self.topo), self.tconfig,
                                    cfg.parallel)

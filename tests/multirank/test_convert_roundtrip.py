@@ -4,8 +4,9 @@ Every rank fills its TP/PP shard of the tiny model from one canonical random TP=
 (split through the conversion registry) and the trainer's CheckpointManager saves the sharded
 model. Rank 0 then converts to HF (one CPU process reading the 4-rank checkpoint) and back to a
 TP=1 checkpoint; every rank loads that through the trainer's ``training.init_from`` path into a
-TP=1 model and compares bit for bit. The per-rank in-memory state dicts are also gathered and
-merged with the registry's TP gather / PP renumbering, which must give the same tensors.
+TP=1 model (and into a fresh TP=2/PP=2 model) and compares bit for bit. The per-rank
+in-memory state dicts are also gathered and merged with the registry's TP gather / PP
+renumbering, which must give the same tensors.
 Run by tests/test_multirank_sessions.py under torchrun.
 """
 
@@ -99,6 +100,14 @@ def test_tp2_pp2_to_hf_to_tp1_is_bit_exact():
         assert all(torch.equal(stored[k], want[k]) for k in want)
         hf_to_megatron(root / "hf", root / "mg_tp1", tp=1, pp=1, force=True, progress=False)
     dist.barrier()
+
+    # ---- the converted checkpoint also loads straight into a TP=2/PP=2 model (resharded)
+    chunk2 = build_genlip_model(transformer_config(TINY, TP, PP, seed=55),
+                                pre_process=ps.is_pipeline_first_stage(),
+                                post_process=ps.is_pipeline_last_stage())
+    load_megatron([chunk2], TINY, root / "mg_tp1")
+    again = _tensors(chunk2)
+    assert again.keys() == local.keys() and all(torch.equal(again[k], local[k]) for k in local)
 
     # ---- every rank: TP=1 model through the trainer's init_from path, bit-exact
     _init(1, 1)

@@ -147,7 +147,8 @@ def test_dali_decodes_odd_modes_like_pil():
     sizes = [(64, 64)] * len(datas)
     for got, data in zip(dec.decode(datas, sizes), datas):
         ref = np.asarray(image_mod.pil_decode(data))
-        assert np.array_equal(got.numpy(), resize_uint8(torch.from_numpy(ref.copy()), (64, 64)).numpy())
+        want = resize_uint8(torch.from_numpy(ref.copy()), (64, 64))
+        assert np.array_equal(got.numpy(), want.numpy())
     assert dec.fallbacks == 0  # all of them in one DALI batch, no Pillow fallback
 
 

@@ -95,7 +95,8 @@ def test_stream_does_not_depend_on_num_workers(data_root):
 def test_resume_is_exact_two_ranks_two_workers(data_root):
     n_before, n_after = 3, 5
     for rank in range(2):
-        cfg = make_cfg(data_root, max_seq_len=1024, num_workers=2)
+        # frequent resume points: the one used must precede the oldest buffered sample
+        cfg = make_cfg(data_root, max_seq_len=1024, num_workers=2, snapshot_interval=5)
         run = build_train_loader(cfg, dp_rank=rank, dp_size=2, micro_batch_size=2, seed=11)
         for _ in range(n_before):
             next(run)

@@ -71,3 +71,23 @@ def test_schedule_mixes_by_weight_and_is_stateless():
     counts2 = [sum(1 for _, s, _ in walk[:777] if s == k) for k in range(2)]
     again = [x for _, x in zip(range(100), sch.walk(777, counts2))]
     assert again == walk[777:877]
+
+
+def test_unreadable_shard_is_reported_once_even_after_restore(tmp_path, data_root):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar" * 50)
+    shards = [str(bad), str(data_root / "s1" / "shard-000000.tar")]
+
+    def stream():
+        return ShardStream(shards, source=0, stream=0, seed=0, dp_rank=0, dp_size=1, streams=1,
+                           shuffle_buffer=16, shuffle_shards=False)
+
+    a = stream()
+    got = [next(a) for _ in range(20)]
+    assert got[0].shard_errors == [str(bad)]
+    assert all(not s.shard_errors for s in got[1:])
+    b = stream()
+    b.restore(StreamCursor.from_list(got[4].cursor_after))  # mid-block: the block is re-read
+    again = [next(b) for _ in range(15)]
+    assert [s.key for s in again] == [s.key for s in got[5:]]
+    assert all(not s.shard_errors for s in again)

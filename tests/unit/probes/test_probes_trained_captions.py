@@ -10,6 +10,8 @@ caption token for token, the default bf16 export must be as accurate.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from convert_testlib import TINY, save_megatron, transformer_config
@@ -18,7 +20,7 @@ from genlip_megatron.convert import megatron_to_hf
 from genlip_megatron.data.config import DEFAULT_PROMPT
 from genlip_megatron.data.synthetic import caption_corpus, render_sample
 from genlip_megatron.data.tokenizer import train_tiny_bpe
-from genlip_megatron.probes import generate_captions, load_image
+from genlip_megatron.probes import caption_exact_match, generate_captions, load_image
 
 N_IMAGES, SIDE, STEPS = 12, 48, 300
 
@@ -115,4 +117,7 @@ def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
         print(f"caption accuracy: megatron {acc_before:.2f}, HF {dtype} export {acc_after:.2f}")
         if dtype == "fp32":
             assert after == before
+            evals = [SimpleNamespace(patches=im.pixel_values, grid=im.grid, prompt_ids=prompt,
+                                     caption=cap) for im, cap in samples]
+            assert caption_exact_match(hf, evals, tok, max_new_tokens=24) == (acc_after, after)
         assert acc_after >= acc_before, (dtype, list(zip(after, refs)))
