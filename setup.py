@@ -38,7 +38,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "genlip-pretrain=genlip_megatron.training.cli:main",
+            "genlip-pretrain=genlip_megatron.training.run:main",
         ],
     },
 )

@@ -21,8 +21,8 @@ import yaml
 from genlip_megatron.config_loader import ConfigError, apply_override, from_dict, \
     parse_override_value, to_dict
 from genlip_megatron.data.config import DataConfig
-from genlip_megatron.training.config import CheckpointConfig, LoggingConfig, OptimizerConfig, \
-    SchedulerConfig, TrainingConfig
+from genlip_megatron.training.config import CheckpointConfig, DemoConfig, EvalConfig, \
+    LoggingConfig, OptimizerConfig, SchedulerConfig, TrainingConfig
 
 __all__ = [
     "ConfigError", "ModelConfig", "ParallelConfig", "RecomputeConfig", "Fp8Config",
@@ -199,6 +199,9 @@ class GenLIPConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    demo: Optional[DemoConfig] = None
+    """Set only by the CPU demo config: generate synthetic data if missing, print DEMO line."""
 
     def validate(self, world_size: Optional[int] = None, has_cuda: Optional[bool] = None,
                  has_te: Optional[bool] = None) -> "GenLIPConfig":
@@ -215,6 +218,8 @@ class GenLIPConfig:
         _validate_parallel(self.model, self.parallel, world_size)
         _validate_precision(self.model, self.parallel, self.precision, has_cuda, has_te)
         _validate_backends(self.model, self.parallel, has_cuda, has_te)
+        self.data.validate()
+        _validate_data_vs_model(self)
         return self
 
     def to_dict(self) -> dict:
@@ -310,6 +315,18 @@ def _validate_backends(m: ModelConfig, p: ParallelConfig, has_cuda: bool, has_te
         raise ConfigError("model.attention_backend 'te' needs model.transformer_impl: te.")
 
 
+def _validate_data_vs_model(c: "GenLIPConfig") -> None:
+    if c.data.image.patch_size != c.model.patch_size:
+        raise ConfigError(f"data.image.patch_size ({c.data.image.patch_size}) differs from "
+                          f"model.patch_size ({c.model.patch_size}); set them equal.")
+    if c.parallel.sp and c.data.max_seq_len % c.parallel.tp:
+        raise ConfigError(f"data.max_seq_len ({c.data.max_seq_len}) must be divisible by "
+                          f"parallel.tp ({c.parallel.tp}) under sequence parallelism.")
+    if c.evaluation.caption_accuracy and not c.data.eval_sources and c.demo is None:
+        raise ConfigError("evaluation.caption_accuracy is true but data.eval_sources is empty; "
+                          "list held-out shards or disable the evaluation.")
+
+
 def _merge_model_section(raw: dict) -> dict:
     """Expand ``model.variant`` into the preset's fields; explicit keys override the preset."""
     section = dict(raw.get("model") or {})
@@ -323,18 +340,42 @@ def config_from_dict(raw: dict) -> GenLIPConfig:
     return from_dict(GenLIPConfig, _merge_model_section(raw or {}))
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config, resolving ``base: other.yaml`` (relative to the file) recursively.
+
+    The file's own keys override the base's, section by section; lists are replaced whole.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    if path in _seen:
+        raise ConfigError(f"config 'base' chain loops: {' -> '.join(map(str, _seen + (path,)))}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping at top level.")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(read_yaml_tree(path.parent / base, _seen + (path,)), raw)
+
+
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> GenLIPConfig:
-    """Load YAML at ``path``, apply ``key.sub=value`` overrides, and build the config tree.
+    """Load YAML at ``path`` (with its ``base:`` chain), apply ``key.sub=value`` overrides.
 
     Validation against the run environment is separate (:meth:`GenLIPConfig.validate`), so a
     config can be inspected on a machine that cannot run it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a YAML mapping at top level.")
+    raw = read_yaml_tree(path)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:

@@ -131,6 +131,13 @@ class TrainingState:
     extra: dict = field(default_factory=dict)
 
 
+def unwrap_model(chunk):
+    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``)."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+
+    return chunk.module if isinstance(chunk, _BaseDataParallel) else chunk
+
+
 def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
@@ -157,7 +164,7 @@ def build_state_dict(model_chunks: list, optimizer, scheduler, state: TrainingSt
     """The sharded state dict for save (or the template for load)."""
     sd: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
-        sd[_model_key(i, len(model_chunks))] = chunk.sharded_state_dict()
+        sd[_model_key(i, len(model_chunks))] = unwrap_model(chunk).sharded_state_dict()
     if with_optimizer and optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
                                                        metadata=_OPTIM_METADATA)
@@ -283,7 +290,7 @@ class CheckpointManager:
             is_loading=True, rng=same_rng_layout, with_optimizer=with_optimizer)
         loaded = dist_checkpointing.load(template, str(ckpt))
         for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded[_model_key(i, len(model_chunks))])
+            unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
         if with_optimizer and optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             if scheduler is not None:

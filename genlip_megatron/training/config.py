@@ -94,3 +94,34 @@ class LoggingConfig:
     """Measure the attention-sink metric on a probe batch every N steps (0 disables)."""
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU; None: detect the GPU (no MFU on CPU or under FP8)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out caption evaluation (greedy decoding on data.eval_sources)."""
+
+    caption_accuracy: bool = False
+    """At the end of training, greedy-caption the held-out images and report the exact-match
+    rate (lower-cased, whitespace and periods collapsed)."""
+    max_samples: int = 200
+    """Held-out images to caption."""
+    max_new_tokens: int = 48
+    """Generation budget per caption."""
+    batch_size: int = 16
+    """Images decoded together."""
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Self-contained CPU demo: synthetic data generated on first use, a summary line at the end."""
+
+    data_dir: str = "data/demo"
+    """Where the synthetic shards and tokenizer are written (generated only if missing)."""
+    num_train: int = 4000
+    """Synthetic training samples."""
+    num_eval: int = 200
+    """Held-out synthetic samples."""
+    seed: int = 0
+    """Generator seed."""
+    vocab_size: int = 512
+    """Size of the tiny BPE trained on the synthetic captions (≤ model.vocab_size)."""

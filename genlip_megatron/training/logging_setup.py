@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def setup_logging(rank: int, world_size: int, level: str | None = None) -> None:
@@ -21,3 +22,7 @@ def setup_logging(rank: int, world_size: int, level: str | None = None) -> None:
     # megatron-core is chatty at INFO on every rank about fallbacks we choose on purpose.
     for noisy in ("megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Expected on machines without TE/Apex (the local path is what we chose there).
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) "
+                            "not installed.*")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")

@@ -173,7 +173,7 @@ class Trainer:
         """fetch micro-batches → forward/backward → finite check → optimizer/LR step → log."""
         step, t = self.state.step, self.cfg.training
         start = time.perf_counter()
-        batches = [self.loader.next() for _ in range(self.n_micro)]
+        batches = [next(self.loader) for _ in range(self.n_micro)]
         data_iter = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
         for chunk in self.model:
             chunk.zero_grad_buffer()
