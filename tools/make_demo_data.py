@@ -15,18 +15,14 @@ Deterministic from --seed; a few thousand samples take seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genlip_megatron.data.config import DEFAULT_PROMPT  # noqa: E402
-from genlip_megatron.data.shard_writer import write_shards  # noqa: E402
-from genlip_megatron.data.synthetic import caption_corpus, demo_samples  # noqa: E402
-from genlip_megatron.data.tokenizer import train_tiny_bpe  # noqa: E402
+from genlip_megatron.data.demo import generate_demo_data  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,23 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out)
-    t0 = time.time()
-    common = dict(fmt=args.format, p_two=args.p_two, p_word=args.p_word,
-                  min_side=args.min_side, max_side=args.max_side)
-    train = write_shards(demo_samples(args.train, args.seed, key_prefix="t", **common),
-                         out / "train", samples_per_shard=args.samples_per_shard)
-    held = write_shards(demo_samples(args.eval, args.seed + 1_000_003, key_prefix="e", **common),
-                        out / "eval", samples_per_shard=args.samples_per_shard)
-    tok = train_tiny_bpe(caption_corpus() + [args.prompt], args.vocab_size,
-                         out / "tokenizer.json")
-    meta = {"train_samples": args.train, "eval_samples": args.eval, "train_shards": len(train),
-            "eval_shards": len(held), "vocab_size": tok.vocab_size, "seed": args.seed,
-            "format": args.format, "args": vars(args)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    logging.info("demo data in %s (%.1f s): %d train / %d eval samples, tokenizer %d ids",
-                 out, time.time() - t0, args.train, args.eval, tok.vocab_size)
-    return meta
+    return generate_demo_data(
+        Path(args.out), num_train=args.train, num_eval=args.eval, seed=args.seed,
+        vocab_size=args.vocab_size, prompt=args.prompt, fmt=args.format, p_two=args.p_two,
+        p_word=args.p_word, min_side=args.min_side, max_side=args.max_side,
+        samples_per_shard=args.samples_per_shard)
 
 
 if __name__ == "__main__":

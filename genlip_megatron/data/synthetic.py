@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
-          "yellow": (240, 210, 20), "purple": (140, 40, 170), "orange": (245, 130, 20)}
+          "yellow": (240, 235, 40), "purple": (140, 40, 170), "orange": (235, 105, 10)}
 SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
              "bottom right")

@@ -83,7 +83,6 @@ from genlip_megatron.model.attention import build_prefix_lm_params
 from genlip_megatron.model.embedding import GenLIPEmbedding
 from genlip_megatron.model.init import init_genlip_weights
 from genlip_megatron.model.layer_spec import get_genlip_block_spec
-from genlip_megatron.model.norm import mark_sequence_parallel
 from genlip_megatron.model.rope import GenLIPRotaryEmbedding
 from genlip_megatron.model.transformer_config import GenLIPTransformerConfig
 
@@ -126,15 +125,19 @@ class GenLIPModel(MegatronModule):
             pre_process=pre_process, post_process=post_process, pg_collection=pg_collection,
             vp_stage=vp_stage)
         if post_process:
+            # The head runs on the sequence-GATHERED hidden states (see _lm_head), so
+            # output_proj sees full rows on every TP rank (no SP grad tag), and output_layer
+            # must not gather again: it behaves as a plain column-parallel layer whose input
+            # gradient is all-reduced over TP.
             self.output_proj = (torch.nn.Linear(config.hidden_size, config.text_dim,
                                                 dtype=config.params_dtype)
                                 if config.text_dim != config.hidden_size else None)
-            if self.output_proj is not None:
-                # Under SP it sees only this rank's sequence chunk: grads are partial per rank.
-                mark_sequence_parallel(self.output_proj, bool(config.sequence_parallel))
             self.output_layer = ColumnParallelLinear(
                 config.text_dim, config.vocab_size, config=config, init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=False, tp_group=self.tp_group)
+            tp_size = get_pg_size(self.tp_group)
+            self.output_layer.sequence_parallel = False
+            self.output_layer.allreduce_dgrad = tp_size > 1
         if config.perform_initialization:
             self.reset_parameters()
 
@@ -186,16 +189,29 @@ class GenLIPModel(MegatronModule):
         return self._lm_head(hidden, labels)
 
     def _lm_head(self, hidden: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """ln_post output ``[S(/tp), B, H]`` → per-token loss ``[B, S]`` or logits."""
-        if self.output_proj is not None:
-            hidden = self.output_proj(hidden)                     # [S(/tp), B, T]
-        logits, _ = self.output_layer(hidden)                     # [S, B, V/tp]
+        """ln_post output ``[S(/tp), B, H]`` → per-token loss ``[B, S]`` or logits.
+
+        With labels, only positions that carry a target go through proj, lm_head and the
+        cross-entropy: image and prompt tokens have none (≈ 70 % of a stage-1 row), and at
+        V = 151936 the full logits of one 16384-token row would take ~5 GB in bf16.
+        """
+        if self.config.sequence_parallel:   # [S/tp, B, H] -> [S, B, H]; grad: split back
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
         if labels is None:
+            logits, _ = self.output_layer(self._proj(hidden))     # [S, B, V/tp]
             return logits.transpose(0, 1).contiguous()
         target = labels.transpose(0, 1)                           # [S, B]
-        valid = target != IGNORE_INDEX
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target.masked_fill(~valid, 0))
-        return (loss.float() * valid).transpose(0, 1).contiguous()
+        where = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+        selected = self._proj(hidden[where]).unsqueeze(1)         # [N, 1, T]
+        logits, _ = self.output_layer(selected)                   # [N, 1, V/tp]
+        picked = tensor_parallel.vocab_parallel_cross_entropy(logits, target[where][:, None])
+        loss = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
+        loss = loss.index_put(where, picked[:, 0].float())        # 0 where labels == -100
+        return loss.transpose(0, 1).contiguous()
+
+    def _proj(self, hidden: Tensor) -> Tensor:
+        return hidden if self.output_proj is None else self.output_proj(hidden)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, grid_hw: Tensor) -> list[Tensor]:

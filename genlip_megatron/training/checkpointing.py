@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.training.faults import maybe_inject
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _sharded_objects(layout: Layout, data_state: Optional[dict], rng: Optional[dict]) -> dict:
+def _sharded_objects(layout: Layout, data_state: Optional[dict], rng: Optional[dict],
+                     data_replicated: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     out = {}
@@ -150,7 +152,12 @@ def _sharded_objects(layout: Layout, data_state: Optional[dict], rng: Optional[d
         out["rng_state"] = ShardedObject("rng_state", rng, (layout.pp, layout.tp, layout.dp),
                                          (layout.pp_rank, layout.tp_rank, layout.dp_rank),
                                          replica_id=0)
-    if data_state is not None:
+    if data_state is not None and data_replicated:
+        # Every rank holds the same global-stream state: one copy, loadable by any layout.
+        replica = (layout.tp_rank * layout.pp + layout.pp_rank) * layout.dp + layout.dp_rank
+        out["data_state_global"] = ShardedObject("data_state_global", data_state, (1,), (0,),
+                                                 replica_id=replica)
+    elif data_state is not None:
         replica = layout.tp_rank * layout.pp + layout.pp_rank
         out["data_state"] = ShardedObject("data_state", data_state, (layout.dp,),
                                           (layout.dp_rank,), replica_id=replica)
@@ -160,7 +167,7 @@ def _sharded_objects(layout: Layout, data_state: Optional[dict], rng: Optional[d
 def build_state_dict(model_chunks: list, optimizer, scheduler, state: TrainingState,
                      data_state: Optional[dict], config_dict: dict, layout: Layout,
                      is_loading: bool = False, rng: bool = True,
-                     with_optimizer: bool = True) -> dict:
+                     with_optimizer: bool = True, data_replicated: bool = False) -> dict:
     """The sharded state dict for save (or the template for load)."""
     sd: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
@@ -170,7 +177,8 @@ def build_state_dict(model_chunks: list, optimizer, scheduler, state: TrainingSt
                                                        metadata=_OPTIM_METADATA)
         if scheduler is not None:
             sd["opt_param_scheduler"] = scheduler.state_dict()
-    sd.update(_sharded_objects(layout, data_state, get_rng_state() if rng else None))
+    sd.update(_sharded_objects(layout, data_state, get_rng_state() if rng else None,
+                               data_replicated))
     sd["training_state"] = {"step": state.step, "consumed_rows": state.consumed_rows,
                             "extra": state.extra}
     sd["layout"] = layout.sizes()
@@ -182,8 +190,9 @@ def build_state_dict(model_chunks: list, optimizer, scheduler, state: TrainingSt
 class CheckpointManager:
     """Atomic save / exact restore of training state, with keep-last-K pruning."""
 
-    def __init__(self, cfg: CheckpointConfig):
+    def __init__(self, cfg: CheckpointConfig, data_replicated: bool = False):
         self.cfg = cfg
+        self.data_replicated = data_replicated
         self._async_queue = None
         self._fault_hook: Optional[Callable[[str], None]] = None
 
@@ -205,14 +214,14 @@ class CheckpointManager:
         dist.barrier()
         layout = Layout.current()
         sd = build_state_dict(model_chunks, optimizer, scheduler, state, data_state,
-                              config_dict, layout)
+                              config_dict, layout, data_replicated=self.data_replicated)
         use_async = self.cfg.async_save and torch.cuda.is_available()
         request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=use_async)
         if use_async:
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._queue().schedule_async_request(request)
             return final
-        self._fire_fault("after_shards")
+        self._fire_fault("after_shards", state.step)
         self._publish(tmp, final)
         return final
 
@@ -255,12 +264,11 @@ class CheckpointManager:
         """Test hook called at named points of a save (e.g. to crash mid-write)."""
         self._fault_hook = hook
 
-    def _fire_fault(self, point: str) -> None:
+    def _fire_fault(self, point: str, step: int) -> None:
         if self._fault_hook is not None:
             self._fault_hook(point)
-        if os.environ.get("GENLIP_FAULT_INJECT") == f"checkpoint:{point}":
-            logger.error("GENLIP_FAULT_INJECT: killing the process at checkpoint:%s", point)
-            os._exit(17)
+        maybe_inject(f"checkpoint:{point}")
+        maybe_inject(f"checkpoint:{point}:step={step}")
 
     # ---------------------------------------------------------------- load
     def load(self, path: str | Path, model_chunks: list, optimizer, scheduler,
@@ -283,11 +291,12 @@ class CheckpointManager:
         layout = Layout.current()
         saved = common.get("layout", {})
         same_rng_layout = saved == layout.sizes()
-        same_dp = saved.get("dp") == layout.dp
+        data_ok = self.data_replicated or saved.get("dp") == layout.dp
         template = build_state_dict(
             model_chunks, optimizer if with_optimizer else None, scheduler, TrainingState(),
-            loader_state_template if same_dp else None, config_dict, layout,
-            is_loading=True, rng=same_rng_layout, with_optimizer=with_optimizer)
+            loader_state_template if data_ok else None, config_dict, layout,
+            is_loading=True, rng=same_rng_layout, with_optimizer=with_optimizer,
+            data_replicated=self.data_replicated)
         loaded = dist_checkpointing.load(template, str(ckpt))
         for i, chunk in enumerate(model_chunks):
             unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
@@ -300,14 +309,15 @@ class CheckpointManager:
         else:
             logger.warning("checkpoint layout %s differs from the current %s: RNG state not "
                            "restored (model and optimizer were resharded).", saved, layout.sizes())
-        if not same_dp and loader_state_template is not None:
+        if not data_ok and loader_state_template is not None:
             logger.warning("data-parallel size changed (%s → %d): the data loader restarts its "
                            "stream from the seed instead of resuming it.", saved.get("dp"),
                            layout.dp)
         ts = common["training_state"]
         state = TrainingState(ts["step"], ts["consumed_rows"], ts.get("extra", {}))
         logger.info("restored %s (step %d)", ckpt, state.step)
-        return state, (loaded.get("data_state") if same_dp else None)
+        key = "data_state_global" if self.data_replicated else "data_state"
+        return state, (loaded.get(key) if data_ok else None)
 
 
 _ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "text_dim",

@@ -58,8 +58,10 @@ class TrainingConfig:
     """Stop after this many consecutive skipped (non-finite or spiking) steps."""
     spike_factor: float = 0.0
     """Skip a step whose loss exceeds this × the running mean (0 disables spike detection)."""
-    eval_interval: int = 0
-    """Run the held-out evaluation every N steps (0: only at the end, if eval data is given)."""
+    dp_invariant_data: bool = False
+    """Every data-parallel rank reads the global sample stream and keeps its slice, so the
+    global batches do not depend on the DP size (parallel-equivalence tests, exact resume under
+    a new DP size); costs DP× decoding."""
 
 
 @dataclass(kw_only=True)
@@ -125,3 +127,11 @@ class DemoConfig:
     """Generator seed."""
     vocab_size: int = 512
     """Size of the tiny BPE trained on the synthetic captions (≤ model.vocab_size)."""
+    p_two: float = 0.3
+    """Probability that an image holds a second shape."""
+    p_word: float = 0.1
+    """Probability that an image carries a rendered word."""
+    min_side: int = 64
+    """Smallest long side of the generated images (pixels; the fixed policy resizes them)."""
+    max_side: int = 192
+    """Largest long side of the generated images."""

@@ -9,7 +9,8 @@ sample with ``i`` image tokens and ``t`` text tokens, forward pass, one multiply
   ``P = i² + t·i + t(t+1)/2`` (image tokens see their image; text token k sees the image and
   text tokens 0..k). QKᵀ and AV each cost ``2 · hd`` per pair per head.
 - embeddings: patch linear ``2 i (C p²) H``; in_proj ``2 t T H`` when T ≠ H.
-- head on ``h`` positions: proj ``2 h H T`` (T ≠ H) and LM head ``2 h T V``.
+- head on the ``h`` positions that carry a label (the model skips the others): proj
+  ``2 h H T`` (T ≠ H) and LM head ``2 h T V``.
 
 A training step costs 3× the forward (backward = 2× forward). Hardware peak: dense BF16 tensor
 core rates (no sparsity), as torchtitan and Megatron report MFU.

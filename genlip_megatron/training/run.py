@@ -50,9 +50,10 @@ def prepare_demo_data(cfg) -> None:
         from genlip_megatron.data.demo import generate_demo_data
 
         logger.info("generating the synthetic demo data in %s", out)
-        generate_demo_data(out, num_train=cfg.demo.num_train, num_eval=cfg.demo.num_eval,
-                           seed=cfg.demo.seed, vocab_size=cfg.demo.vocab_size,
-                           prompt=cfg.data.text.prompt)
+        d = cfg.demo
+        generate_demo_data(out, num_train=d.num_train, num_eval=d.num_eval, seed=d.seed,
+                           vocab_size=d.vocab_size, prompt=cfg.data.text.prompt, p_two=d.p_two,
+                           p_word=d.p_word, min_side=d.min_side, max_side=d.max_side)
     dist.barrier()
 
 

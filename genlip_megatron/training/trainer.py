@@ -22,9 +22,11 @@ import torch.distributed as dist
 
 from genlip_megatron.config import GenLIPConfig
 from genlip_megatron.data.batch import PackedBatch
+from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState, \
     resolve_checkpoint
 from genlip_megatron.training.distributed import set_seeds
+from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, memory_metrics
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
@@ -74,6 +76,8 @@ class RunSummary:
     final_loss: float = float("nan")
     checkpoint: Optional[str] = None
     label_counts: Counter = field(default_factory=Counter)
+    losses: list = field(default_factory=list)
+    """(step, global loss, skipped) of every step run by this process."""
 
 
 class Trainer:
@@ -89,12 +93,10 @@ class Trainer:
         set_seeds(cfg.training.seed)
         self.n_micro = num_microbatches(cfg, self.topo)
         # ---- data -------------------------------------------------------------------
-        from genlip_megatron.data.loader import build_train_loader
-
-        self.loader = build_train_loader(cfg.data, dp_rank=self.topo.dp_rank,
-                                         dp_size=self.topo.dp,
-                                         micro_batch_size=cfg.training.micro_batch_size,
-                                         seed=cfg.training.seed)
+        self.loader = build_microbatch_source(
+            cfg.data, dp_invariant=cfg.training.dp_invariant_data, dp_rank=self.topo.dp_rank,
+            dp_size=self.topo.dp, micro_batch_size=cfg.training.micro_batch_size,
+            per_rank=self.n_micro, seed=cfg.training.seed)
         # ---- model + optimizer --------------------------------------------------------
         from genlip_megatron.model.transformer_config import build_transformer_config
 
@@ -111,7 +113,8 @@ class Trainer:
 
         self.forward_backward = get_forward_backward_func()
         # ---- restore ----------------------------------------------------------------
-        self.ckpt = CheckpointManager(cfg.checkpoint)
+        self.ckpt = CheckpointManager(cfg.checkpoint,
+                                      data_replicated=cfg.training.dp_invariant_data)
         self.state = self._restore()
         # ---- metrics ----------------------------------------------------------------
         self.log_rank = dist.get_rank() == dist.get_world_size() - 1  # last PP stage
@@ -120,6 +123,7 @@ class Trainer:
         self.flop_dims = FlopDims.from_model_config(cfg.model)
         self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
         self.summary = RunSummary()
+        self._probe_batch: Optional[PackedBatch] = None
         self._bad_streak = 0
         self._loss_ema: Optional[float] = None
         self._window = Counter()
@@ -150,10 +154,12 @@ class Trainer:
         while self.state.step < t.train_steps:
             self.state.step += 1
             result = self.train_step()
+            self.summary.losses.append((self.state.step, result.loss, result.skipped))
             self.summary.final_loss = result.loss if not result.skipped else \
                 self.summary.final_loss
             if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
+            maybe_inject(f"after_step:{self.state.step}")
         if c.save_dir and (not c.save_interval or self.state.step % c.save_interval):
             self.save()
         self.ckpt.finalize_pending(blocking=True)
@@ -174,6 +180,8 @@ class Trainer:
         step, t = self.state.step, self.cfg.training
         start = time.perf_counter()
         batches = [next(self.loader) for _ in range(self.n_micro)]
+        if self._probe_batch is None:
+            self._probe_batch = batches[0]  # fixed attention-sink probe for the whole run
         data_iter = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -203,7 +211,38 @@ class Trainer:
             self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
         if step % self.cfg.logging.log_interval == 0 or step == t.train_steps:
             self._log(step, loss, tokens, grad_norm)
+        sink_every = self.cfg.logging.attention_sink_interval
+        if sink_every and (step % sink_every == 0 or step == 1):
+            self.metrics.log(self.attention_sink(), step, console=False)
         return StepResult(loss, tokens, grad_norm, bool(reason), reason)
+
+    def attention_sink(self) -> dict[str, float]:
+        """Attention mass on each sample's first image token, per layer, on the probe batch."""
+        from megatron.core import parallel_state as ps
+
+        from genlip_megatron.model.attention_probe import capture_attention_sink
+
+        probe, layers = self._probe_batch, self.cfg.model.num_layers
+        seq_len = probe.tokens.shape[1]
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad(), capture_attention_sink(self.model, probe.segment_ids,
+                                                     probe.image_mask, layers) as stats:
+            self.forward_backward(
+                forward_step_func=partial(forward_step, device=self.device),
+                data_iterator=[iter([probe]) for _ in self.model] if len(self.model) > 1
+                else iter([probe]), model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=1, seq_length=seq_len, micro_batch_size=probe.tokens.shape[0],
+                decoder_seq_length=seq_len, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        stats = stats.to(self.device)
+        dist.all_reduce(stats, group=ps.get_tensor_model_parallel_group())    # heads
+        dist.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())  # layers
+        per_layer = (stats[:, 0] / stats[:, 1].clamp(min=1)).tolist()
+        out = {f"attention_sink/layer_{i + 1:02d}": v for i, v in enumerate(per_layer)}
+        out["attention_sink/first_image_token_mass"] = sum(per_layer) / len(per_layer)
+        return out
 
     # ------------------------------------------------------------------------ helpers
     def _global_loss(self, reports: list) -> tuple[float, int]:
@@ -246,8 +285,10 @@ class Trainer:
         for b in batches:
             w["samples"] += int(b.image_lens.numel())
             w["tokens"] += int((b.segment_ids >= 0).sum())
+            # The LM head runs only where a label exists (model._lm_head).
             w["flops"] += training_flops(self.flop_dims, b.image_lens.tolist(),
-                                         b.text_lens.tolist())
+                                         b.text_lens.tolist(),
+                                         head_tokens=int((b.labels >= 0).sum()))
             if self.log_rank:
                 labels = b.labels[b.labels >= 0]
                 self.summary.label_counts.update(labels.tolist())
@@ -279,6 +320,7 @@ class Trainer:
         self._window_start = time.perf_counter()
 
     def close(self) -> None:
-        """Flush logs and wait for pending checkpoint writes."""
+        """Flush logs, wait for pending checkpoint writes, stop loader workers."""
         self.ckpt.finalize_pending(blocking=True)
         self.metrics.close()
+        self.loader.close()

@@ -1,0 +1,29 @@
+"""Fault injection for crash/resume drills (tests and cluster chaos runs).
+
+``GENLIP_FAULT_INJECT`` holds comma-separated points; reaching one SIGKILLs the process, the
+way a node failure or OOM-kill would (no ``finally`` blocks, no flushing):
+
+- ``after_step:N``        right after optimizer step N finished (and any save of step N)
+- ``checkpoint:after_shards``  inside a save, after every shard is written but before the
+                               checkpoint is published (the ``.tmp`` directory is left behind);
+  ``checkpoint:after_shards:step=N``  the same, only in the save of step N
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+logger = logging.getLogger(__name__)
+
+ENV = "GENLIP_FAULT_INJECT"
+
+
+def maybe_inject(point: str) -> None:
+    """SIGKILL this process when ``point`` is listed in $GENLIP_FAULT_INJECT."""
+    wanted = {p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()}
+    if point in wanted:
+        logger.error("%s: killing the process at %s", ENV, point)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,78 @@
+"""Shared pieces of the training tests: synthetic data, the tiny config, golden loss files.
+
+The golden loss file ``tests/assets/losses/tiny_train_cpu.txt`` holds ``step loss`` lines of a
+single-rank run of ``tests/assets/configs/tiny_train.yaml`` on this machine type (fp32, CPU).
+Parallel runs (TP/PP/DP, distributed optimizer) and resumed runs are compared to it.
+Regenerate after an intended numerics change with ``GENLIP_UPDATE_GOLDEN=1 pytest
+tests/integration/test_golden_loss.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "tests" / "assets" / "configs" / "tiny_train.yaml"
+GOLDEN = ROOT / "tests" / "assets" / "losses" / "tiny_train_cpu.txt"
+# Same code, same machine type: single-rank reruns are bit-identical. Parallel layouts reorder
+# floating-point sums (TP all-reduces, DP grad reduction), which moves fp32 losses by ~1e-6
+# per step; 2e-4 absolute over 8 steps leaves room for that and still catches real bugs
+# (a wrong mask, a missing gradient all-reduce or a dropped micro-batch moves them by > 1e-2).
+LOSS_ATOL = 2e-4
+
+
+def make_tiny_data(out: Path) -> Path:
+    """Synthetic demo-style set for tests (small: a few seconds); idempotent."""
+    from genlip_megatron.data.demo import generate_demo_data
+
+    if not (out / "meta.json").is_file():
+        generate_demo_data(out, num_train=240, num_eval=16, seed=3, vocab_size=200,
+                           min_side=32, max_side=64, samples_per_shard=60)
+    return out
+
+
+def tiny_overrides(data_dir: Path, save_dir: Path | None = None, **extra) -> list[str]:
+    """--set overrides pointing the tiny config at ``data_dir`` (and ``save_dir``)."""
+    sets = [f"data.sources=[{{paths: '{data_dir}/train/*.tar'}}]",
+            f"data.eval_sources=[{{paths: '{data_dir}/eval/*.tar'}}]",
+            f"data.text.tokenizer_path={data_dir}/tokenizer.json"]
+    if save_dir is not None:
+        sets += [f"checkpoint.save_dir={save_dir}", f"logging.jsonl_path={save_dir}/metrics.jsonl"]
+    sets += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return sets
+
+
+def read_jsonl_losses(path: Path) -> dict[int, float]:
+    """step → loss/global_avg from a metrics JSONL (the last entry wins for a repeated step)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if "loss/global_avg" in rec and "train/skipped_step" not in rec:
+            out[int(rec["step"])] = float(rec["loss/global_avg"])
+    return out
+
+
+def read_golden() -> dict[int, float]:
+    return {int(a): float(b) for a, b in
+            (line.split() for line in GOLDEN.read_text().splitlines() if line.strip())}
+
+
+def write_golden(losses: dict[int, float]) -> None:
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_text("".join(f"{s} {losses[s]:.8f}\n" for s in sorted(losses)))
+
+
+def update_golden_requested() -> bool:
+    return os.environ.get("GENLIP_UPDATE_GOLDEN") == "1"
+
+
+def assert_losses_close(got: dict[int, float], want: dict[int, float], atol: float = LOSS_ATOL,
+                        what: str = "run") -> None:
+    """Same steps, each loss within ``atol``; the message shows every step."""
+    assert sorted(got) == sorted(want), f"{what}: steps {sorted(got)} != {sorted(want)}"
+    rows = [f"  step {s}: {got[s]:.6f} vs {want[s]:.6f} (diff {abs(got[s] - want[s]):.2e})"
+            for s in sorted(want)]
+    assert all(abs(got[s] - want[s]) <= atol for s in want), \
+        f"{what} loss curve differs beyond {atol}:\n" + "\n".join(rows)

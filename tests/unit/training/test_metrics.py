@@ -1,0 +1,34 @@
+"""Metric sinks: the console line, JSONL and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+
+from genlip_megatron.training.config import LoggingConfig
+from genlip_megatron.training.metrics import MetricLogger, console_line
+
+
+def test_console_line_has_the_fixed_fields():
+    line = console_line(7, 100, {"loss/global_avg": 1.5, "lr": 1e-3, "grad_norm": 0.5,
+                                 "tokens/loss": 123, "throughput/tps": 1000.0, "mfu(%)": 41.2,
+                                 "data/skipped/bad_json": 2, "memory/rss(GiB)": 1.0})
+    for part in ("step      7/100", "loss 1.5000", "lr 1.000e-03", "grad_norm 0.500",
+                 "tokens 123", "tps 1000", "mfu 41.2%", "mem 1.00GiB", "skipped 2"):
+        assert part in line, line
+
+
+def test_sinks_write_jsonl_and_tensorboard(tmp_path):
+    cfg = LoggingConfig(tensorboard_dir=str(tmp_path / "tb"), jsonl_path=str(tmp_path / "m.jsonl"))
+    logger = MetricLogger(cfg, enabled=True, total_steps=2)
+    logger.log({"loss/global_avg": 2.0, "lr": 0.1}, 1)
+    logger.log({"loss/global_avg": 1.0, "lr": 0.1}, 2)
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss/global_avg"]) for r in rows] == [(1, 2.0), (2, 1.0)]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    cfg = LoggingConfig(jsonl_path=str(tmp_path / "m.jsonl"))
+    MetricLogger(cfg, enabled=False).log({"loss/global_avg": 1.0}, 1)
+    assert not (tmp_path / "m.jsonl").exists()
