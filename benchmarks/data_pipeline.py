@@ -306,7 +306,7 @@ def run_baseline(shards: list[str], tok: TextTokenizer, stage: int, workers: int
         return n, tokens
 
     result = _measure(next_row, warm_rows, rows)
-    del gen, loader
+    gen.close()  # stops the DataLoader workers
     return result
 
 

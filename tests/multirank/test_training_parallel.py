@@ -104,3 +104,44 @@ def test_resume_under_changed_tp_pp_layout(data_dir):
     golden = read_golden()
     assert_losses_close(resumed, {s: golden[s] for s in resumed}, what="TP2 → PP2 resume")
     assert_losses_close(first, golden, what="TP2 first run")
+
+
+@pytest.mark.world_size(2)
+def test_non_finite_loss_skips_steps_then_stops_naming_the_step(data_dir, monkeypatch):
+    """Steps with a NaN loss leave the weights untouched; K in a row stop the run."""
+    import math
+
+    import torch
+    from megatron.core import parallel_state
+
+    from genlip_megatron.config import load_config
+    from genlip_megatron.training.trainer import Trainer, TrainingAborted
+
+    cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + [
+        "parallel.pp=2", "training.max_bad_steps=2"]).validate(world_size=2)
+    trainer = Trainer(cfg)
+    real = trainer._global_loss
+    poisoned = {3, 4}
+
+    def global_loss(reports):
+        loss, tokens = real(reports)
+        return (math.nan if trainer.state.step in poisoned else loss), tokens
+
+    monkeypatch.setattr(trainer, "_global_loss", global_loss)
+    try:
+        for _ in range(2):
+            trainer.state.step += 1
+            assert not trainer.train_step().skipped
+        before = [p.detach().clone() for p in trainer.model[0].parameters()]
+        lr_before = trainer.optimizer.param_groups[0]["lr"]
+        trainer.state.step += 1
+        result = trainer.train_step()
+        assert result.skipped and result.reason == "non-finite loss"
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model[0].parameters()))
+        assert trainer.optimizer.param_groups[0]["lr"] == lr_before  # scheduler held back
+        trainer.state.step += 1
+        with pytest.raises(TrainingAborted, match="stopping at step 4: 2 consecutive skipped"):
+            trainer.train_step()
+    finally:
+        trainer.close()
+        parallel_state.destroy_model_parallel()

@@ -13,7 +13,7 @@ import torch
 from genlip_megatron.compat import _patching, cpu_compat_disabled, jit
 
 
-def test_checkpoint_queue_avoids_spawn_manager(compat_world, monkeypatch):
+def test_checkpoint_queue_avoids_spawn_manager(gloo_world, monkeypatch):
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fs
 
     getter = getattr(fs, "get_write_results_queue", None) or fs._get_write_results_queue
@@ -31,7 +31,7 @@ def test_checkpoint_queue_avoids_spawn_manager(compat_world, monkeypatch):
     assert isinstance(getter(), queue.Queue)      # ours: an in-process queue, no spawn
 
 
-def test_torch_dist_save_is_fast_and_loads(compat_world, tmp_path):
+def test_torch_dist_save_is_fast_and_loads(gloo_world, tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
@@ -44,7 +44,7 @@ def test_torch_dist_save_is_fast_and_loads(compat_world, tmp_path):
     assert torch.equal(loaded["t"], tensor)
 
 
-def test_jit_group_no_compile_of_output_gate(compat_world):
+def test_jit_group_no_compile_of_output_gate(gloo_world):
     import megatron.core.jit as mjit
     from megatron.core.transformer.attention import Attention
 

@@ -13,7 +13,7 @@ from genlip_megatron.compat import GROUPS, _STATE, apply_cpu_compat, apply_torch
 CUDA_ERRORS = (AssertionError, RuntimeError, TypeError)
 
 
-def test_apply_is_idempotent_and_reports_cpu(compat_world):
+def test_apply_is_idempotent_and_reports_cpu(gloo_world):
     before = {name: len(_STATE[name]._saved) for name in GROUPS}
     assert apply_cpu_compat() is True
     assert {name: len(_STATE[name]._saved) for name in GROUPS} == before
@@ -23,20 +23,20 @@ def test_apply_is_idempotent_and_reports_cpu(compat_world):
     assert {name: len(_STATE[name]._saved) for name in GROUPS} == before
 
 
-def test_apply_is_a_noop_when_cuda_is_available(compat_world, monkeypatch):
+def test_apply_is_a_noop_when_cuda_is_available(gloo_world, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     before = {name: list(_STATE[name]._saved) for name in GROUPS}
     assert apply_cpu_compat() is False
     assert {name: list(_STATE[name]._saved) for name in GROUPS} == before
 
 
-def test_unknown_group_name_is_refused(compat_world):
+def test_unknown_group_name_is_refused(gloo_world):
     with pytest.raises(ValueError, match="unknown compat group"):
         with cpu_compat_disabled("no_such_group"):
             pass
 
 
-def test_device_group(mp1):
+def test_device_group(mp_state):
     from megatron.core import parallel_state
 
     with cpu_compat_disabled("device"):
@@ -46,7 +46,7 @@ def test_device_group(mp1):
     assert buf.device.type == "cpu" and buf.shape == (2, 3)
 
 
-def test_rng_group_tracker_forks_cpu_generator(compat_world):
+def test_rng_group_tracker_forks_cpu_generator(gloo_world):
     from megatron.core import tensor_parallel
 
     with cpu_compat_disabled("rng"):
@@ -69,7 +69,7 @@ def test_rng_group_tracker_forks_cpu_generator(compat_world):
         assert not torch.equal(torch.rand(4), inside)          # per-TP-rank streams differ
 
 
-def test_rng_group_recompute_replays_dropout(compat_world):
+def test_rng_group_recompute_replays_dropout(gloo_world):
     """megatron's CheckpointFunction saves/restores the (CPU) RNG: same masks on recompute."""
     from megatron.core import tensor_parallel
 
@@ -92,14 +92,14 @@ def test_rng_group_recompute_replays_dropout(compat_world):
     assert torch.equal(out, ref) and torch.equal(grad_recompute, x.grad)
 
 
-def test_sync_group(compat_world):
+def test_sync_group(gloo_world):
     with cpu_compat_disabled("sync"):
         with pytest.raises(CUDA_ERRORS):
             torch.cuda.synchronize()
     assert torch.cuda.synchronize() is None
 
 
-def test_streams_group(compat_world):
+def test_streams_group(gloo_world):
     with cpu_compat_disabled("streams"):
         with pytest.raises(CUDA_ERRORS):
             torch.cuda.current_stream()
@@ -114,7 +114,7 @@ def test_streams_group(compat_world):
     torch.cuda.default_stream().wait_stream(stream)
 
 
-def test_literals_group(compat_world):
+def test_literals_group(gloo_world):
     from megatron.core.transformer import utils
 
     with cpu_compat_disabled("literals"):
@@ -131,7 +131,7 @@ def test_literals_group(compat_world):
     assert utils.torch.Tensor is torch.Tensor
 
 
-def test_type_strings_group_is_scoped(compat_world):
+def test_type_strings_group_is_scoped(gloo_world):
     from megatron.core.optimizer import clip_grads
 
     def params_with_grads():

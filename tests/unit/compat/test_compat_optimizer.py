@@ -79,7 +79,7 @@ def _steps(opt):
     return [s["step"] for s in _adam_states(opt)]
 
 
-def test_fresh_optimizer_can_build_its_loading_state_dict(mp1):
+def test_fresh_optimizer_can_build_its_loading_state_dict(mp_state):
     model, opt = _model_and_optimizer()
     with cpu_compat_disabled("adam_step"):
         with pytest.raises((AssertionError, KeyError)):
@@ -90,7 +90,7 @@ def test_fresh_optimizer_can_build_its_loading_state_dict(mp1):
     assert all(float(s) == 1.0 for s in _steps(opt))
 
 
-def test_load_state_dict_gives_each_param_its_own_step(mp1):
+def test_load_state_dict_gives_each_param_its_own_step(mp_state):
     model, opt = _model_and_optimizer()
     _step(model, opt)
     _step(model, opt)
@@ -110,7 +110,7 @@ def test_load_state_dict_gives_each_param_its_own_step(mp1):
     assert all(float(s) == 3.0 for s in _steps(opt))
 
 
-def test_resume_from_fully_reshardable_checkpoint(mp1, tmp_path):
+def test_resume_from_fully_reshardable_checkpoint(mp_state, tmp_path):
     model, opt = _model_and_optimizer()
     _step(model, opt)
     _step(model, opt)

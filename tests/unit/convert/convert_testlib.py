@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from genlip_megatron.config import GenLIPConfig, ModelConfig, ParallelConfig, PrecisionConfig, \
@@ -119,32 +117,3 @@ def load_megatron(models: list, m: ModelConfig, path: Path) -> None:
 
     CheckpointManager(CheckpointConfig()).load(path, models, None, None, None,
                                                full_config_dict(m), with_optimizer=False)
-
-
-# ---------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def gloo_world(tmp_path_factory):
-    """A gloo world of size 1 on a file:// rendezvous (reused when one is already open)."""
-    from genlip_megatron.compat import apply_cpu_compat
-
-    apply_cpu_compat()
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    rdzv = tmp_path_factory.mktemp("gloo") / "rdzv"
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
-@pytest.fixture
-def mp_state(gloo_world):
-    """megatron parallel state with TP = PP = 1 and seeded RNGs."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(1234)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()

@@ -9,39 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
-import torch.distributed as dist
 
 from genlip_megatron.compat import apply_cpu_compat
 
 # Before any test module imports megatron: on megatron-core >= 0.19 without triton the
 # triton_stub group must precede the first import of megatron's pipeline code.
 apply_cpu_compat()
-
-
-@pytest.fixture(scope="session")
-def gloo_world(tmp_path_factory):
-    """A gloo world of size 1 on a file:// rendezvous (reused when one is already open)."""
-    apply_cpu_compat()
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    rdzv = tmp_path_factory.mktemp("gloo") / "rdzv"
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
-@pytest.fixture
-def mp_state(gloo_world):
-    """megatron parallel state with TP = PP = 1 and seeded RNGs (CPU generator + tracker)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    parallel_state.initialize_model_parallel(1, 1)
-    torch.manual_seed(1234)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
 
 
 @pytest.fixture

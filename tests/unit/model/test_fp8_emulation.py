@@ -238,16 +238,10 @@ def test_emulation_config_kwargs_leave_megatron_fp8_off():
 # Emulated megatron layers, one process
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tp_group(tmp_path_factory):
-    """gloo world of size 1 on a file:// rendezvous (reused if a test session opened one)."""
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    rdzv = tmp_path_factory.mktemp("gloo") / "rdzv"
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+@pytest.fixture
+def tp_group(gloo_world):
+    """gloo world of size 1 (shared fixture)."""
+    return gloo_world
 
 
 def _init(seed: int):

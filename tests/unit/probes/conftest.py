@@ -5,4 +5,3 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 
-from convert_testlib import gloo_world, mp_state  # noqa: E402,F401

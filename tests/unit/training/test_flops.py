@@ -32,13 +32,11 @@ def test_linear_flops_match_torch_flop_counter():
     n_img, n_txt = 6, 5
     n = n_img + n_txt
     h, f, t, v = dims.hidden, dims.ffn, dims.text_dim, dims.vocab
-    x = torch.randn(n, h)
     weights = [torch.randn(4 * h, h), torch.randn(h, h), torch.randn(2 * f, h),
                torch.randn(h, f)]
     with FlopCounterMode(display=False) as counter:
-        y = x
         for w in weights:
-            y = torch.randn(n, w.shape[1]) @ w.T
+            torch.randn(n, w.shape[1]) @ w.T
         torch.randn(n_img, dims.patch_dim) @ torch.randn(h, dims.patch_dim).T   # patch embed
         torch.randn(n_txt, t) @ torch.randn(h, t).T                             # in_proj
         torch.randn(n_txt, h) @ torch.randn(t, h).T                             # proj
