@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from tests.training_helpers import TINY_CONFIG, assert_losses_close, make_tiny_data, \
+from training_helpers import TINY_CONFIG, assert_losses_close, make_tiny_data, \
     read_golden, tiny_overrides
 
 
