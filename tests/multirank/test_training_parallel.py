@@ -65,6 +65,8 @@ LAYOUTS_2 = {
     "dp2_distopt_overlap": ["parallel.use_distributed_optimizer=true",
                             "parallel.overlap_grad_reduce=true",
                             "parallel.overlap_param_gather=true"],
+    "tp2_recompute_full": ["parallel.tp=2", "parallel.recompute.granularity=full"],
+    "pp2_recompute_selective": ["parallel.pp=2", "parallel.recompute.granularity=selective"],
 }
 
 
@@ -145,3 +147,44 @@ def test_non_finite_loss_skips_steps_then_stops_naming_the_step(data_dir, monkey
     finally:
         trainer.close()
         parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.world_size(2)
+def test_fp8_emulation_moves_the_curve_a_little(data_dir):
+    """Emulated FP8 linears (E4M3 forward, E5M2 grads) train close to, not on, the fp32 curve."""
+    losses = train_inprocess(tiny_overrides(data_dir) + [
+        "precision.fp8={emulate: true, recipe: tensorwise, format: hybrid}"])
+    golden = read_golden()
+    diffs = [abs(losses[s] - golden[s]) for s in golden]
+    assert max(diffs) > 1e-4, "FP8 emulation had no effect on the loss"
+    assert max(diffs) < 0.1, f"FP8 emulation diverged from the fp32 curve: {diffs}"
+    assert losses[8] < losses[1] - 0.3
+
+
+def sink_after_one_step(data_dir, layout: list[str]) -> dict[str, float]:
+    from megatron.core import parallel_state
+
+    from genlip_megatron.config import load_config
+    from genlip_megatron.training.trainer import Trainer
+
+    cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + layout)
+    trainer = Trainer(cfg.validate(world_size=dist.get_world_size()))
+    try:
+        trainer.state.step = 1
+        trainer.train_step()
+        return trainer.attention_sink()
+    finally:
+        trainer.close()
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.world_size(2)
+def test_attention_sink_metric_is_layout_invariant(data_dir):
+    """Per-layer sink mass gathered over TP heads and PP stages agrees between layouts."""
+    by_tp = sink_after_one_step(data_dir, ["parallel.tp=2"])
+    by_pp = sink_after_one_step(data_dir, ["parallel.pp=2"])
+    assert sorted(by_tp) == sorted(by_pp)
+    assert len(by_tp) == 4 + 1  # four layers and their mean
+    for key, value in by_tp.items():
+        assert 0.0 < value < 1.0, (key, value)
+        assert abs(value - by_pp[key]) < 1e-5, (key, value, by_pp[key])
