@@ -11,7 +11,6 @@ resolved by :func:`decode_variant` from one table, in the manner of big_vision's
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -383,7 +382,3 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> GenL
         apply_override(raw, key.strip(), parse_override_value(value))
     return config_from_dict(raw)
 
-
-def replace(cfg, **changes):
-    """``dataclasses.replace`` re-exported for config slices."""
-    return dataclasses.replace(cfg, **changes)

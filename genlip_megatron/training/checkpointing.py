@@ -28,7 +28,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -194,7 +194,6 @@ class CheckpointManager:
         self.cfg = cfg
         self.data_replicated = data_replicated
         self._async_queue = None
-        self._fault_hook: Optional[Callable[[str], None]] = None
 
     # ---------------------------------------------------------------- save
     def save(self, model_chunks: list, optimizer, scheduler, state: TrainingState,
@@ -260,13 +259,8 @@ class CheckpointManager:
         if self._async_queue is not None:
             self._async_queue.maybe_finalize_async_calls(blocking=blocking)
 
-    def set_fault_hook(self, hook: Optional[Callable[[str], None]]) -> None:
-        """Test hook called at named points of a save (e.g. to crash mid-write)."""
-        self._fault_hook = hook
-
-    def _fire_fault(self, point: str, step: int) -> None:
-        if self._fault_hook is not None:
-            self._fault_hook(point)
+    @staticmethod
+    def _fire_fault(point: str, step: int) -> None:
         maybe_inject(f"checkpoint:{point}")
         maybe_inject(f"checkpoint:{point}:step={step}")
 

@@ -8,9 +8,10 @@ the same inference code as the CLIs.
 from __future__ import annotations
 
 import logging
-import math
-from collections import Counter
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from genlip_megatron.data.config import DataConfig
 from genlip_megatron.training.config import EvalConfig
@@ -18,12 +19,16 @@ from genlip_megatron.training.config import EvalConfig
 logger = logging.getLogger(__name__)
 
 
-def unigram_loss(label_counts: Counter) -> float:
-    """Cross-entropy (nats) of the best context-free predictor of the trained label tokens."""
-    total = sum(label_counts.values())
-    if total == 0:
+def unigram_loss(label_counts: Optional[torch.Tensor]) -> float:
+    """Cross-entropy (nats) of the best context-free predictor of the trained label tokens.
+
+    Args:
+        label_counts: int ``[V']`` histogram of label ids (None when no label was seen).
+    """
+    if label_counts is None or int(label_counts.sum()) == 0:
         return float("nan")
-    return -sum(c / total * math.log(c / total) for c in label_counts.values())
+    p = label_counts[label_counts > 0].double() / label_counts.sum()
+    return float(-(p * p.log()).sum())
 
 
 def caption_accuracy(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig

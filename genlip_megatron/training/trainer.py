@@ -75,9 +75,20 @@ class RunSummary:
     steps: int = 0
     final_loss: float = float("nan")
     checkpoint: Optional[str] = None
-    label_counts: Counter = field(default_factory=Counter)
+    label_counts: Optional[torch.Tensor] = None
+    """int64 histogram of the trained label ids (for the unigram baseline)."""
     losses: list = field(default_factory=list)
     """(step, global loss, skipped) of every step run by this process."""
+
+    def add_labels(self, labels: torch.Tensor) -> None:
+        counts = torch.bincount(labels[labels >= 0].reshape(-1))
+        if self.label_counts is None:
+            self.label_counts = counts
+            return
+        size = max(self.label_counts.numel(), counts.numel())
+        self.label_counts = (torch.nn.functional.pad(self.label_counts,
+                                                     (0, size - self.label_counts.numel()))
+                             + torch.nn.functional.pad(counts, (0, size - counts.numel())))
 
 
 class Trainer:
@@ -283,15 +294,13 @@ class Trainer:
         """Accumulate host-side counters (batches are still on the host: no device sync)."""
         w = self._window
         for b in batches:
+            head_tokens = b.num_loss_tokens  # the LM head runs only where a label exists
             w["samples"] += int(b.image_lens.numel())
-            w["tokens"] += int((b.segment_ids >= 0).sum())
-            # The LM head runs only where a label exists (model._lm_head).
+            w["tokens"] += b.num_real_tokens
             w["flops"] += training_flops(self.flop_dims, b.image_lens.tolist(),
-                                         b.text_lens.tolist(),
-                                         head_tokens=int((b.labels >= 0).sum()))
+                                         b.text_lens.tolist(), head_tokens=head_tokens)
             if self.log_rank:
-                labels = b.labels[b.labels >= 0]
-                self.summary.label_counts.update(labels.tolist())
+                self.summary.add_labels(b.labels)
         w["seconds"] += seconds
 
     def _log(self, step: int, loss: float, tokens: int, grad_norm: Optional[float]) -> None:

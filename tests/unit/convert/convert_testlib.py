@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from reference_genlip import make_packed_batch
 from safetensors.torch import save_file
 
 from genlip_megatron.config import GenLIPConfig, ModelConfig, ParallelConfig, PrecisionConfig, \
@@ -60,30 +61,10 @@ def write_hf_export(dst: Path, m: ModelConfig, sd: dict, *, dtype: str = "fp32",
 
 def packed_batch(rows: Sequence[Sequence[tuple[int, int, int]]], seq_len: int, vocab: int,
                  patch_dim: int = 768, seed: int = 0) -> dict:
-    """PackedBatch-layout tensors: per row, samples (gh, gw, text_len) of [image | text]."""
-    gen = torch.Generator().manual_seed(seed)
-    b = len(rows)
-    tokens = torch.zeros(b, seq_len, dtype=torch.int64)
-    pos = torch.zeros(b, 3, seq_len, dtype=torch.int64)
-    image_mask = torch.zeros(b, seq_len, dtype=torch.bool)
-    segment_ids = torch.full((b, seq_len), -1, dtype=torch.int32)
-    grids = []
-    for r, samples in enumerate(rows):
-        at = 0
-        for j, (gh, gw, n_text) in enumerate(samples):
-            n_img = gh * gw
-            segment_ids[r, at:at + n_img + n_text] = j
-            image_mask[r, at:at + n_img] = True
-            pos[r, 1, at:at + n_img] = torch.arange(gh).repeat_interleave(gw)
-            pos[r, 2, at:at + n_img] = torch.arange(gw).repeat(gh)
-            t0 = at + n_img
-            tokens[r, t0:t0 + n_text] = torch.randint(1, vocab, (n_text,), generator=gen)
-            pos[r, :, t0:t0 + n_text] = max(gh, gw) + torch.arange(n_text)
-            grids.append((gh, gw))
-            at = t0 + n_text
-    pixels = torch.rand(int(image_mask.sum()), patch_dim, generator=gen) * 2 - 1
-    return dict(tokens=tokens, position_ids=pos, image_mask=image_mask, segment_ids=segment_ids,
-                pixel_values=pixels, grid_hw=torch.tensor(grids))
+    """PackedBatch-layout inputs (no labels): per row, samples (gh, gw, text_len)."""
+    b = make_packed_batch(rows, seq_len, vocab, patch_dim=patch_dim, seed=seed)
+    return {k: b[k] for k in ("tokens", "position_ids", "image_mask", "segment_ids",
+                              "pixel_values", "grid_hw")}
 
 
 def full_config_dict(m: ModelConfig, tp: int = 1, pp: int = 1) -> dict:
