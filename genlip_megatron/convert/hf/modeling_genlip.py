@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
@@ -277,7 +278,8 @@ class GenLIPAttention(nn.Module):
         self.out_proj = nn.Linear(e, e)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, past: Optional[tuple] = None):
+                mask: torch.Tensor, cache_update: Optional[Callable] = None):
+        """``cache_update(k, v) -> (k_all, v_all)`` prepends cached keys/values (KV cache)."""
         b, length, e = x.shape
         shape = (b, length, self.num_heads, self.head_dim)
         q = self.q_proj(x)
@@ -290,14 +292,13 @@ class GenLIPAttention(nn.Module):
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
+        if cache_update is not None:
+            k, v = cache_update(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2)  # [B, L, nh, hd]
         if gate is not None:
             out = out * torch.sigmoid(gate.reshape(shape))
-        return self.out_proj(out.reshape(b, length, e)), (k, v)
+        return self.out_proj(out.reshape(b, length, e))
 
 
 class GenLIPMLP(nn.Module):
@@ -339,11 +340,11 @@ class GenLIPEncoderLayer(nn.Module):
         self.layer_scale1 = GenLIPLayerScale(e, config.ls_init_value) if use_ls else nn.Identity()
         self.layer_scale2 = GenLIPLayerScale(e, config.ls_init_value) if use_ls else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, past=None):
-        h, kv = self.self_attn(self.layer_norm1(x), cos, sin, mask, past)
+    def forward(self, x, cos, sin, mask, cache_update=None):
+        h = self.self_attn(self.layer_norm1(x), cos, sin, mask, cache_update)
         x = x + self.layer_scale1(h)
         x = x + self.layer_scale2(self.mlp(self.layer_norm2(x)))
-        return x, kv
+        return x
 
 
 class GenLIPEncoder(nn.Module):
@@ -356,22 +357,40 @@ class GenLIPEncoder(nn.Module):
 
 
 class GenLIPKVCache:
-    """Per-layer (key, value) ``[B, nh, L, hd]`` after RoPE, for incremental decoding."""
+    """Per-layer (key, value) ``[B, nh, L, hd]`` after RoPE, for incremental decoding.
+
+    Same ``update``/``get_seq_length`` interface as transformers' ``DynamicCache`` (which
+    ``generate()`` passes instead); ``next_position`` ([B], set by the model) is the MRoPE
+    position of each row's next token.
+    """
 
     def __init__(self) -> None:
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.next_position: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.layers)
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached positions."""
-        return self.layers[0][0].shape[2] if self.layers else 0
+        return self.layers[layer_idx][0].shape[2] if len(self.layers) > layer_idx else 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values of layer ``layer_idx``; returns the layer's whole cache."""
+        if layer_idx < len(self.layers):
+            pk, pv = self.layers[layer_idx]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            self.layers[layer_idx] = (k, v)
+        else:
+            self.layers.append((k, v))
+        return k, v
 
     def select(self, rows: torch.Tensor) -> "GenLIPKVCache":
         """Keep only the given batch rows (drop finished sequences)."""
         out = GenLIPKVCache()
         out.layers = [(k[rows], v[rows]) for k, v in self.layers]
+        out.next_position = self.next_position[rows] if self.next_position is not None else None
         return out
 
 
@@ -383,19 +402,27 @@ class GenLIPOutput(ModelOutput):
         loss: mean next-token CE over labels != -100 (labels unshifted, as in the reference).
         logits: ``[B, L, V]`` (None when ``return_logits=False``).
         last_hidden_state: ``ln_post`` output ``[B, L, E]`` (the encoder feature).
-        past_key_values: :class:`GenLIPKVCache` when ``use_cache``.
+        past_key_values: the KV cache when ``use_cache``.
         hidden_states: per-layer inputs plus the final block output when requested.
     """
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     last_hidden_state: Optional[torch.Tensor] = None
-    past_key_values: Optional[GenLIPKVCache] = None
+    past_key_values: Optional[object] = None
     hidden_states: Optional[tuple] = None
 
 
+def _grid_list(grids: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(h), int(w)) for h, w in grids.tolist()]
+
+
 class GenLIPPreTrainedModel(PreTrainedModel):
-    """Init rules of the reference ``_init_weights`` (notes §2.7); guarded in transformers 5."""
+    """Init rules of the reference ``_init_weights`` (notes §2.7); guarded in transformers 5.
+
+    Also the image-only pass shared by :class:`GenLIPVisionModel` and :class:`GenLIPModel`
+    (both own ``vision_embeddings``, ``visual``, ``rotary_emb`` and ``ln_post``).
+    """
 
     config_class = GenLIPConfig
     base_model_prefix = ""
@@ -421,9 +448,133 @@ class GenLIPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, GenLIPLayerScale):
             _init.constant_(module.lambda1, module.init_value)
 
+    def _image_pass(self, patches: torch.Tensor, grids: list[tuple[int, int]],
+                    output_hidden_states: bool = False):
+        """Image-only pass: each image one padded row, full attention inside it, (0, r, c).
+
+        Returns:
+            (``ln_post`` output ``[n, Lmax, E]``, valid ``[n, Lmax]`` bool, per-layer hidden
+            states ``[n, Lmax, E]`` (embeddings, then each block's output) or None).
+        """
+        cfg = self.config
+        sizes = [h * w for h, w in grids]
+        if sum(sizes) != patches.shape[0]:
+            raise ValueError(f"image_grid_thw describes {sum(sizes)} patches but pixel_values "
+                             f"hold {patches.shape[0]}.")
+        n, longest = len(sizes), max(sizes)
+        dev = patches.device
+        valid = torch.arange(longest, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
+        pos = torch.zeros(n, 3, longest, dtype=torch.long, device=dev)
+        for i, (gh, gw) in enumerate(grids):
+            pos[i, 1, : gh * gw] = torch.arange(gh, device=dev).repeat_interleave(gw)
+            pos[i, 2, : gh * gw] = torch.arange(gw, device=dev).repeat(gh)
+        embeds = torch.zeros(n, longest, cfg.hidden_size, dtype=self.ln_post.weight.dtype,
+                             device=dev)
+        embeds[valid] = self.vision_embeddings(patches).to(embeds.dtype)
+        mask = build_prefix_lm_mask(valid, torch.where(valid, 0, -1))
+        cos, sin = self.rotary_emb(pos)
+        hidden, states = embeds, [embeds] if output_hidden_states else None
+        for layer in self.visual.layers:
+            hidden = layer(hidden, cos, sin, mask)
+            if states is not None:
+                states.append(hidden)
+        return self.ln_post(hidden), valid, states
+
+
+class GenLIPVisionModel(GenLIPPreTrainedModel):
+    """GenLIP as a vision tower for multimodal LLMs (what ``--vision-only`` exports load as).
+
+    An image-only pass: bidirectional attention inside each image (never across images), MRoPE
+    positions (0, row, col) per image as in training, and the final LayerNorm (``ln_post``)
+    output as the feature, as the paper feeds an MLLM. Inputs like Qwen2-VL's vision tower:
+
+    - packed patches ``[N, C*p*p]`` of several images + ``image_grid_thw`` ``[n, 3]`` (what
+      ``GenLIPImageProcessor`` returns) → ``last_hidden_state`` packed ``[N, E]``;
+    - padded patches ``[n, Lmax, C*p*p]`` + ``image_grid_thw`` → ``[n, Lmax, E]`` (padding rows
+      are zero);
+    - images ``[B, C, H, W]`` (already normalised) → ``[B, H/p * W/p, E]``.
+
+    ``pooler_output`` is the mean over each image's patches ``[n, E]`` (GenLIP has no CLS
+    token). ``hidden_states`` (``output_hidden_states=True``) holds the patch embeddings and
+    every block's output (before ``ln_post``), laid out like ``last_hidden_state``:
+    ``hidden_states[-1]`` is the last block, ``[-2]`` the penultimate (LLaVA's choice).
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: GenLIPConfig, _shared_from: Optional[nn.Module] = None):
+        super().__init__(config)
+        src = _shared_from
+        self.vision_embeddings = src.vision_embeddings if src else GenLIPVisionEmbeddings(config)
+        self.visual = src.visual if src else GenLIPEncoder(config)
+        self.rotary_emb = src.rotary_emb if src else GenLIPRotaryEmbedding(config)
+        self.ln_post = src.ln_post if src else nn.LayerNorm(config.hidden_size,
+                                                            eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,
+                output_hidden_states: bool = False, return_dict: bool = True, **kwargs):
+        """Encode images; see the class docstring for the input layouts and outputs."""
+        if kwargs:
+            raise ValueError(f"this is a vision-only export (GenLIPVisionModel): it takes "
+                             f"pixel_values and image_grid_thw, not {sorted(kwargs)}.")
+        cfg = self.config
+        d = cfg.num_channels * cfg.patch_size ** 2
+        padded = pixel_values.dim() == 3 and pixel_values.shape[-1] == d
+        if padded:
+            if image_grid_thw is None:
+                raise ValueError("padded pixel_values [n, Lmax, C*p*p] need image_grid_thw.")
+            grids = _grid_list(torch.as_tensor(image_grid_thw).reshape(len(pixel_values), -1)
+                               [:, -2:])
+            keep = torch.arange(pixel_values.shape[1], device=pixel_values.device)[None, :] < \
+                torch.tensor([h * w for h, w in grids], device=pixel_values.device)[:, None]
+            patches = pixel_values[keep]
+        else:
+            patches, g = normalize_pixel_values(pixel_values, image_grid_thw, cfg.num_channels,
+                                                cfg.patch_size)
+            if g is None:
+                raise ValueError("patch pixel_values [N, C*p*p] need image_grid_thw [n, 3].")
+            grids = _grid_list(g)
+        feats, valid, states = self._image_pass(patches, grids, output_hidden_states)
+        sizes = valid.sum(1, keepdim=True).to(feats.dtype)
+        pooled = (feats * valid[..., None]).sum(1) / sizes
+        if pixel_values.dim() == 2 or (pixel_values.dim() == 4 and
+                                       pixel_values.shape[-1] == cfg.patch_size and
+                                       pixel_values.shape[-2] == cfg.patch_size):
+            layout = lambda x: x[valid]                     # noqa: E731  packed [N, E]
+        else:
+            layout = lambda x: x * valid[..., None]         # noqa: E731  [n, Lmax, E]
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=layout(feats), pooler_output=pooled,
+            hidden_states=tuple(layout(h) for h in states) if states is not None else None)
+        return out if return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor,
+                      image_grid_thw: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """One ``[gh * gw, E]`` ``ln_post`` feature tensor per image (see GenLIPModel)."""
+        return _encode_list(self, pixel_values, image_grid_thw)
+
+
+def _encode_list(model: GenLIPPreTrainedModel, pixel_values, image_grid_thw):
+    cfg = model.config
+    patches, grids = normalize_pixel_values(pixel_values, image_grid_thw, cfg.num_channels,
+                                            cfg.patch_size)
+    if grids is None:
+        raise ValueError("encode_images needs image_grid_thw for patch inputs.")
+    grids = _grid_list(grids)
+    feats, _, _ = model._image_pass(patches, grids)
+    return [feats[i, : h * w] for i, (h, w) in enumerate(grids)]
+
 
 class GenLIPModel(GenLIPPreTrainedModel):
-    """The GenLIP transformer with its LM head (state-dict keys as the released checkpoints)."""
+    """The GenLIP transformer with its LM head (state-dict keys as the released checkpoints).
+
+    ``model(input_ids=..., pixel_values=...)`` runs ``[image | text]`` rows (logits, loss);
+    ``model(pixel_values=...)`` without ``input_ids`` is the vision tower
+    (:class:`GenLIPVisionModel` output); ``model.vision_model`` is that tower sharing these
+    weights.
+    """
 
     def __init__(self, config: GenLIPConfig):
         super().__init__(config)
@@ -448,6 +599,15 @@ class GenLIPModel(GenLIPPreTrainedModel):
             self.lm_head = nn.Linear(t, config.vocab_size, bias=False)
         self.post_init()
 
+    @property
+    def vision_model(self) -> GenLIPVisionModel:
+        """The vision tower (:class:`GenLIPVisionModel`) over this model's own modules."""
+        vm = self.__dict__.get("_vision_model")
+        if vm is None:   # kept out of nn.Module registration: no duplicate state-dict keys
+            vm = GenLIPVisionModel(self.config, _shared_from=self)
+            self.__dict__["_vision_model"] = vm
+        return vm.train(self.training)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """``PreTrainedModel.from_pretrained``; a missing ``text_embed_dim`` (the released
@@ -462,15 +622,15 @@ class GenLIPModel(GenLIPPreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # ----------------------------------------------------------------- embedding
-    def _embed(self, input_ids, pixel_values, image_grid_thw, image_mask):
+    def _embed(self, input_ids, pixel_values, image_grid_thw, image_mask, decoding: bool):
         cfg = self.config
         grids = None
         dtype = self.ln_post.weight.dtype
-        if input_ids is None:
-            raise ValueError("input_ids is required (0 at image positions, or image_token_id).")
         if image_mask is None:
-            image_mask = (input_ids == cfg.image_token_id if cfg.image_token_id is not None
-                          else torch.zeros_like(input_ids, dtype=torch.bool))
+            if decoding or cfg.image_token_id is None:  # generated tokens are always text
+                image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            else:
+                image_mask = input_ids == cfg.image_token_id
         image_mask = image_mask.bool()
         if cfg.vision_only:
             if not bool(image_mask.all()):
@@ -505,12 +665,15 @@ class GenLIPModel(GenLIPPreTrainedModel):
                 attention_mask: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
-                past_key_values: Optional[GenLIPKVCache] = None,
+                past_key_values=None,
                 use_cache: bool = False, return_logits: bool = True,
                 logits_to_keep: int = 0,
                 output_hidden_states: bool = False, return_dict: bool = True,
-                **unused) -> GenLIPOutput:
+                **unused):
         """Run the model on ``[B, L]`` rows of ``[image patches | text]`` samples.
+
+        Without ``input_ids`` it is the vision tower: ``model(pixel_values=x,
+        image_grid_thw=g)`` returns :class:`GenLIPVisionModel`'s ``BaseModelOutputWithPooling``.
 
         Args:
             input_ids: ``[B, L]``; values at image positions are ignored.
@@ -518,48 +681,68 @@ class GenLIPModel(GenLIPPreTrainedModel):
                 ``[B, C, H, W]``.
             image_grid_thw: ``[num_images, 3]`` (1, gh, gw) (or ``[num_images, 2]``), needed to
                 build position ids for non-square images.
-            image_mask: bool ``[B, L]`` image positions; default ``input_ids == image_token_id``.
-            position_ids: MRoPE ids ``[B, 3, L]``; built from the grids when None.
+            image_mask: bool ``[B, L]`` image positions; default ``input_ids == image_token_id``
+                (no image positions when decoding with a cache).
+            position_ids: MRoPE ids ``[B, 3, L]``; built from the grids when None (with a
+                cache: continued from the cache's ``next_position``).
             attention_mask: ``[B, L]`` 1 = real token, 0 = padding (any side); with a cache,
                 ``[B, past + L]``.
             segment_ids: ``[B, L]`` sample index per packed row, -1 = padding; overrides
                 ``attention_mask`` for packed rows (no cache).
             labels: ``[B, L]`` unshifted targets (-100 = ignore); the loss shifts them.
-            past_key_values / use_cache: incremental decoding of text tokens (one sample/row).
+            past_key_values / use_cache: incremental decoding of text tokens (one sample/row);
+                a :class:`GenLIPKVCache` or a transformers ``DynamicCache`` (``generate()``).
             return_logits: False skips ``proj``/``lm_head`` (features only).
             logits_to_keep: > 0 computes logits for the last this-many positions only.
         """
         if unused:
             raise TypeError(f"GenLIPModel.forward got unexpected arguments {sorted(unused)}.")
-        embeds, image_mask, grids = self._embed(input_ids, pixel_values, image_grid_thw,
-                                                image_mask)
-        b = input_ids.shape[0]
+        if input_ids is None:
+            if pixel_values is None:
+                raise ValueError("give input_ids (captioning / LM) or pixel_values alone "
+                                 "(vision tower).")
+            return self.vision_model(pixel_values, image_grid_thw, output_hidden_states,
+                                     return_dict)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        embeds, image_mask, grids = self._embed(input_ids, pixel_values, image_grid_thw,
+                                                image_mask, decoding=past_len > 0)
+        b = input_ids.shape[0]
+        cache = past_key_values if past_key_values is not None else \
+            (GenLIPKVCache() if use_cache else None)
         if past_len:
             mask = _decode_mask(input_ids.shape, past_len, attention_mask, segment_ids)
             if position_ids is None:
-                raise ValueError("position_ids are required when decoding with a KV cache.")
+                nxt = getattr(cache, "next_position", None)
+                if nxt is None:
+                    raise ValueError("position_ids are required when decoding with a KV cache "
+                                     "this model did not fill.")
+                position_ids = (nxt[:, None] + torch.arange(input_ids.shape[1],
+                                                            device=nxt.device))[:, None]
+                position_ids = position_ids.expand(-1, 3, -1)
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
         else:
             if segment_ids is None:  # one sample per row; attention_mask marks padding
                 segment_ids = (torch.zeros_like(input_ids, dtype=torch.long)
                                if attention_mask is None else
                                torch.where(attention_mask.bool(), 0, -1))
             segment_ids = segment_ids.long()
+            valid = segment_ids >= 0
             mask = build_prefix_lm_mask(image_mask, segment_ids)
             if position_ids is None:
                 position_ids = build_position_ids(image_mask, segment_ids, grids)
         position_ids = normalize_position_ids(position_ids, b).to(input_ids.device)
+        if cache is not None:  # next token's position: one past the largest so far per row
+            seen = position_ids.amax(dim=1).masked_fill(~valid, -1).amax(dim=1) + 1
+            prev = getattr(cache, "next_position", None) if past_len else None
+            cache.next_position = seen if prev is None else torch.maximum(prev, seen)
         cos, sin = self.rotary_emb(position_ids)
-        cache = GenLIPKVCache() if use_cache else None
         hidden = embeds
         all_hidden = [] if output_hidden_states else None
         for i, layer in enumerate(self.visual.layers):
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            past = past_key_values.layers[i] if past_len else None
-            hidden, kv = layer(hidden, cos, sin, mask, past)
-            if cache is not None:
-                cache.layers.append(kv)
+            update = (lambda k, v, i=i: cache.update(k, v, i)) if cache is not None else None
+            hidden = layer(hidden, cos, sin, mask, update)
         if all_hidden is not None:
             all_hidden.append(hidden)
         feats = self.ln_post(hidden)
@@ -591,42 +774,38 @@ class GenLIPModel(GenLIPPreTrainedModel):
         Returns:
             one ``[gh * gw, E]`` tensor per image (patch features in raster order).
         """
-        cfg = self.config
-        patches, grids = normalize_pixel_values(pixel_values, image_grid_thw, cfg.num_channels,
-                                                cfg.patch_size)
-        if grids is None:
-            raise ValueError("encode_images needs image_grid_thw for patch inputs.")
-        sizes = [int(h) * int(w) for h, w in grids.tolist()]
-        if sum(sizes) != patches.shape[0]:
-            raise ValueError(f"image_grid_thw describes {sum(sizes)} patches but pixel_values "
-                             f"hold {patches.shape[0]}.")
-        n, longest = len(sizes), max(sizes)
-        dev = patches.device
-        # One padded row per image: attention never crosses images, padding is masked.
-        sizes_t = torch.tensor(sizes, device=dev)
-        valid = torch.arange(longest, device=dev)[None, :] < sizes_t[:, None]
-        segment_ids = torch.where(valid, 0, -1)
-        pos = torch.zeros(n, 3, longest, dtype=torch.long, device=dev)
-        for i, (gh, gw) in enumerate(grids.tolist()):
-            gh, gw = int(gh), int(gw)
-            pos[i, 1, : gh * gw] = torch.arange(gh, device=dev).repeat_interleave(gw)
-            pos[i, 2, : gh * gw] = torch.arange(gw, device=dev).repeat(gh)
-        embeds = torch.zeros(n, longest, cfg.hidden_size, dtype=self.ln_post.weight.dtype,
-                             device=dev)
-        embeds[valid] = self.vision_embeddings(patches).to(embeds.dtype)
-        mask = build_prefix_lm_mask(valid, segment_ids)
-        cos, sin = self.rotary_emb(pos)
-        hidden = embeds
-        for layer in self.visual.layers:
-            hidden, _ = layer(hidden, cos, sin, mask)
-        feats = self.ln_post(hidden)
-        return [feats[i, : sizes[i]] for i in range(n)]
+        return _encode_list(self, pixel_values, image_grid_thw)
 
     def text_logits(self, features: torch.Tensor) -> torch.Tensor:
         """LM-head logits ``[..., V]`` of ``ln_post`` features ``[..., E]`` (patch readout)."""
         if self.config.vision_only:
             raise ValueError("this is a vision-only export (no lm_head).")
         return self.lm_head(self.proj(features))
+
+
+class GenLIPForCausalLM(GenLIPModel, GenerationMixin):
+    """:class:`GenLIPModel` with transformers' ``generate()`` (the same weights and keys).
+
+    ``AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)`` loads it; feed it
+    what ``GenLIPProcessor`` returns (``input_ids`` with ``image_token_id`` at the image
+    positions, left-padded, ``attention_mask``, ``pixel_values``, ``image_grid_thw``). One
+    image per row. Decoding uses a KV cache; MRoPE text positions continue per row from the
+    cache (t = h = w = max(gh, gw) + k), so greedy output equals ``genlip_megatron.probes``.
+    """
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None,
+                                      attention_mask=None, pixel_values=None,
+                                      image_grid_thw=None, image_mask=None, use_cache=True,
+                                      **kwargs):
+        """Prefill: the whole prompt with the image; then only the new tokens."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        inputs = {"input_ids": input_ids[:, past:], "attention_mask": attention_mask,
+                  "past_key_values": past_key_values, "use_cache": use_cache,
+                  "logits_to_keep": 1}
+        if past == 0:
+            inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                          image_mask=image_mask)
+        return inputs
 
 
 def _local_embedding_width(path) -> Optional[int]:
@@ -657,5 +836,6 @@ def stack_grids(grids: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.tensor([[1, int(h), int(w)] for h, w in grids], dtype=torch.long)
 
 
-__all__ = ["GenLIPConfig", "GenLIPModel", "GenLIPOutput", "GenLIPKVCache", "patchify",
-           "build_position_ids", "build_prefix_lm_mask", "stack_grids"]
+__all__ = ["GenLIPConfig", "GenLIPModel", "GenLIPVisionModel", "GenLIPForCausalLM",
+           "GenLIPOutput", "GenLIPKVCache", "patchify", "build_position_ids",
+           "build_prefix_lm_mask", "stack_grids"]
