@@ -72,7 +72,7 @@ def _child(direction: str, src: str, dst: str, tp: int, pp: int, queue) -> None:
     if direction == "from-hf":
         hf_to_megatron(src, dst, tp=tp, pp=pp, progress=False)
     else:
-        megatron_to_hf(src, dst, dtype="bf16", progress=False)
+        megatron_to_hf(src, dst, dtype="bf16", progress=False, require_tokenizer=False)
     queue.put((time.perf_counter() - t0, _vm_hwm(), base))
 
 

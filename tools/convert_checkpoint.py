@@ -12,8 +12,12 @@ Print the mapping table:
     python tools/convert_checkpoint.py table --variant g/16
 
 SRC of to-hf is an iter_N directory or a save dir with a `latest` pointer; DST must not exist
-(--force overwrites). The export loads with
-`AutoModel.from_pretrained(DST, trust_remote_code=True)`. Errors exit with status 2 and one line.
+(--force overwrites). The export always carries the run's tokenizer (found from the current
+folder or any folder above the checkpoint; else pass --tokenizer) and the image preprocessing of
+the run (preprocessor_config.json; policy and size also in config.json). It loads with
+`AutoModel` (GenLIPModel; GenLIPVisionModel for --vision-only), `AutoModelForCausalLM`
+(generate()), `AutoImageProcessor` and `AutoProcessor`, all with trust_remote_code=True.
+Errors exit with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf.add_argument("--vision-only", action="store_true",
                        help="drop embeddings, in_proj/proj and lm_head (MLLM vision encoder)")
     to_hf.add_argument("--tokenizer", help="tokenizer.json or a dir of tokenizer files to copy "
-                                           "(default: the run's data.text.tokenizer_path)")
+                                           "(default: the run's data.text.tokenizer_path, "
+                                           "found from here or above the checkpoint)")
+    to_hf.add_argument("--no-tokenizer", action="store_true",
+                       help="allow an export without tokenizer files (weights only)")
     from_hf = sub.add_parser("from-hf", help="HF export → Megatron distributed checkpoint")
     from_hf.add_argument("src", help="HF directory (config.json + model.safetensors)")
     from_hf.add_argument("dst", help="output save dir (receives iter_0000000/ and latest)")
@@ -70,7 +77,8 @@ def main(argv=None) -> int:
         elif args.command == "to-hf":
             megatron_to_hf(args.src, args.dst, dtype=args.dtype, vision_only=args.vision_only,
                            tokenizer=args.tokenizer, variant=args.variant, force=args.force,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress,
+                           require_tokenizer=not args.no_tokenizer)
         else:
             hf_to_megatron(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=args.dtype,
                            variant=args.variant, force=args.force,

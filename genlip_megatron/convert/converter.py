@@ -31,7 +31,9 @@ from torch import Tensor
 
 from genlip_megatron.config import ModelConfig
 from genlip_megatron.config_loader import to_dict
-from genlip_megatron.convert.hf_config import HF_FILES, check_against_variant, hf_config_dict, \
+from genlip_megatron.data.config import DEFAULT_PROMPT
+from genlip_megatron.convert.hf_config import HF_FILES, PROCESSOR_AUTO_MAP, \
+    check_against_variant, hf_config_dict, image_processor_dict, image_settings, \
     model_config_from_dict, read_hf_config
 from genlip_megatron.convert.megatron_io import DistCheckpointReader, TensorLayout, \
     write_dist_checkpoint
@@ -43,7 +45,8 @@ from genlip_megatron.convert.safetensors_io import SafetensorsReader, Safetensor
 logger = logging.getLogger(__name__)
 
 __all__ = ["megatron_to_hf", "hf_to_megatron", "megatron_state_dict_to_hf",
-           "hf_state_dict_to_megatron", "megatron_shapes", "HF_DIR", "TOKENIZER_FILES"]
+           "hf_state_dict_to_megatron", "megatron_shapes", "resolve_run_tokenizer", "HF_DIR",
+           "TOKENIZER_FILES"]
 
 HF_DIR = Path(__file__).resolve().parent / "hf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -135,36 +138,77 @@ def _tokenizer_ids(tok_json: Optional[Path]) -> dict:
     tok = Tokenizer.from_file(str(tok_json))
     return {"image_token_id": tok.token_to_id("<|image_pad|>"),
             "special_ids": {"vision_start_token_id": tok.token_to_id("<|vision_start|>"),
-                            "vision_end_token_id": tok.token_to_id("<|vision_end|>")}}
+                            "vision_end_token_id": tok.token_to_id("<|vision_end|>")},
+            "generation": {"eos": tok.token_to_id("<|im_end|>"),
+                           "pad": tok.token_to_id("<|endoftext|>")}}
 
 
-def _default_tokenizer(common: dict) -> Optional[Path]:
-    """The training config's ``data.text.tokenizer_path`` when that file still exists."""
-    path = (((common.get("config") or {}).get("data") or {}).get("text") or {}) \
-        .get("tokenizer_path")
-    if path and Path(path).is_file():
-        logger.info("copying the training tokenizer %s (data.text.tokenizer_path)", path)
-        return Path(path)
-    return None
+def resolve_run_tokenizer(common: dict, checkpoint: str | Path) -> tuple[Optional[Path], str]:
+    """The training tokenizer of a Megatron checkpoint, wherever the command runs.
+
+    ``data.text.tokenizer_path`` is usually relative to the folder training ran in (e.g.
+    ``data/demo/tokenizer.json``); it is tried as given (absolute, or from the current folder),
+    then under every folder above the checkpoint (the run's folder holds ``runs/...`` and
+    ``data/...`` side by side).
+
+    Returns:
+        (the tokenizer.json or None, the configured path for messages, "" when unset).
+    """
+    configured = (((common.get("config") or {}).get("data") or {}).get("text") or {}) \
+        .get("tokenizer_path") or ""
+    if not configured:
+        return None, ""
+    rel = Path(configured)
+    candidates = [rel] + ([] if rel.is_absolute() else
+                          [d / rel for d in Path(checkpoint).resolve().parents])
+    for cand in candidates:
+        if cand.is_file():
+            return cand, configured
+    return None, configured
 
 
 def write_hf_files(dst: Path, m: ModelConfig, *, dtype: str, vision_only: bool,
                    tokenizer: Optional[str | Path] = None,
-                   provenance: Optional[dict] = None) -> None:
-    """config.json, the bundled modeling files and tokenizer files of an export in ``dst``."""
+                   provenance: Optional[dict] = None, image: Optional[dict] = None,
+                   prompt: Optional[str] = None) -> None:
+    """config.json, the bundled modeling/processing files, preprocessor_config.json,
+    processor_config.json, generation_config.json and tokenizer files of an export in ``dst``.
+
+    Args:
+        image: :func:`hf_config.image_settings` of the run (default fixed 224).
+        prompt: the training caption prompt (``GenLIPProcessor``'s default).
+    """
     tok_json = _copy_tokenizer(tokenizer, dst)
+    ids = _tokenizer_ids(tok_json)
+    image = image or image_settings(None, m.patch_size)
     cfg = hf_config_dict(m, dtype=dtype, vision_only=vision_only, provenance=provenance,
-                         **_tokenizer_ids(tok_json))
+                         image=image, **{k: v for k, v in ids.items() if k != "generation"})
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for f in HF_FILES:
         shutil.copy2(HF_DIR / f, dst / f)
+    (dst / "preprocessor_config.json").write_text(
+        json.dumps(image_processor_dict(image), indent=2) + "\n")
+    if tok_json is None:
+        return
+    gen = ids["generation"]
+    (dst / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "GenLIPProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP),
+         "prompt": prompt or DEFAULT_PROMPT}, indent=2) + "\n")
+    if not vision_only and not (dst / "generation_config.json").is_file():
+        (dst / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": gen["eos"], "pad_token_id": gen["pad"], "do_sample": False,
+             "max_new_tokens": 256}, indent=2) + "\n")
+    if not (dst / "tokenizer_config.json").is_file():
+        (dst / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>",
+             "pad_token": "<|endoftext|>", "padding_side": "left"}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------ Megatron → HF
 def megatron_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
                    vision_only: bool = False, tokenizer: Optional[str | Path] = None,
                    variant: Optional[str] = None, force: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, require_tokenizer: bool = True) -> Path:
     """Convert a Megatron torch_dist checkpoint (any TP/PP) to the released HF format.
 
     Args:
@@ -173,7 +217,9 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
         dtype: stored dtype of every tensor ("bf16" as released, "fp32", "fp16").
         vision_only: drop embeddings, in_proj/proj and lm_head.
         tokenizer: tokenizer.json or a directory of tokenizer files to copy (default: the
-            training config's ``data.text.tokenizer_path`` if it exists).
+            training config's ``data.text.tokenizer_path``, see :func:`resolve_run_tokenizer`).
+        require_tokenizer: refuse to write an export without a tokenizer (the processor and
+            captioning need it); False allows a weights-only export.
         variant: refuse the checkpoint unless it has this preset's shape (e.g. "g/16").
         force: overwrite ``dst``.
 
@@ -186,6 +232,18 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     m = model_config_from_dict((reader.common.get("config") or {}).get("model"))
     if variant:
         check_against_variant(m, variant)
+    if tokenizer is None:
+        tokenizer, configured = resolve_run_tokenizer(reader.common, reader.path)
+        if tokenizer is None and require_tokenizer:
+            seen = (f"the run's data.text.tokenizer_path {configured!r} is not found from "
+                    f"{Path.cwd()} nor from any folder above {reader.path}" if configured
+                    else "the checkpoint's config names no data.text.tokenizer_path")
+            raise ConversionError(f"no tokenizer for the export: {seen}; pass --tokenizer "
+                                  "path/to/tokenizer.json (or a folder of tokenizer files), or "
+                                  "--no-tokenizer for a weights-only export.")
+        if tokenizer is not None:
+            logger.info("copying the training tokenizer %s (data.text.tokenizer_path)", tokenizer)
+    data_cfg = (reader.common.get("config") or {}).get("data") or {}
     reg = mapping_registry(m, vision_only=vision_only)
     _check_megatron_shapes(reader, reg, m)
     shapes = hf_shapes(m, vision_only)
@@ -196,11 +254,11 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
             for name, tensor in reg.megatron_to_hf(reader.get, reader.keys()):
                 writer.write(name, tensor.to(out_dtype))
                 bar.update(1)
-        write_hf_files(tmp, m, dtype=dtype, vision_only=vision_only,
-                       tokenizer=tokenizer if tokenizer is not None else
-                       _default_tokenizer(reader.common),
+        write_hf_files(tmp, m, dtype=dtype, vision_only=vision_only, tokenizer=tokenizer,
                        provenance={"source": str(reader.path),
-                                   "source_layout": reader.common.get("layout")})
+                                   "source_layout": reader.common.get("layout")},
+                       image=image_settings(data_cfg.get("image"), m.patch_size),
+                       prompt=(data_cfg.get("text") or {}).get("prompt"))
     logger.info("wrote %s (%d tensors, %s%s)", dst, len(layout), dtype,
                 ", vision only" if vision_only else "")
     return dst

@@ -26,11 +26,19 @@ from genlip_megatron.convert.registry import ConversionError
 logger = logging.getLogger(__name__)
 
 __all__ = ["hf_config_dict", "read_hf_config", "match_variant", "model_config_from_dict",
-           "AUTO_MAP", "HF_FILES"]
+           "image_settings", "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
 
 AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
-            "AutoModel": "modeling_genlip.GenLIPModel"}
-HF_FILES = ("configuration_genlip.py", "modeling_genlip.py")
+            "AutoModel": "modeling_genlip.GenLIPModel",
+            "AutoModelForCausalLM": "modeling_genlip.GenLIPForCausalLM"}
+VISION_AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
+                   "AutoModel": "modeling_genlip.GenLIPVisionModel"}
+PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_genlip.GenLIPImageProcessor",
+                      "AutoProcessor": "processing_genlip.GenLIPProcessor"}
+HF_FILES = ("configuration_genlip.py", "modeling_genlip.py", "image_processing_genlip.py",
+            "processing_genlip.py")
+_IMAGE_KEYS = ("image_policy", "image_size", "min_pixels", "max_pixels", "max_aspect_ratio",
+               "resample")
 _DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32",
                 "float32": "float32", "fp16": "float16", "float16": "float16"}
 _ARCH_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size")
@@ -47,20 +55,50 @@ def match_variant(m: ModelConfig) -> Optional[str]:
     return None
 
 
+def image_settings(image_section: Optional[dict], patch_size: int) -> dict[str, Any]:
+    """The preprocessing of a run (its ``data.image`` section) in export terms.
+
+    ``resample`` names the training resize kernel: ``pil`` for the pillow decoder (PIL
+    BILINEAR, the reference), ``torch`` for DALI (torch's antialiased bilinear on CPU; DALI's
+    GPU resize is within a grey level of it).
+    """
+    img = image_section or {}
+    return {"image_policy": img.get("policy", "fixed"),
+            "image_size": int(img.get("fixed_size", 224)),
+            "min_pixels": int(img.get("min_pixels", 4096)),
+            "max_pixels": int(img.get("max_pixels", 262144)),
+            "max_aspect_ratio": float(img.get("max_aspect_ratio", 200.0)),
+            "resample": "pil" if img.get("decoder", "dali") == "pillow" else "torch",
+            "patch_size": int(img.get("patch_size", patch_size))}
+
+
+def image_processor_dict(settings: dict[str, Any]) -> dict[str, Any]:
+    """preprocessor_config.json content: GenLIPImageProcessor settings + ``auto_map``."""
+    return {"image_processor_type": "GenLIPImageProcessor",
+            "processor_class": "GenLIPProcessor",
+            "auto_map": dict(PROCESSOR_AUTO_MAP),
+            **{k: settings[k] for k in (*_IMAGE_KEYS, "patch_size")},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
 def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = False,
                    image_token_id: Optional[int] = None,
                    special_ids: Optional[dict[str, Optional[int]]] = None,
-                   provenance: Optional[dict] = None) -> dict[str, Any]:
+                   provenance: Optional[dict] = None,
+                   image: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """config.json content for architecture ``m``.
 
     Args:
         m: the architecture.
         dtype: dtype the weights are stored in (``torch_dtype``).
-        vision_only: the export holds only the vision trunk.
+        vision_only: the export holds only the vision trunk (``AutoModel`` is then
+            ``GenLIPVisionModel``).
         image_token_id: id of ``<|image_pad|>`` (151655 for Qwen3; tiny tokenizers differ).
         special_ids: ``vision_start_token_id`` / ``vision_end_token_id`` overrides.
         provenance: free-form ``genlip_megatron`` entry (variant, source checkpoint).
+        image: :func:`image_settings` of the training run (default: fixed 224, torch resize).
     """
+    image = image or image_settings(None, m.patch_size)
     special = {"vision_start_token_id": 151652, "vision_end_token_id": 151653,
                "image_token_id": 151655}
     special.update(special_ids or {})
@@ -69,8 +107,8 @@ def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = F
     # Qwen ids do not exist in small test/demo vocabularies: record "no such token" instead.
     special = {k: (v if v is not None and v < m.vocab_size else None) for k, v in special.items()}
     cfg = {
-        "architectures": ["GenLIPModel"],
-        "auto_map": dict(AUTO_MAP),
+        "architectures": ["GenLIPVisionModel" if vision_only else "GenLIPModel"],
+        "auto_map": dict(VISION_AUTO_MAP if vision_only else AUTO_MAP),
         "model_type": "genlip",
         "hidden_size": m.hidden_size,
         "num_hidden_layers": m.num_layers,
@@ -101,6 +139,7 @@ def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = F
         "tie_word_embeddings": False,
         "layer_norm_eps": m.layernorm_eps,
         "vision_only": vision_only,
+        **{k: image[k] for k in _IMAGE_KEYS},
         "genlip_megatron": {"variant": m.variant, **(provenance or {})},
     }
     return cfg
@@ -138,8 +177,9 @@ def read_hf_config(path: str | Path, embeddings_shape: Optional[tuple[int, ...]]
     if arch == ["GenLIP"]:
         logger.warning("%s: architectures is ['GenLIP'] (a known bug of the reference L/16 "
                        "config); treating it as ['GenLIPModel'].", cfg_file)
-    elif arch not in (None, ["GenLIPModel"]):
-        raise ConversionError(f"{cfg_file}: architectures {arch} is not ['GenLIPModel'].")
+    elif arch not in (None, ["GenLIPModel"], ["GenLIPVisionModel"]):
+        raise ConversionError(f"{cfg_file}: architectures {arch} is not ['GenLIPModel'] or "
+                              "['GenLIPVisionModel'].")
     for key, want in (("use_swiglu_ffn", True), ("gated_attention", True),
                       ("mrope_interleaved", True)):
         if cfg.get(key, want) != want:

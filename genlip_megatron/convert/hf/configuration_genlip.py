@@ -34,6 +34,10 @@ class GenLIPConfig(PretrainedConfig):
             lm_head); ``forward`` then refuses text and ``encode_images`` still works.
         image_token_id: id marking image positions in ``input_ids`` when no ``image_mask`` is
             passed (Qwen ``<|image_pad|>`` 151655).
+        image_policy / image_size / min_pixels / max_pixels / max_aspect_ratio / resample: the
+            training image preprocessing (``fixed`` square of ``image_size`` or ``native``
+            smart-resize; the resize kernel); ``preprocessor_config.json`` holds the same for
+            ``GenLIPImageProcessor``.
     """
 
     model_type = "genlip"
@@ -53,7 +57,10 @@ class GenLIPConfig(PretrainedConfig):
                  llm_decoder=None, use_liger_kernel: bool = True, tokens_per_second: int = 2,
                  spatial_merge_size: int = 1, vision_start_token_id: int = 151652,
                  vision_end_token_id: int = 151653, image_token_id: int = 151655,
-                 vision_only: bool = False, tie_word_embeddings: bool = False, **kwargs):
+                 vision_only: bool = False, tie_word_embeddings: bool = False,
+                 image_policy: str = "fixed", image_size: int = 224, min_pixels: int = 4096,
+                 max_pixels: int = 262144, max_aspect_ratio: float = 200.0,
+                 resample: str = "torch", **kwargs):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -91,6 +98,12 @@ class GenLIPConfig(PretrainedConfig):
         self.vision_end_token_id = vision_end_token_id
         self.image_token_id = image_token_id
         self.vision_only = vision_only
+        self.image_policy = image_policy
+        self.image_size = image_size
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
+        self.resample = resample
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property

@@ -463,7 +463,8 @@ class GenLIPPreTrainedModel(PreTrainedModel):
                              f"hold {patches.shape[0]}.")
         n, longest = len(sizes), max(sizes)
         dev = patches.device
-        valid = torch.arange(longest, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
+        valid = torch.arange(longest, device=dev)[None, :] < \
+            torch.tensor(sizes, device=dev)[:, None]
         pos = torch.zeros(n, 3, longest, dtype=torch.long, device=dev)
         for i, (gh, gw) in enumerate(grids):
             pos[i, 1, : gh * gw] = torch.arange(gh, device=dev).repeat_interleave(gw)

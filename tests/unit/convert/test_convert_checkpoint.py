@@ -53,9 +53,12 @@ def test_hf_export_logits_and_features_match_megatron(megatron_ckpt, tmp_path):
     from transformers import AutoModel
 
     model, ckpt = megatron_ckpt
-    out = megatron_to_hf(ckpt, tmp_path / "hf", dtype="fp32", progress=False)
+    out = megatron_to_hf(ckpt, tmp_path / "hf", dtype="fp32", progress=False,
+                         require_tokenizer=False)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "configuration_genlip.py", "model.safetensors", "modeling_genlip.py"]
+        "config.json", "configuration_genlip.py", "image_processing_genlip.py",
+        "model.safetensors", "modeling_genlip.py", "preprocessor_config.json",
+        "processing_genlip.py"]
     hf = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     b = packed_batch(ROWS, 48, 256, seed=3)
     with torch.no_grad():
@@ -77,7 +80,8 @@ def test_hf_export_logits_and_features_match_megatron(megatron_ckpt, tmp_path):
 
 def test_export_defaults_bf16_and_reads_tp_pp_free(megatron_ckpt, tmp_path):
     model, ckpt = megatron_ckpt
-    megatron_to_hf(ckpt / "iter_0000007", tmp_path / "hf", progress=False)   # iter dir works too
+    megatron_to_hf(ckpt / "iter_0000007", tmp_path / "hf", progress=False,   # iter dir works too
+                   require_tokenizer=False)
     stored = load_file(tmp_path / "hf" / "model.safetensors")
     assert {v.dtype for v in stored.values()} == {torch.bfloat16}
     want = megatron_state_dict_to_hf(_canonical(model), TINY)
@@ -99,7 +103,8 @@ def test_from_hf_loads_through_the_trainer_init_from_path(mp_state, tmp_path):
     got = _canonical(model)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # and back: bit-exact
-    megatron_to_hf(tmp_path / "mg", tmp_path / "hf2", dtype="fp32", progress=False)
+    megatron_to_hf(tmp_path / "mg", tmp_path / "hf2", dtype="fp32", progress=False,
+                   require_tokenizer=False)
     back = load_file(tmp_path / "hf2" / "model.safetensors")
     assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
 
@@ -125,7 +130,8 @@ def test_vision_only_export(megatron_ckpt, tmp_path):
     from transformers import AutoModel
 
     model, ckpt = megatron_ckpt
-    out = megatron_to_hf(ckpt, tmp_path / "vit", dtype="fp32", vision_only=True, progress=False)
+    out = megatron_to_hf(ckpt, tmp_path / "vit", dtype="fp32", vision_only=True, progress=False,
+                         require_tokenizer=False)
     keys = set(load_file(out / "model.safetensors"))
     assert keys == set(mapping_registry(TINY, vision_only=True).hf_keys())
     assert not any(k.startswith(("embeddings", "lm_head", "in_proj", "proj.")) for k in keys)
@@ -164,7 +170,7 @@ def test_refuses_existing_output_without_force(tmp_path):
     hf_to_megatron(src, tmp_path / "mg", force=True, progress=False)
     assert not (tmp_path / "mg" / "keep").exists() and not (tmp_path / "mg.partial").exists()
     with pytest.raises(FileExistsError, match="already exists"):
-        megatron_to_hf(tmp_path / "mg", src, progress=False)
+        megatron_to_hf(tmp_path / "mg", src, progress=False, require_tokenizer=False)
 
 
 @pytest.mark.parametrize("tp,pp,match", [
@@ -201,15 +207,15 @@ def test_wrong_preset_and_wrong_directory_kinds(tmp_path):
     with pytest.raises(ConversionError, match="not a L/16 model"):
         hf_to_megatron(src, tmp_path / "mg", variant="L/16", progress=False)
     with pytest.raises(ConversionError, match="looks like an HF export"):
-        megatron_to_hf(src, tmp_path / "out", progress=False)
+        megatron_to_hf(src, tmp_path / "out", progress=False, require_tokenizer=False)
     with pytest.raises(ConversionError, match="not a Megatron distributed checkpoint"):
-        megatron_to_hf(tmp_path, tmp_path / "out", progress=False)
+        megatron_to_hf(tmp_path, tmp_path / "out", progress=False, require_tokenizer=False)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf_to_megatron(tmp_path, tmp_path / "mg", progress=False)
     hf_to_megatron(src, tmp_path / "mg", progress=False)
     (tmp_path / "mg" / "latest").write_text("iter_0000099\n")
     with pytest.raises(ConversionError, match="names iter_0000099, which is not a finished"):
-        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, require_tokenizer=False)
 
 
 def test_megatron_config_that_does_not_describe_the_weights(tmp_path):
@@ -220,16 +226,16 @@ def test_megatron_config_that_does_not_describe_the_weights(tmp_path):
     torch.save(common, ckpt / "common.pt")
     with pytest.raises(ConversionError, match=r"decoder.layers.mlp.linear_fc1.weight|"
                                               r"linear_fc1.weight has shape \[352, 64\]"):
-        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, require_tokenizer=False)
     common["config"]["model"]["ffn_hidden_size"] = 176
     common["config"]["model"]["num_layers"] = 3
     torch.save(common, ckpt / "common.pt")
     with pytest.raises(ConversionError, match=r"missing \[decoder.layers.2."):
-        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, require_tokenizer=False)
     del common["config"]
     torch.save(common, ckpt / "common.pt")
     with pytest.raises(ConversionError, match="no config\\['model'\\] section"):
-        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False)
+        megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, require_tokenizer=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -21,16 +21,28 @@ def _cli():
     return mod
 
 
-def test_round_trip_through_the_cli(tmp_path):
+def test_round_trip_through_the_cli(tmp_path, caplog):
+    from genlip_megatron.data.synthetic import caption_corpus
+    from genlip_megatron.data.tokenizer import train_tiny_bpe
+
     cli = _cli()
     sd = random_hf_state_dict(TINY)
     src = write_hf_export(tmp_path / "hf", TINY, sd)
     assert cli.main(["from-hf", str(src), str(tmp_path / "mg"), "--tp", "2", "--pp", "2",
                      "--no-progress"]) == 0
-    assert cli.main(["to-hf", str(tmp_path / "mg"), str(tmp_path / "out"), "--dtype", "fp32",
-                     "--no-progress"]) == 0
+    to_hf = ["to-hf", str(tmp_path / "mg"), str(tmp_path / "out"), "--dtype", "fp32",
+             "--no-progress"]
+    with caplog.at_level(logging.ERROR):   # no tokenizer anywhere: refused, with the fix
+        assert cli.main(to_hf) == 2
+    assert "no tokenizer for the export" in caplog.text and "--tokenizer" in caplog.text
+    assert not (tmp_path / "out").exists()
+    train_tiny_bpe(caption_corpus(), 200, tmp_path / "tok.json")
+    assert cli.main(to_hf + ["--tokenizer", str(tmp_path / "tok.json")]) == 0
     back = load_file(tmp_path / "out" / "model.safetensors")
     assert all((back[k] == v).all() for k, v in sd.items())
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert cli.main(to_hf[:2] + [str(tmp_path / "bare")] + to_hf[3:] + ["--no-tokenizer"]) == 0
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("argv,match", [
