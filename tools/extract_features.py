@@ -2,8 +2,10 @@
 """Extract vision-encoder features (final LayerNorm output) of images with a GenLIP checkpoint.
 
     python tools/extract_features.py exports/genlip-g16-vit imgs/*.jpg --out feats.safetensors
-    python tools/extract_features.py runs/demo/checkpoints imgs/*.png --size 64 --pool \
+    python tools/extract_features.py runs/demo/checkpoints imgs/*.png --pool \
         --out pooled.safetensors
+
+Images are resized with the checkpoint's training policy and size (--policy/--size override).
 
 Writes ``features/<i>`` ([gh*gw, H], or [H] with --pool) and ``grid/<i>`` tensors; the image
 paths are in the file's metadata ("names", one per line, same order). Works with vision-only
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate_captions import add_image_args  # noqa: E402
+from generate_captions import add_image_args, image_config  # noqa: E402
 
 logger = logging.getLogger("extract_features")
 
@@ -49,8 +51,8 @@ def main(argv=None) -> int:
         model, _ = load_genlip_for_inference(
             args.checkpoint, tokenizer=args.tokenizer, device=args.device,
             dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-        images = [load_image(f, policy=args.policy, size=args.size,
-                             patch_size=model.config.patch_size) for f in args.images]
+        cfg = image_config(args, model)
+        images = [load_image(f, config=cfg) for f in args.images]
         feats = encode_images(model, [im.as_input() for im in images], args.batch_size,
                               pool=args.pool)
     except (ConversionError, FileNotFoundError, ValueError) as exc:

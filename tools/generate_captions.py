@@ -2,8 +2,7 @@
 """Caption images with a GenLIP checkpoint ("let ViT speak"), Megatron or HF.
 
     python tools/generate_captions.py exports/genlip-g16 img1.jpg img2.png
-    python tools/generate_captions.py runs/demo/checkpoints data/demo/images/*.png \
-        --tokenizer data/demo/tokenizer.json --policy fixed --size 64
+    python tools/generate_captions.py runs/demo/checkpoints img1.png img2.png
     python tools/generate_captions.py exports/genlip-g16 cat.jpg --sample --temperature 0.7 \
         --top-p 0.9 --seed 0 --max-new-tokens 128 --json captions.jsonl
 
@@ -13,7 +12,10 @@ for a Megatron checkpoint and its HF export alike:
         examples/configs/demo_cpu.yaml --limit 200
     python tools/generate_captions.py exports/demo --eval-config examples/configs/demo_cpu.yaml
 
-Greedy by default; stops at <|im_end|> or after --max-new-tokens (≤ 256). Prints one
+Images are resized as in training: the policy and size recorded in the checkpoint (the run's
+data.image for Megatron checkpoints, preprocessor_config.json for exports; e.g. 96 px for the
+CPU demo); --policy/--size override. The tokenizer is the checkpoint's (found from here or above
+the checkpoint), or --tokenizer. Greedy by default; stops at <|im_end|> or after --max-new-tokens (≤ 256). Prints one
 "path<TAB>caption" line per image (and optionally writes jsonl); with --eval-config the last line
 is "EVAL caption_exact_match=<fraction> n=<images>".
 """
@@ -32,13 +34,33 @@ logger = logging.getLogger("generate_captions")
 
 
 def add_image_args(p: argparse.ArgumentParser) -> None:
-    """Image preprocessing options shared by the probe CLIs (the training size policy)."""
-    p.add_argument("--policy", default="fixed", choices=["fixed", "native"],
-                   help="resize policy: fixed square (stage 1) or native smart-resize (stage 2)")
-    p.add_argument("--size", type=int, default=224, help="side for --policy fixed")
+    """Image preprocessing options shared by the probe CLIs (default: the checkpoint's)."""
+    p.add_argument("--policy", default=None, choices=["fixed", "native"],
+                   help="override the checkpoint's resize policy: fixed square (stage 1) or "
+                        "native smart-resize (stage 2)")
+    p.add_argument("--size", type=int, default=None,
+                   help="override the fixed side in pixels (default: the training size recorded "
+                        "in the checkpoint; implies --policy fixed)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cpu")
+
+
+def image_config(args, model):
+    """The checkpoint's training image preprocessing, with --policy/--size overrides."""
+    from genlip_megatron.probes import checkpoint_image_config
+
+    cfg = checkpoint_image_config(args.checkpoint)
+    if args.size is not None:
+        cfg.policy, cfg.fixed_size = "fixed", args.size
+    if args.policy is not None:
+        cfg.policy = args.policy
+    cfg.patch_size = model.config.patch_size
+    logger.info("images: %s (%s)", f"fixed {cfg.fixed_size}x{cfg.fixed_size}"
+                if cfg.policy == "fixed" else
+                f"native smart-resize, {cfg.min_pixels}..{cfg.max_pixels} px",
+                "overridden" if args.size or args.policy else "from the checkpoint")
+    return cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,9 +102,8 @@ def main(argv=None) -> int:
             return _evaluate(args, model, tok)
         if not args.images:
             raise ValueError("give image files, or --eval-config to caption held-out shards.")
-        p = model.config.patch_size
-        images = [load_image(f, policy=args.policy, size=args.size, patch_size=p)
-                  for f in args.images]
+        cfg = image_config(args, model)
+        images = [load_image(f, config=cfg) for f in args.images]
         caps = generate_captions(model, [im.as_input() for im in images], tok, args.prompt,
                                  **_decoding(args))
     except (ConversionError, FileNotFoundError, ValueError) as exc:

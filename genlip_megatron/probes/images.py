@@ -1,15 +1,17 @@
 """Image files → model inputs for the probes, with the training resize policy.
 
 Uses the data pipeline's own functions (``data.inference.image_to_patches``: the reference size
-policy and PIL bilinear resize, patches in (C, ph, pw) order, mean = std = 0.5), so a probe sees
-an image exactly as training did.
+policy, the run's resize kernel, patches in (C, ph, pw) order, mean = std = 0.5) with the
+checkpoint's ``data.image`` settings (``probes.checkpoint_image_config``), so a probe sees an
+image exactly as training did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -42,21 +44,34 @@ class ProbeImage:
 
 
 def load_image(source: Union[str, Path, Image.Image, np.ndarray], *,
-               policy: Literal["fixed", "native"] = "fixed", size: int = 224,
-               patch_size: int = 16) -> ProbeImage:
-    """Decode and resize like training (``data.image``: fixed 224×224 or native smart-resize).
+               config: Optional[ImageConfig] = None,
+               policy: Optional[Literal["fixed", "native"]] = None, size: Optional[int] = None,
+               patch_size: Optional[int] = None) -> ProbeImage:
+    """Decode and resize like training (``data.image``: fixed square or native smart-resize).
+
+    Args:
+        source: file path, PIL image or uint8 ``[H, W, 3]`` array.
+        config: the training ``data.image`` section (:func:`checkpoint_image_config`); None =
+            the defaults (fixed 224, PIL resize).
+        policy / size / patch_size: override ``config`` (``size`` is the fixed side).
 
     Raises:
         genlip_megatron.data.template.SampleError: undecodable, 1×1 or too elongated image.
     """
     if isinstance(source, (str, Path)):
         source = Path(source).read_bytes()
-    cfg = DataConfig(image=ImageConfig(policy=policy, fixed_size=size, patch_size=patch_size,
-                                       decoder="pillow"))
-    patches, grid = image_to_patches(source, cfg)
+    cfg = dataclasses.replace(config) if config is not None else \
+        ImageConfig(decoder="pillow", device="cpu")
+    if policy is not None:
+        cfg.policy = policy
+    if size is not None:
+        cfg.fixed_size = size
+    if patch_size is not None:
+        cfg.patch_size = patch_size
+    patches, grid = image_to_patches(source, DataConfig(image=cfg))
     patches_t = torch.from_numpy(np.ascontiguousarray(patches))
     return ProbeImage(normalize_patches(patches_t), grid,
-                      patches_to_image(patches_t, grid, patch_size))
+                      patches_to_image(patches_t, grid, cfg.patch_size))
 
 
 def patches_to_image(patches: torch.Tensor, grid: tuple[int, int],

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Mapping, Optional
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from genlip_megatron.config import ModelConfig
-from genlip_megatron.convert.converter import megatron_state_dict_to_hf
+from genlip_megatron.convert.converter import megatron_state_dict_to_hf, resolve_run_tokenizer
 from genlip_megatron.convert.hf.configuration_genlip import GenLIPConfig
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.convert.hf_config import hf_config_dict, model_config_from_dict, \
@@ -25,11 +27,13 @@ from genlip_megatron.convert.hf_config import hf_config_dict, model_config_from_
 from genlip_megatron.convert.megatron_io import DistCheckpointReader
 from genlip_megatron.convert.registry import ConversionError, mapping_registry
 from genlip_megatron.convert.safetensors_io import SafetensorsReader
+from genlip_megatron.data.config import ImageConfig
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_genlip_for_inference", "from_megatron_state_dict", "build_hf_model"]
+__all__ = ["load_genlip_for_inference", "from_megatron_state_dict", "build_hf_model",
+           "checkpoint_image_config", "image_config_from_export"]
 
 
 def build_hf_model(m: ModelConfig, state_dict: Mapping[str, Tensor], *,
@@ -99,6 +103,47 @@ def _load_hf(path: Path, dtype: Optional[torch.dtype]) -> GenLIPModel:
                           image_token_id=raw.get("image_token_id"))
 
 
+def image_config_from_export(cfg: Mapping) -> ImageConfig:
+    """The training image preprocessing recorded in an export (preprocessor_config.json or
+    config.json keys ``image_policy``, ``image_size``, ...); defaults where absent."""
+    return ImageConfig(policy=cfg.get("image_policy", "fixed"),
+                       fixed_size=int(cfg.get("image_size", 224)),
+                       min_pixels=int(cfg.get("min_pixels", 4096)),
+                       max_pixels=int(cfg.get("max_pixels", 262144)),
+                       max_aspect_ratio=float(cfg.get("max_aspect_ratio", 200.0)),
+                       patch_size=int(cfg.get("patch_size", 16)),
+                       decoder="pillow" if cfg.get("resample", "torch") == "pil" else "dali",
+                       device="cpu")
+
+
+def checkpoint_image_config(path: str | Path) -> ImageConfig:
+    """How the model at ``path`` saw images in training (size policy, side, resize kernel).
+
+    HF export: its ``preprocessor_config.json`` (else ``config.json``); Megatron checkpoint: the
+    run config's ``data.image``. The probes resize with it, so a model trained at 96 px is
+    probed at 96 px without ``--size``.
+
+    Raises:
+        ConversionError: ``path`` is neither kind of checkpoint.
+    """
+    path = Path(path)
+    for name in ("preprocessor_config.json", "config.json"):
+        if (path / name).is_file():
+            cfg = json.loads((path / name).read_text())
+            if "image_policy" in cfg:
+                return image_config_from_export(cfg)
+    if (path / "config.json").is_file():
+        logger.warning("%s records no image preprocessing (an older export); assuming fixed "
+                       "224 px. Pass --size/--policy if it was trained otherwise.", path)
+        return ImageConfig(decoder="pillow", device="cpu")
+    common = DistCheckpointReader(path).common
+    section = ((common.get("config") or {}).get("data") or {}).get("image") or {}
+    known = {f.name for f in dataclasses.fields(ImageConfig)}
+    img = ImageConfig(**{k: v for k, v in section.items() if k in known})
+    img.device = "cpu"
+    return img
+
+
 def load_genlip_for_inference(path: str | Path, *, dtype: Optional[torch.dtype] = torch.float32,
                               device: str | torch.device = "cpu",
                               tokenizer: Optional[str | Path] = None
@@ -123,10 +168,8 @@ def load_genlip_for_inference(path: str | Path, *, dtype: Optional[torch.dtype] 
             tok_path = path / "tokenizer.json"
     elif (path / "metadata.json").is_file() or (path / "latest").is_file():
         model, common = _load_megatron(path, dtype)
-        if tok_path is None:
-            cand = (((common.get("config") or {}).get("data") or {}).get("text") or {}) \
-                .get("tokenizer_path")
-            tok_path = Path(cand) if cand and Path(cand).is_file() else None
+        if tok_path is None:   # the run's tokenizer, from here or above the checkpoint
+            tok_path, _ = resolve_run_tokenizer(common, path)
     else:
         raise ConversionError(f"{path} is neither an HF export (config.json) nor a Megatron "
                               "checkpoint (metadata.json or a 'latest' pointer).")

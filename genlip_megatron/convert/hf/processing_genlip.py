@@ -38,10 +38,6 @@ class GenLIPProcessor(ProcessorMixin):
         prompt: the default user prompt (the training ``data.text.prompt``).
     """
 
-    attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
-
     def __init__(self, image_processor=None, tokenizer=None, prompt: str = DEFAULT_PROMPT,
                  **kwargs: Any) -> None:
         self.prompt = prompt

@@ -52,10 +52,13 @@ def test_readout_is_the_lm_head_on_patch_features(model, image, tmp_path):
     assert torch.allclose(torch.tensor([o.probs for o in out]), top.values)
     assert (out[1].row, out[1].col) == (3, 2) and out[0].words == [str(i) for i in
                                                                   out[0].token_ids]
-    png = render_readout(im.image, out, tmp_path / "r" / "readout.png")
-    with Image.open(png) as img:
-        assert img.format == "PNG" and img.size == (192, 192)
-        assert img.getpixel((1, 1)) != im.image.resize((192, 192)).getpixel((1, 1))   # boxed
+    png = render_readout(im.image, out, tmp_path / "r" / "readout.png", grid=im.grid)
+    with Image.open(png) as img:   # 64 px image upscaled ×6 at offset 22, panel on the right
+        assert img.format == "PNG" and img.width > 22 + 384 + 200 and img.height >= 384
+        first = img.getpixel((23, 22 + 60))                  # left edge of patch (0, 0)'s box
+        assert first == (230, 25, 75), first                 # outlined in the first colour
+        panel = img.crop((22 + 384 + 10, 0, img.width, 200)).convert("L")
+        assert min(panel.getdata()) < 100                    # the word list is written
 
 
 def test_parse_patches():
