@@ -43,10 +43,13 @@ def random_hf_state_dict(m: ModelConfig, seed: int = 0, vision_only: bool = Fals
 
 def write_hf_export(dst: Path, m: ModelConfig, sd: dict, *, dtype: str = "fp32",
                     vision_only: bool = False, tokenizer=None,
-                    config_edit: Optional[dict] = None, drop_config: Sequence[str] = ()) -> Path:
-    """An export directory as our converter writes it (config edits simulate the reference's)."""
+                    config_edit: Optional[dict] = None, drop_config: Sequence[str] = (),
+                    image: Optional[dict] = None) -> Path:
+    """An export directory as our converter writes it (config edits simulate the reference's;
+    ``image``: ``hf_config.image_settings`` of the pretend training run)."""
     dst.mkdir(parents=True, exist_ok=True)
-    write_hf_files(dst, m, dtype=dtype, vision_only=vision_only, tokenizer=tokenizer)
+    write_hf_files(dst, m, dtype=dtype, vision_only=vision_only, tokenizer=tokenizer,
+                   image=image)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     save_file({k: v.to(torch_dtype).contiguous() for k, v in sd.items()},
               str(dst / "model.safetensors"), metadata={"format": "pt"})
