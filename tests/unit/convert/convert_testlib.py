@@ -70,9 +70,11 @@ def packed_batch(rows: Sequence[Sequence[tuple[int, int, int]]], seq_len: int, v
                               "pixel_values", "grid_hw")}
 
 
-def full_config_dict(m: ModelConfig, tp: int = 1, pp: int = 1) -> dict:
-    """The run config dict a trainer saves in a checkpoint's common state."""
-    return GenLIPConfig(model=m, parallel=ParallelConfig(tp=tp, pp=pp)).to_dict()
+def full_config_dict(m: ModelConfig, tp: int = 1, pp: int = 1, data=None) -> dict:
+    """The run config dict a trainer saves in a checkpoint's common state (``data``: a
+    ``DataConfig``, default the defaults)."""
+    extra = {"data": data} if data is not None else {}
+    return GenLIPConfig(model=m, parallel=ParallelConfig(tp=tp, pp=pp), **extra).to_dict()
 
 
 def transformer_config(m: ModelConfig, tp: int = 1, pp: int = 1, seed: int = 1234):
@@ -84,14 +86,14 @@ def transformer_config(m: ModelConfig, tp: int = 1, pp: int = 1, seed: int = 123
 
 
 def save_megatron(models: list, m: ModelConfig, save_dir: Path, step: int = 3,
-                  tp: int = 1, pp: int = 1) -> Path:
+                  tp: int = 1, pp: int = 1, data=None) -> Path:
     """Save model chunks the way the trainer does (CheckpointManager, no optimizer)."""
     from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
     from genlip_megatron.training.config import CheckpointConfig
 
     mgr = CheckpointManager(CheckpointConfig(save_dir=str(save_dir)))
     return mgr.save(models, None, None, TrainingState(step=step), None,
-                    full_config_dict(m, tp, pp))
+                    full_config_dict(m, tp, pp, data))
 
 
 def load_megatron(models: list, m: ModelConfig, path: Path) -> None:

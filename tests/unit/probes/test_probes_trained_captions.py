@@ -5,7 +5,9 @@ genlip_megatron.data.synthetic) with the training template ``[IMG] prompt captio
 "Before export" decodes greedily with the megatron model's own forward (full recompute each
 step); "after export" runs tools-equivalent generation (KV cache) on the HF export loaded with
 ``AutoModel.from_pretrained(trust_remote_code=True)``: the fp32 export must reproduce every
-caption token for token, the default bf16 export must be as accurate.
+caption token for token, the default bf16 export must be as accurate. transformers'
+``generate()`` (``AutoModelForCausalLM`` + ``AutoProcessor`` on the raw PIL images) must give
+the probes' greedy captions too.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _data(tok):
         img, cap = render_sample(rng, p_two=0.0, p_word=0.0)
         if cap not in seen:
             seen.add(cap)
-            out.append((load_image(img, size=SIDE), cap))
+            out.append((load_image(img, size=SIDE), cap, img))
     return out
 
 
@@ -40,7 +42,7 @@ def _batch(samples, prompt, tok):
     """One row per sample: [IMG 3×3] prompt caption <|im_end|>\\n, labels shifted."""
     g = SIDE // 16
     n_img = g * g
-    seqs = [prompt + tok.encode(c) + tok.end_ids for _, c in samples]
+    seqs = [prompt + tok.encode(c) + tok.end_ids for _, c, _ in samples]
     length = n_img + max(map(len, seqs))
     k = len(samples)
     tokens = torch.zeros(k, length, dtype=torch.long)
@@ -56,7 +58,7 @@ def _batch(samples, prompt, tok):
         pos[r, 2, :n_img] = torch.arange(g).repeat(g)
         pos[r, :, n_img:n] = g + torch.arange(len(ids))
         labels[r, n_img + len(prompt) - 1:n - 1] = torch.tensor(ids[len(prompt):])
-    pixels = torch.cat([im.pixel_values for im, _ in samples])
+    pixels = torch.cat([im.pixel_values for im, _, _ in samples])
     return tokens, pos, mask, seg, pixels, labels
 
 
@@ -85,11 +87,11 @@ def _megatron_greedy(model, im, prompt, tok, max_new=24):
 
 
 def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
 
     from genlip_megatron.model.genlip import GenLIPModel
 
-    tok = train_tiny_bpe(caption_corpus(), TINY.vocab_size)
+    tok = train_tiny_bpe(caption_corpus(), TINY.vocab_size, tmp_path / "tok.json")
     prompt = tok.encode(DEFAULT_PROMPT)
     samples = _data(tok)
     model = GenLIPModel(transformer_config(TINY))
@@ -101,16 +103,16 @@ def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
         loss.backward()
         opt.step()
     model.eval()
-    refs = [c for _, c in samples]
-    before = [_megatron_greedy(model, im, prompt, tok) for im, _ in samples]
+    refs = [c for _, c, _ in samples]
+    before = [_megatron_greedy(model, im, prompt, tok) for im, _, _ in samples]
     acc_before = np.mean([b == r for b, r in zip(before, refs)])
     assert acc_before >= 0.75, (loss.item(), list(zip(before, refs)))
 
     save_megatron([model], TINY, tmp_path / "mg")
-    images = [im.as_input() for im, _ in samples]
+    images = [im.as_input() for im, _, _ in samples]
     for dtype in ("fp32", "bf16"):
         out = megatron_to_hf(tmp_path / "mg", tmp_path / f"hf_{dtype}", dtype=dtype,
-                             progress=False)
+                             progress=False, tokenizer=tmp_path / "tok.json")
         hf = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
         after = generate_captions(hf, images, tok, max_new_tokens=24, batch_size=5)
         acc_after = np.mean([a == r for a, r in zip(after, refs)])
@@ -118,6 +120,14 @@ def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
         if dtype == "fp32":
             assert after == before
             evals = [SimpleNamespace(patches=im.pixel_values, grid=im.grid, prompt_ids=prompt,
-                                     caption=cap) for im, cap in samples]
+                                     caption=cap) for im, cap, _ in samples]
             assert caption_exact_match(hf, evals, tok, max_new_tokens=24) == (acc_after, after)
+            # transformers generate() on the raw images (this run trained on 48 px, PIL resize)
+            proc = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+            lm = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                      dtype=torch.float32).eval()
+            inputs = proc(images=[pil for _, _, pil in samples], image_size=SIDE,
+                          resample="pil")
+            gen = lm.generate(**inputs, max_new_tokens=24, do_sample=False)
+            assert proc.batch_decode(gen[:, inputs["input_ids"].shape[1]:]) == after
         assert acc_after >= acc_before, (dtype, list(zip(after, refs)))
