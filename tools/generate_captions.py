@@ -15,9 +15,9 @@ for a Megatron checkpoint and its HF export alike:
 Images are resized as in training: the policy and size recorded in the checkpoint (the run's
 data.image for Megatron checkpoints, preprocessor_config.json for exports; e.g. 96 px for the
 CPU demo); --policy/--size override. The tokenizer is the checkpoint's (found from here or above
-the checkpoint), or --tokenizer. Greedy by default; stops at <|im_end|> or after --max-new-tokens (≤ 256). Prints one
-"path<TAB>caption" line per image (and optionally writes jsonl); with --eval-config the last line
-is "EVAL caption_exact_match=<fraction> n=<images>".
+the checkpoint), or --tokenizer. Greedy by default; stops at <|im_end|> or after
+--max-new-tokens (≤ 256). Prints one "path<TAB>caption" line per image (and optionally writes
+jsonl); with --eval-config the last line is "EVAL caption_exact_match=<fraction> n=<images>".
 """
 
 from __future__ import annotations

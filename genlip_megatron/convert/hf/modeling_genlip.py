@@ -5,7 +5,13 @@ referenced from ``config.json``'s ``auto_map``::
 
     model = AutoModel.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32)
     out = model(input_ids=ids, pixel_values=patches, image_grid_thw=grids)   # out.logits
+    tower = model(pixel_values=patches, image_grid_thw=grids)                # vision tower
     feats = model.encode_images(patches, grids)                              # list of [n_i, E]
+
+- :class:`GenLIPVisionModel`: the vision tower for MLLMs (``AutoModel`` of ``--vision-only``
+  exports; ``GenLIPModel.vision_model``), ``BaseModelOutputWithPooling`` like SigLIP/CLIP;
+- :class:`GenLIPModel`: ``[image | text]`` rows → logits/loss (the released checkpoints' keys);
+- :class:`GenLIPForCausalLM`: the same with ``generate()`` (``AutoModelForCausalLM``).
 
 It implements the reference forward (YanFangCS/GenLIP@db2c226 ``genlip_modeling.py``) exactly:
 conv patch embedding (applied as the equivalent linear on (C, ph, pw)-flattened patches), text
@@ -537,14 +543,13 @@ class GenLIPVisionModel(GenLIPPreTrainedModel):
                 raise ValueError("patch pixel_values [N, C*p*p] need image_grid_thw [n, 3].")
             grids = _grid_list(g)
         feats, valid, states = self._image_pass(patches, grids, output_hidden_states)
-        sizes = valid.sum(1, keepdim=True).to(feats.dtype)
-        pooled = (feats * valid[..., None]).sum(1) / sizes
-        if pixel_values.dim() == 2 or (pixel_values.dim() == 4 and
-                                       pixel_values.shape[-1] == cfg.patch_size and
-                                       pixel_values.shape[-2] == cfg.patch_size):
-            layout = lambda x: x[valid]                     # noqa: E731  packed [N, E]
-        else:
-            layout = lambda x: x * valid[..., None]         # noqa: E731  [n, Lmax, E]
+        pooled = (feats * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).to(feats.dtype)
+        packed = pixel_values.dim() == 2 or (pixel_values.dim() == 4 and tuple(
+            pixel_values.shape[-2:]) == (cfg.patch_size, cfg.patch_size))
+
+        def layout(x: torch.Tensor) -> torch.Tensor:   # packed [N, E] or zero-padded [n, L, E]
+            return x[valid] if packed else x * valid[..., None]
+
         out = BaseModelOutputWithPooling(
             last_hidden_state=layout(feats), pooler_output=pooled,
             hidden_states=tuple(layout(h) for h in states) if states is not None else None)
