@@ -223,11 +223,16 @@ def render_readout(image: Image.Image, readout: Sequence[PatchWords], path: str 
             words.setdefault(pwords.words[0], []).append(pwords.probs[0])
         order = sorted(words, key=lambda w: -len(words[w]))
         colors = {w: _PALETTE[i % len(_PALETTE)] for i, w in enumerate(order)}
+        small = _font(11)
         for pwords in readout:
             bx, by = x0 + pwords.col * pw, y0 + pwords.row * ph
             alpha = int(60 + 150 * pwords.probs[0])
             draw.rectangle([bx, by, bx + pw - 1, by + ph - 1],
                            fill=colors[pwords.words[0]] + (alpha,))
+            if pwords.words[0] != order[0] and pw >= 36:   # name the patches that stand out
+                _text(draw, (bx + 2, by + 2), _label(pwords.words[0])[: int(pw // 7)], small,
+                      (0, 0, 0))
+                _text(draw, (bx + 2, by + 14), f"{pwords.probs[0]:.2f}", small, (0, 0, 0))
         _text(draw, (px, y), "top-1 word: patches, mean prob", font, (80, 80, 80))
         y += line
         for w in order[: (canvas.height - y) // line]:
