@@ -7,19 +7,22 @@ step); "after export" runs tools-equivalent generation (KV cache) on the HF expo
 ``AutoModel.from_pretrained(trust_remote_code=True)``: the fp32 export must reproduce every
 caption token for token, the default bf16 export must be as accurate. transformers'
 ``generate()`` (``AutoModelForCausalLM`` + ``AutoProcessor`` on the raw PIL images) must give
-the probes' greedy captions too.
+the probes' greedy captions too, and ``tools/generate_captions.py`` on the checkpoint with no
+``--size`` reproduces the accuracy (the run's 48 px come from the checkpoint; 224 px misreads).
 """
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from convert_testlib import TINY, save_megatron, transformer_config
+from test_probes_cli import _cli
 
 from genlip_megatron.convert import megatron_to_hf
-from genlip_megatron.data.config import DEFAULT_PROMPT
+from genlip_megatron.data.config import DEFAULT_PROMPT, DataConfig, ImageConfig, TextConfig
 from genlip_megatron.data.synthetic import caption_corpus, render_sample
 from genlip_megatron.data.tokenizer import train_tiny_bpe
 from genlip_megatron.probes import caption_exact_match, generate_captions, load_image
@@ -108,7 +111,22 @@ def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
     acc_before = np.mean([b == r for b, r in zip(before, refs)])
     assert acc_before >= 0.75, (loss.item(), list(zip(before, refs)))
 
-    save_megatron([model], TINY, tmp_path / "mg")
+    # the run's data config (48 px, PIL resize) travels in the checkpoint: the CLI needs no --size
+    data = DataConfig(image=ImageConfig(policy="fixed", fixed_size=SIDE, decoder="pillow"),
+                      text=TextConfig(tokenizer_path=str(tmp_path / "tok.json")))
+    save_megatron([model], TINY, tmp_path / "mg", data=data)
+    files = []
+    for i, (_, _, pil) in enumerate(samples):
+        pil.save(tmp_path / f"img{i}.png")
+        files.append(str(tmp_path / f"img{i}.png"))
+    cli = _cli("generate_captions")
+    for extra, name in (([], "ckpt"), (["--size", "224"], "224")):
+        assert cli.main([str(tmp_path / "mg"), *files, "--max-new-tokens", "24",
+                         "--json", str(tmp_path / f"{name}.jsonl"), *extra]) == 0
+    cli_caps = [json.loads(ln)["caption"] for ln in open(tmp_path / "ckpt.jsonl")]
+    assert cli_caps == before                       # the checkpoint's 48 px: same accuracy
+    wrong = [json.loads(ln)["caption"] for ln in open(tmp_path / "224.jsonl")]
+    assert np.mean([w == r for w, r in zip(wrong, refs)]) < acc_before   # 224 px misreads
     images = [im.as_input() for im, _, _ in samples]
     for dtype in ("fp32", "bf16"):
         out = megatron_to_hf(tmp_path / "mg", tmp_path / f"hf_{dtype}", dtype=dtype,
