@@ -200,7 +200,7 @@ def write_hf_files(dst: Path, m: ModelConfig, *, dtype: str, vision_only: bool,
              "max_new_tokens": 256}, indent=2) + "\n")
     if not (dst / "tokenizer_config.json").is_file():
         (dst / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>",
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
              "pad_token": "<|endoftext|>", "padding_side": "left"}, indent=2) + "\n")
 
 

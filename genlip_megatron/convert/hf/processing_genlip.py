@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 import torch
+import transformers
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -37,6 +38,11 @@ class GenLIPProcessor(ProcessorMixin):
         tokenizer: the training tokenizer (holds ``<|image_pad|>``, ``<|im_end|>``).
         prompt: the default user prompt (the training ``data.text.prompt``).
     """
+
+    if int(transformers.__version__.split(".")[0]) < 5:   # 4.x finds sub-processors this way
+        attributes = ["image_processor", "tokenizer"]
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, prompt: str = DEFAULT_PROMPT,
                  **kwargs: Any) -> None:
