@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from genlip_megatron.config import ModelConfig
 from genlip_megatron.config_loader import to_dict
-from genlip_megatron.data.config import DEFAULT_PROMPT
 from genlip_megatron.convert.hf_config import HF_FILES, PROCESSOR_AUTO_MAP, \
     check_against_variant, hf_config_dict, image_processor_dict, image_settings, \
     model_config_from_dict, read_hf_config
@@ -41,6 +41,7 @@ from genlip_megatron.convert.registry import MEGATRON_EXTRA_STATE, ConversionErr
     MappingRegistry, hf_pattern, hf_shapes, mapping_registry
 from genlip_megatron.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter, \
     dtype_from_name
+from genlip_megatron.data.config import DEFAULT_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ def _tokenizer_ids(tok_json: Optional[Path]) -> dict:
     """``image_token_id`` and vision start/end ids of a tokenizer.json (None when absent)."""
     if tok_json is None or not tok_json.is_file():
         return {}
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_file(str(tok_json))
     return {"image_token_id": tok.token_to_id("<|image_pad|>"),
             "special_ids": {"vision_start_token_id": tok.token_to_id("<|vision_start|>"),
@@ -147,24 +146,30 @@ def resolve_run_tokenizer(common: dict, checkpoint: str | Path) -> tuple[Optiona
     """The training tokenizer of a Megatron checkpoint, wherever the command runs.
 
     ``data.text.tokenizer_path`` is usually relative to the folder training ran in (e.g.
-    ``data/demo/tokenizer.json``); it is tried as given (absolute, or from the current folder),
-    then under every folder above the checkpoint (the run's folder holds ``runs/...`` and
-    ``data/...`` side by side).
+    ``data/demo/tokenizer.json``): it is looked up under every folder above the checkpoint,
+    nearest first (the run's folder holds ``runs/...`` and ``data/...`` side by side), then as
+    given (absolute, or from the current folder). A file with more ids than the model's
+    vocabulary is some other run's tokenizer and is passed over.
 
     Returns:
         (the tokenizer.json or None, the configured path for messages, "" when unset).
     """
-    configured = (((common.get("config") or {}).get("data") or {}).get("text") or {}) \
-        .get("tokenizer_path") or ""
+    config = common.get("config") or {}
+    configured = ((config.get("data") or {}).get("text") or {}).get("tokenizer_path") or ""
     if not configured:
         return None, ""
     rel = Path(configured)
-    candidates = [rel] + ([] if rel.is_absolute() else
-                          [d / rel for d in Path(checkpoint).resolve().parents])
+    vocab = (config.get("model") or {}).get("vocab_size")
+    candidates = ([] if rel.is_absolute() else
+                  [d / rel for d in Path(checkpoint).resolve().parents]) + [rel]
     for cand in candidates:
-        if cand.is_file():
+        if cand.is_file() and (vocab is None or _tokenizer_size(cand) <= int(vocab)):
             return cand, configured
     return None, configured
+
+
+def _tokenizer_size(path: Path) -> int:
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
 def write_hf_files(dst: Path, m: ModelConfig, *, dtype: str, vision_only: bool,

@@ -69,3 +69,25 @@ def test_tools_take_size_and_tokenizer_from_the_checkpoint(mp_state, tmp_path, m
     with caplog.at_level(logging.ERROR):
         assert readout.main([str(hf), img, "--word", "zzqx", "--out", str(tmp_path / "x.png")]) == 2
     assert "is not one token" in caplog.text
+
+
+def test_run_tokenizer_is_found_above_the_checkpoint_and_must_fit_the_vocab(tmp_path,
+                                                                            monkeypatch):
+    from genlip_megatron.convert.converter import resolve_run_tokenizer
+    from genlip_megatron.data.synthetic import caption_corpus
+    from genlip_megatron.data.tokenizer import train_tiny_bpe
+
+    ckpt = tmp_path / "run" / "runs" / "ckpt" / "iter_0000003"
+    ckpt.mkdir(parents=True)
+    common = {"config": {"data": {"text": {"tokenizer_path": "data/tok.json"}},
+                         "model": {"vocab_size": 140}}}
+    big = train_tiny_bpe(caption_corpus(), 400, tmp_path / "run" / "runs" / "data" / "tok.json")
+    assert big.vocab_size > 140          # nearer the checkpoint, but another model's tokenizer
+    small = train_tiny_bpe(caption_corpus(), 120, tmp_path / "run" / "data" / "tok.json")
+    assert small.vocab_size <= 140
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_tokenizer(common, ckpt) == (tmp_path / "run" / "data" / "tok.json",
+                                                   "data/tok.json")
+    (tmp_path / "run" / "data" / "tok.json").unlink()
+    assert resolve_run_tokenizer(common, ckpt) == (None, "data/tok.json")
+    assert resolve_run_tokenizer({"config": {}}, ckpt) == (None, "")
