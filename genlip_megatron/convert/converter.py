@@ -299,6 +299,23 @@ def _validate_layout(m: ModelConfig, tp: int, pp: int) -> None:
                               f"({pp}); use pp in {ok}.")
 
 
+def _export_data_section(src: Path) -> dict:
+    """The ``data`` keys an export knows (image preprocessing, tokenizer), for the probes and a
+    later ``to-hf`` of the converted checkpoint."""
+    out: dict = {}
+    pre = src / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        keys = {"image_policy": "policy", "image_size": "fixed_size", "min_pixels": "min_pixels",
+                "max_pixels": "max_pixels", "max_aspect_ratio": "max_aspect_ratio",
+                "patch_size": "patch_size"}
+        out["image"] = {new: p[old] for old, new in keys.items() if old in p}
+        out["image"]["decoder"] = "pillow" if p.get("resample") == "pil" else "dali"
+    if (src / "tokenizer.json").is_file():
+        out["text"] = {"tokenizer_path": str((src / "tokenizer.json").resolve())}
+    return out
+
+
 def hf_to_megatron(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1,
                    dtype: Optional[str] = None, variant: Optional[str] = None,
                    force: bool = False, progress: bool = True) -> Path:
@@ -343,7 +360,8 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1
         return b.rule.to_megatron(tuple(reader.get(n) for n in b.hf)).to(dtype_of(key))
 
     common = {
-        "config": {"model": to_dict(m), "parallel": {"tp": tp, "pp": pp}},
+        "config": {"model": to_dict(m), "parallel": {"tp": tp, "pp": pp},
+                   "data": _export_data_section(src)},
         # dp 0: no per-rank state (RNG, data loader) in this checkpoint, so a loading trainer
         # never takes it for a same-layout resume.
         "layout": {"tp": tp, "pp": pp, "dp": 0},

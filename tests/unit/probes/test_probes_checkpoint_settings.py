@@ -58,6 +58,12 @@ def test_tools_take_size_and_tokenizer_from_the_checkpoint(mp_state, tmp_path, m
     assert (cfg["image_policy"], cfg["image_size"], cfg["resample"]) == ("fixed", 32, "pil")
     assert json.loads((hf / "preprocessor_config.json").read_text())["image_size"] == 32
     assert _grid(feats, hf, img, tmp_path / "d.st") == [2, 2]
+    # from-hf keeps both for the converted Megatron checkpoint
+    assert _cli("convert_checkpoint").main(["from-hf", str(hf), str(tmp_path / "mg2"),
+                                            "--no-progress"]) == 0
+    assert _grid(feats, tmp_path / "mg2", img, tmp_path / "e.st") == [2, 2]
+    assert _cli("generate_captions").main([str(tmp_path / "mg2"), img,
+                                           "--max-new-tokens", "2"]) == 0
 
     readout = _cli("patch_readout")
     capsys.readouterr()
