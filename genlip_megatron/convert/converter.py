@@ -2,8 +2,10 @@
 
 - :func:`megatron_to_hf`: a Megatron distributed checkpoint of any TP/PP (read on CPU, one
   process) → ``config.json`` + one ``model.safetensors`` (bf16 by default) + the bundled
-  modeling files (``auto_map``) + tokenizer files when given. ``vision_only`` drops the text
-  embedding, in_proj/proj and lm_head (what an MLLM loads).
+  modeling, image-processing and processing files (``auto_map``) + the run's image
+  preprocessing (``preprocessor_config.json``) + the run's tokenizer (required unless
+  ``require_tokenizer=False``). ``vision_only`` drops the text embedding, in_proj/proj and
+  lm_head (what an MLLM loads; ``AutoModel`` is then the vision tower).
 - :func:`hf_to_megatron`: a released-format directory → a Megatron checkpoint
   (``<dst>/iter_0000000`` + ``latest``) that the trainer loads with ``training.init_from`` under
   any TP/PP; ``tp``/``pp`` are validated, recorded and used to chunk the tensors as a run of that
