@@ -523,8 +523,9 @@ class GenLIPVisionModel(GenLIPPreTrainedModel):
                 output_hidden_states: bool = False, return_dict: bool = True, **kwargs):
         """Encode images; see the class docstring for the input layouts and outputs."""
         if kwargs:
-            raise ValueError(f"this is a vision-only export (GenLIPVisionModel): it takes "
-                             f"pixel_values and image_grid_thw, not {sorted(kwargs)}.")
+            raise ValueError(f"GenLIPVisionModel (the vision tower; what a vision-only export "
+                             f"loads as) takes pixel_values and image_grid_thw, not "
+                             f"{sorted(kwargs)}.")
         cfg = self.config
         d = cfg.num_channels * cfg.patch_size ** 2
         padded = pixel_values.dim() == 3 and pixel_values.shape[-1] == d
@@ -548,7 +549,10 @@ class GenLIPVisionModel(GenLIPPreTrainedModel):
             pixel_values.shape[-2:]) == (cfg.patch_size, cfg.patch_size))
 
         def layout(x: torch.Tensor) -> torch.Tensor:   # packed [N, E] or zero-padded [n, L, E]
-            return x[valid] if packed else x * valid[..., None]
+            if packed:
+                return x[valid]
+            x = x * valid[..., None]
+            return F.pad(x, (0, 0, 0, pixel_values.shape[1] - x.shape[1])) if padded else x
 
         out = BaseModelOutputWithPooling(
             last_hidden_state=layout(feats), pooler_output=pooled,

@@ -122,15 +122,16 @@ def test_auto_image_processor_and_vision_model_equal_our_encoder(exports, images
                                atol=1e-5, rtol=1e-5)
     assert lm.vision_model.ln_post is lm.ln_post and "vision_model" not in dict(lm.named_children())
     # padded [n, Lmax, C*p*p] layout, and same-size images as a [B, C, H, W] tensor
-    padded = torch.zeros(2, 16, 768)
-    padded[0], padded[1, :15] = inputs["pixel_values"][:16], inputs["pixel_values"][16:]
+    padded = torch.zeros(2, 18, 768)
+    padded[0, :16], padded[1, :15] = inputs["pixel_values"][:16], inputs["pixel_values"][16:]
     pad_out = tower(padded, inputs["image_grid_thw"])
+    assert pad_out.last_hidden_state.shape == (2, 18, TINY.hidden_size)
     torch.testing.assert_close(pad_out.last_hidden_state[1, :15], got[1], atol=1e-5, rtol=1e-5)
-    assert pad_out.last_hidden_state[1, 15].abs().sum() == 0
+    assert pad_out.last_hidden_state[1, 15:].abs().sum() == 0
     batch = inputs["pixel_values"][:16].reshape(4, 4, 3, 16, 16).permute(2, 0, 3, 1, 4)
     img_out = tower(batch.reshape(1, 3, 64, 64))
     torch.testing.assert_close(img_out.last_hidden_state[0], got[0], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="vision-only export"):
+    with pytest.raises(ValueError, match="takes pixel_values and image_grid_thw, not"):
         tower(inputs["pixel_values"], inputs["image_grid_thw"], input_ids=torch.zeros(1, 3))
 
 
