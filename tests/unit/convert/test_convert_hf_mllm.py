@@ -215,6 +215,11 @@ def test_generate_equals_probe_greedy_and_samples(exports, images):
     assert proc.batch_decode(out[:, inputs["input_ids"].shape[1]:]) == \
         [tok.decode(p) for p in probe]
 
+    custom = proc(images=images[0][:1], text="What shape?  ")   # prompt right-stripped
+    assert custom["input_ids"][0, 16:].tolist() == tok.encode("What shape?")
+    with pytest.raises(ValueError, match="1 prompts for 2 images"):
+        proc(images=images[0], text=["one"])
+
     torch.manual_seed(0)
     s1 = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.5)
     torch.manual_seed(0)
