@@ -1,2 +1,4 @@
-"""Self-contained HF modeling files: copied into every export (``auto_map``) and importable as
-``genlip_megatron.convert.hf.modeling_genlip``; they import nothing from genlip_megatron."""
+"""Self-contained HF files copied into every export (``auto_map``): the configuration, the
+models (``GenLIPModel``, ``GenLIPForCausalLM``, ``GenLIPVisionModel``), ``GenLIPImageProcessor``
+and ``GenLIPProcessor``. Importable as ``genlip_megatron.convert.hf.<file>``; they import nothing
+from genlip_megatron."""
