@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         model, _ = load_genlip_for_inference(
             args.checkpoint, tokenizer=args.tokenizer, device=args.device,
             dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-        cfg = image_config(args, model)
+        cfg = image_config(args, model, logger)
         images = [load_image(f, config=cfg) for f in args.images]
         feats = encode_images(model, [im.as_input() for im in images], args.batch_size,
                               pool=args.pool)

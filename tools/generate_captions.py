@@ -46,7 +46,7 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def image_config(args, model):
+def image_config(args, model, log: logging.Logger = logger):
     """The checkpoint's training image preprocessing, with --policy/--size overrides."""
     from genlip_megatron.probes import checkpoint_image_config
 
@@ -56,7 +56,7 @@ def image_config(args, model):
     if args.policy is not None:
         cfg.policy = args.policy
     cfg.patch_size = model.config.patch_size
-    logger.info("images: %s (%s)", f"fixed {cfg.fixed_size}x{cfg.fixed_size}"
+    log.info("images: %s (%s)", f"fixed {cfg.fixed_size}x{cfg.fixed_size}"
                 if cfg.policy == "fixed" else
                 f"native smart-resize, {cfg.min_pixels}..{cfg.max_pixels} px",
                 "overridden" if args.size or args.policy else "from the checkpoint")

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         if model.config.vision_only:
             raise ValueError(f"{args.checkpoint} is a vision-only export (no LM head to read "
                              "out); use the full export.")
-        img = load_image(args.image, config=image_config(args, model))
+        img = load_image(args.image, config=image_config(args, model, logger))
         if args.word is not None:
             if tok is None:
                 raise ValueError("--word needs a tokenizer; pass --tokenizer.")
