@@ -33,7 +33,7 @@ def test_ranks_partition_shards_every_epoch():
 
 def test_too_few_shards_for_dp_is_an_error(data_root):
     src = [SourceConfig(paths=str(data_root / "s1" / "shard-00000[01].tar"))]
-    with pytest.raises(ValueError, match=r"data.sources\[0\].paths matches 2 shards"):
+    with pytest.raises(ValueError, match=r"data.sources\[0\].paths has 2 readable shard"):
         build_streams(src, seed=0, dp_rank=0, dp_size=4, streams_per_source=2,
                       shuffle_buffer=4, shuffle_shards=True)
 
