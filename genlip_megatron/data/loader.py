@@ -70,6 +70,7 @@ class ResumePoint:
     replay_until: int = 0       # indices below this were consumed before the save ...
     keep: frozenset = frozenset()  # ... except these, which sat in the packing buffer
     suspects: frozenset = frozenset()  # in flight at a worker crash: decode in isolation
+    crashed: frozenset = frozenset()   # (url, key) known to crash the decoder: never retried
 
 
 class Producer:
@@ -95,6 +96,7 @@ class Producer:
             if g % num_workers == worker:
                 stream.restore(StreamCursor.from_list(start.cursors[g]))
         self.processor = SampleProcessor(cfg, tokenizer, decode=decode)
+        self.processor.crashed |= start.crashed
         self.worker, self.num_workers, self.start = worker, num_workers, start
         self.batch_size = cfg.image.decode_batch_size
         self.inflight = inflight  # shared array: [count, index...] being processed now
@@ -344,6 +346,7 @@ class PackedLoader:
                                   [list(c) for c in self._cursors])])
         self._lookahead: deque[SampleResult] = deque()
         self._since_use = [_Streak() for _ in self.cfg.sources]
+        self._crashed: set[tuple[str, str]] = getattr(self, "_crashed", set())
         self._ordered: Optional[Iterator[SampleResult]] = None
         self._loaded_state: Optional[dict] = None
         self._expected_buffer: Optional[list[int]] = None
@@ -478,6 +481,7 @@ class PackedLoader:
                        self.dp_rank, how, len(inflight), start.index, deaths, limit)
         self._counters["worker_restarts"] += 1
         start.suspects = old.suspects | inflight
+        start.crashed = frozenset(self._crashed)
         self._procs[w] = self._spawn(w, start, decode)
         self._procs[w].deaths = deaths
 
@@ -496,6 +500,8 @@ class PackedLoader:
             self.packer.push(item)
             self._since_use[source] = _Streak()
         elif isinstance(item, Skipped):
+            if item.reason == "decoder_crash":
+                self._crashed.add((item.url, item.key))
             self._check_progress(source, item, res.stream, res.cursor_after[0])
         self._next_index = n + 1
         if self._next_index % self.cfg.reader.snapshot_interval == 0:

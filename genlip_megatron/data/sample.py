@@ -120,6 +120,7 @@ class SampleProcessor:
         self.formats = list(formats) if formats is not None else [s.format for s in cfg.sources]
         self.max_len = cfg.text.max_sample_len or cfg.max_seq_len
         self.decoder = build_decoder(cfg.image, device) if decode else None
+        self.crashed: set[tuple[str, str]] = set()  # (url, key) that crashed the decoder
 
     def process(self, raws: Sequence[tuple[int, RawSample]], suspects: frozenset = frozenset()
                 ) -> list[Union[ProcessedSample, Skipped]]:
@@ -178,12 +179,17 @@ class SampleProcessor:
         if not samples:
             return []
         images: list = [None] * len(samples)
-        risky = [i for i, s in enumerate(samples) if s.index in suspects]
+        for i, s in enumerate(samples):  # never retried: it would kill the process again
+            if (s.url, s.key) in self.crashed:
+                images[i] = SampleError("decoder_crash", "crashed the decoder before")
+        risky = [i for i, s in enumerate(samples) if s.index in suspects and images[i] is None]
         if risky:
             for i, img in zip(risky, decode_isolated(self.cfg.image, self.decoder.device,
                                                      [samples[i].encoded for i in risky],
                                                      [samples[i].target for i in risky])):
                 images[i] = img
+                if getattr(img.image, "reason", None) == "decoder_crash":
+                    self.crashed.add((samples[i].url, samples[i].key))
         rest = [i for i in range(len(samples)) if images[i] is None]
         fell_back: set[int] = {i for i in risky if getattr(images[i], "fallback", False)}
         for i, img, fb in zip(rest, *self._decode_batch([samples[i] for i in rest])):

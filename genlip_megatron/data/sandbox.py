@@ -10,13 +10,17 @@ the rest come back decoded exactly as in the worker (same decoder, same pixels).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
-import multiprocessing as mp
+import os
+import pickle
+import select
 import signal
+import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 
 from genlip_megatron.data.config import ImageConfig
@@ -34,44 +38,53 @@ class Isolated:
     fallback: bool = False
 
 
-def _child(cfg: ImageConfig, device: str, datas: list[bytes], sizes: list[tuple[int, int]],
-           conn) -> None:
+def _decode_here(cfg: ImageConfig, device: str, datas: list[bytes],
+                 sizes: list[tuple[int, int]]) -> list[tuple]:
     decoder = build_decoder(cfg, device)
     images = decoder.decode(datas, sizes)
     fell = getattr(decoder, "last_fallbacks", set())
-    conn.send([(img.numpy() if hasattr(img, "numpy") else img, i in fell)
-               for i, img in enumerate(images)])
-    conn.close()
+    return [(img.numpy() if isinstance(img, torch.Tensor) else img, i in fell)
+            for i, img in enumerate(images)]
 
 
 def _attempt(cfg: ImageConfig, device: str, datas: list[bytes], sizes: list[tuple[int, int]],
              timeout_s: float) -> Union[list[Isolated], str]:
-    """Decode in one forked child: its results, or why it failed (a signal, a hang)."""
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cfg, device, datas, sizes, send), daemon=True)
-    proc.start()
-    send.close()
-    result = None
-    try:
-        if wait([recv], timeout_s):
-            try:
-                result = recv.recv()
-            except (EOFError, OSError):
-                result = None
-    finally:
-        proc.join(timeout=timeout_s if result is not None else 1.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        recv.close()
-    if result is None:
-        code = proc.exitcode
-        if code is not None and code < 0:
-            return f"decoder process killed by {signal.Signals(-code).name}"
-        return f"decoder process exited with {code} (timeout {timeout_s:.0f} s)"
-    return [Isolated(torch.from_numpy(img) if hasattr(img, "shape") else img, fb)
-            for img, fb in result]
+    """Decode in one forked child: its results, or why it failed (a signal, a hang).
+
+    ``os.fork`` rather than multiprocessing: loader workers are daemonic processes, which
+    multiprocessing forbids to have children.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: decode, send, exit without running the parent's clean-up
+        code = 1
+        try:
+            faulthandler.disable()  # a crash here is expected and reported by the parent
+            os.close(r)
+            with os.fdopen(w, "wb") as f:
+                f.write(pickle.dumps(_decode_here(cfg, device, datas, sizes)))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + timeout_s
+    with os.fdopen(r, "rb", buffering=0) as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"decoder process killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WEXITSTATUS(status) != 0 or not chunks:
+        return f"decoder process exited with {os.WEXITSTATUS(status)}"
+    return [Isolated(torch.from_numpy(img) if isinstance(img, np.ndarray) else img, fb)
+            for img, fb in pickle.loads(b"".join(chunks))]
 
 
 def decode_isolated(cfg: ImageConfig, device: str, datas: Sequence[bytes],

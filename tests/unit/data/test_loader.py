@@ -186,8 +186,8 @@ def test_all_shards_unreadable_fails_at_start_naming_them(tmp_path, data_root):
         (tmp_path / f"x{i}.tar").write_bytes(b"garbage" * 100)
     cfg = make_cfg(data_root)
     cfg.sources = [SourceConfig(paths=[str(tmp_path / "*.tar"), str(tmp_path / "gone.tar")])]
-    with pytest.raises(ValueError, match=r"0 readable shard.*not a tar: \[.*x0.tar.*x1.tar.*"
-                                         r"missing: \[.*gone.tar"):
+    with pytest.raises(ValueError, match=r"0 readable shard.*missing: \[.*gone.tar.*"
+                                         r"not a tar: \[.*x0.tar.*x1.tar"):
         build_train_loader(cfg, dp_rank=0, dp_size=1, micro_batch_size=1, seed=0)
 
 
