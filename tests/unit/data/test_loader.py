@@ -60,6 +60,10 @@ def test_stage1_caption_rows(data_root, tiny_tok):
         assert (b.image_grid_hw == 4).all()  # fixed 64 px → 4×4 patches
     c = loader.counters()
     assert c["rows"] == 6 and packing_efficiency(c) > 0.97
+    # conservation: every used sample is in a row or still in the packing buffer
+    assert c["samples/used"] == c["samples/packed"] + len(loader.packer.buffer)
+    assert c["samples/read"] == c["samples/used"] + sum(
+        v for k, v in c.items() if k.startswith("skipped/"))
     assert sum(v for k, v in c.items() if k.startswith("skipped/")) == 0
 
 
