@@ -425,3 +425,16 @@ def test_workers_and_forkserver_exit_when_the_trainer_is_killed(data_root):
         alive = [p for p in alive if psutil.pid_exists(p) and
                  psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, [psutil.Process(p).cmdline() for p in alive]
+
+
+def test_skip_lines_are_rate_limited(caplog):
+    log = sample_mod.SkipLog(first=3, every_s=3600)
+    with caplog.at_level("DEBUG", logger="genlip_megatron.data.sample"):
+        for i in range(1000):
+            log.log(sample_mod.Skipped(i, f"k{i}", "u.tar", 0, "bad_json"))
+        log.log(sample_mod.Skipped(0, "other", "u.tar", 0, "too_long"))
+        log.every_s = 0.0
+        log.log(sample_mod.Skipped(0, "late", "u.tar", 0, "bad_json"))
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(info) == 5 and sum(r.levelname == "DEBUG" for r in caplog.records) == 997
+    assert "late" in info[-1] and "997 more bad_json skips not logged" in info[-1]
