@@ -140,9 +140,9 @@ class ReaderConfig:
     snapshot_interval: int = 64
     """Keep a resume point every this many samples (restores replay at most this many extra)."""
     max_consecutive_skips: int = 10000
-    """Stop with an error when a source yields this many skipped samples in a row, or reads two
-    whole epochs without one usable sample (e.g. max_seq_len below every sample), instead of
-    looping forever."""
+    """Stop with an error when a source yields this many skipped samples in a row, or reads a
+    whole epoch of every stream without one usable sample (e.g. max_seq_len below every
+    sample), instead of looping forever."""
     max_worker_restarts: int = 3
     """A worker that dies (killed, or a native decoder crash) is restarted from its position;
     after this many deaths in a row without delivering a sample the run stops."""

@@ -18,8 +18,8 @@ would have produced. No pixels are stored.
 Hostile data and dying workers (nothing stops, hangs or silently thins a run):
 - every per-sample problem is a counted skip (``skipped/<reason>``), so ``samples/read ==
   samples/used + Σ skipped/*``; shard problems are counted apart (``shards/<problem>``);
-- a source that yields ``data.reader.max_consecutive_skips`` skips in a row, or two whole
-  epochs without a usable sample, stops the run with the reason instead of looping;
+- a source that yields ``data.reader.max_consecutive_skips`` skips in a row, or a whole epoch
+  of every stream without a usable sample, stops the run with the reason instead of looping;
 - the trainer waits on each worker's queue *and* its process sentinel, and holds no write end
   of the queue, so a worker killed mid-message (SIGKILL, a native segfault) is noticed within
   a second; it is restarted from the cursor of the last sample it delivered, with the samples
@@ -37,8 +37,8 @@ import queue as queue_mod
 import signal
 import traceback
 from collections import Counter, deque
-from multiprocessing.connection import wait
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Iterator, Optional
 
 import torch
@@ -222,6 +222,7 @@ class PackedLoader:
             self._counters[f"shards/{problem}"] += len(paths[dp_rank::dp_size])
         self._startup_counters = {k: v for k, v in self._counters.items() if v}
         self._procs: list[_Worker] = []
+        self._crashed: set[tuple[str, str]] = set()  # (url, key) that crashed a decoder
         self._reset(ResumePoint(0, [0] * len(cfg.sources),
                                 [StreamCursor().to_list() for _ in streams]))
 
@@ -346,7 +347,6 @@ class PackedLoader:
                                   [list(c) for c in self._cursors])])
         self._lookahead: deque[SampleResult] = deque()
         self._since_use = [_Streak() for _ in self.cfg.sources]
-        self._crashed: set[tuple[str, str]] = getattr(self, "_crashed", set())
         self._ordered: Optional[Iterator[SampleResult]] = None
         self._loaded_state: Optional[dict] = None
         self._expected_buffer: Optional[list[int]] = None

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from webdataset.tariterators import tarfile_samples
 
 from genlip_megatron.data.config import SourceConfig
 from genlip_megatron.data.shards import ShardStream, SourceSchedule, StreamCursor, \
-    build_streams, expand_shards, rank_streams
+    build_streams, expand_shards, iter_tar_samples, rank_streams
 
 
 def test_expand_globs_braces_and_lists(data_root):
@@ -91,3 +92,13 @@ def test_unreadable_shard_is_reported_once_even_after_restore(tmp_path, data_roo
     again = [next(b) for _ in range(15)]
     assert [s.key for s in again] == [s.key for s in got[5:]]
     assert all(not s.shard_errors for s in again)
+
+
+def test_tar_reader_groups_like_webdataset(data_root):
+    url = expand_shards(str(data_root / "s2" / "*.tar"))[0]
+    errors = []
+    ours = list(iter_tar_samples(url, errors))
+    ref = list(tarfile_samples([{"url": url}]))
+    assert not errors and len(ours) == len(ref) == 40
+    for a, b in zip(ours, ref):
+        assert a == {k: v for k, v in b.items() if k != "__local_path__"}
