@@ -11,9 +11,9 @@ Decoders share one interface, ``decode(datas, sizes) -> list[tensor | SampleErro
   ``device="cpu"`` with ``device_id=None`` otherwise; resize in DALI (``fn.resize``) or, on CPU
   by default, torch's uint8 antialiased bilinear (measured ~3× faster than DALI's CPU resize and
   closer to the reference's PIL output). Images DALI cannot take (a format other than
-  JPEG/PNG/WebP whatever the file name says, e.g. a GIF named .png, which also crashed DALI's
-  CPU decoder on the next batches; a JPEG without its end marker) never reach it: they go to
-  Pillow directly. A failing batch invalidates the pipeline; it is rebuilt and the batch
+  JPEG/PNG/WebP whatever the file name says, e.g. a GIF named .png; a JPEG, PNG or WebP cut
+  short) never reach it: they go to Pillow directly, because repeated DALI failures and
+  pipeline rebuilds segfault DALI's CPU decoder (see :func:`dali_can_decode`). A failing batch invalidates the pipeline; it is rebuilt and the batch
   bisected, so only the image that fails by itself is decoded by Pillow and every image's
   pixels are independent of its batch-mates (exact resume). Pillow fallbacks are counted
   (``last_fallbacks``) and refused with ``data.image.allow_fallback: false``.
@@ -134,12 +134,22 @@ def probe_image(data: bytes) -> ImageInfo:
 
 
 def dali_can_decode(data: bytes) -> bool:
-    """True when the bytes are a JPEG (with its end marker), PNG or WebP: what DALI's CPU
-    decoder is given. Checked on the magic bytes, not the member's file extension."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return True
+    """True when the bytes are a complete JPEG, PNG or WebP: what DALI's CPU decoder is given.
+
+    Checked on the magic bytes (not the member's file extension) and on the end of the file
+    (JPEG end marker, PNG IEND chunk, WebP RIFF length): every DALI failure invalidates the
+    pipeline, and repeated failure + rebuild cycles segfault DALI's CPU decoder (measured with
+    truncated PNGs, bad WebPs and GIFs named .png), so anything suspect goes to Pillow.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # RIFF length, then a VP8* chunk
+        riff = int.from_bytes(data[4:8], "little") + 8
+        chunk = int.from_bytes(data[16:20], "little") + 20
+        return riff <= len(data) <= riff + 1 and data[12:16] in (b"VP8 ", b"VP8L", b"VP8X") \
+            and chunk <= riff
     kind = next((f for magic, f in DALI_FORMATS.items() if data.startswith(magic)), None)
-    return kind == "PNG" or (kind == "JPEG" and not jpeg_looks_truncated(data))
+    if kind == "PNG":
+        return data.rfind(b"IEND", max(0, len(data) - 64)) >= 0
+    return kind == "JPEG" and not jpeg_looks_truncated(data)
 
 
 def jpeg_looks_truncated(data: bytes) -> bool:

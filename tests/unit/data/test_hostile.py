@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 from genlip_megatron.data import sample as sample_mod
 from genlip_megatron.data.config import ImageConfig, SourceConfig
 from genlip_megatron.data.image import CRASH_MARKER_ENV, DaliDecoder, PillowDecoder, \
-    target_size
+    dali_can_decode, target_size
 from genlip_megatron.data.loader import build_train_loader
 from genlip_megatron.data.sample import ProcessedSample
 from genlip_megatron.data.synthetic import encode_image, render_sample
@@ -276,15 +276,21 @@ def test_gif_named_png_then_full_batches_does_not_crash_dali():
 
 def test_fallback_is_per_sample_and_can_be_refused():
     good = encode_image(_img(3)[0])
-    cut_png = encode_image(_img(4)[0], "png")
-    cut_png = cut_png[:len(cut_png) * 2 // 3]
+    png, webp = encode_image(_img(4)[0], "png"), encode_image(_img(4)[0], "webp")
     gif = _save(_img(5)[0], "GIF")
+    # complete-looking PNG that DALI rejects: it fails the DALI batch, which is bisected
+    broken = b"\x89PNG\r\n\x1a\n" + b"x" * 200 + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    assert dali_can_decode(png) and dali_can_decode(webp) and dali_can_decode(broken)
+    # truncated files never reach DALI (repeated DALI failures segfault it)
+    assert not any(dali_can_decode(d[:len(d) * 2 // 3]) for d in (png, webp, good))
+    assert not dali_can_decode(gif)
     dec = DaliDecoder(make_cfg_image(), "cpu")
     alone = dec.decode([good], [(32, 32)])[0]
-    out = dec.decode([cut_png, good, gif, good], [(32, 32)] * 4)
-    # the batch failed in DALI (the cut PNG) but the good images still come from DALI
+    out = dec.decode([broken, good, gif, good, png[:100]], [(32, 32)] * 5)
+    # the batch failed in DALI but the good images still come from DALI, not Pillow
     assert torch.equal(out[1], alone) and torch.equal(out[3], alone)
-    assert dec.last_fallbacks == {2} and out[0].reason == "undecodable_image"
+    assert dec.last_fallbacks == {2}
+    assert out[0].reason == out[4].reason == "undecodable_image"
     strict = make_cfg_image()
     strict.allow_fallback = False
     with pytest.raises(RuntimeError, match="allow_fallback is false"):
