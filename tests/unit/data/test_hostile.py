@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 from genlip_megatron.data import sample as sample_mod
 from genlip_megatron.data.config import ImageConfig, SourceConfig
 from genlip_megatron.data.image import CRASH_MARKER_ENV, DaliDecoder, PillowDecoder, \
-    dali_can_decode, target_size
+    dali_can_decode, stderr_to_debug_log, target_size
 from genlip_megatron.data.loader import build_train_loader
 from genlip_megatron.data.sample import ProcessedSample
 from genlip_megatron.data.synthetic import encode_image, render_sample
@@ -446,3 +446,12 @@ def test_skip_lines_are_rate_limited(caplog):
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert len(info) == 5 and sum(r.levelname == "DEBUG" for r in caplog.records) == 997
     assert "late" in info[-1] and "997 more bad_json skips not logged" in info[-1]
+
+
+def test_native_stderr_goes_to_the_debug_log(caplog, capfd):
+    with caplog.at_level("DEBUG", logger="genlip_megatron.data.image"):
+        with stderr_to_debug_log():
+            os.write(2, b"libpng warning: iCCP: known incorrect sRGB profile\n")
+    assert "known incorrect sRGB profile" not in capfd.readouterr().err
+    assert any("known incorrect sRGB" in r.getMessage() and r.levelname == "DEBUG"
+               for r in caplog.records)
