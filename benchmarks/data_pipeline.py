@@ -353,7 +353,8 @@ def run_ours(root: Path, tok: TextTokenizer, stage: int, workers: int,
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short windows (12 rows or 8 s): a smoke check, not the README figures")
+    p.add_argument("--quick", action="store_true",
+                   help="short windows (12 rows or 8 s): a smoke check, not the README figures")
     p.add_argument("--workers", type=int, default=2, help="worker processes for both pipelines")
     p.add_argument("--rounds", type=int, default=None, help="alternating measurement rounds")
     p.add_argument("--data-dir", type=Path, default=None, help="where to generate/reuse data")

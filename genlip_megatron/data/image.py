@@ -13,9 +13,10 @@ Decoders share one interface, ``decode(datas, sizes) -> list[tensor | SampleErro
   closer to the reference's PIL output). Images DALI cannot take (a format other than
   JPEG/PNG/WebP whatever the file name says, e.g. a GIF named .png; a JPEG, PNG or WebP cut
   short) never reach it: they go to Pillow directly, because repeated DALI failures and
-  pipeline rebuilds segfault DALI's CPU decoder (see :func:`dali_can_decode`). A failing batch invalidates the pipeline; it is rebuilt and the batch
-  bisected, so only the image that fails by itself is decoded by Pillow and every image's
-  pixels are independent of its batch-mates (exact resume). Pillow fallbacks are counted
+  pipeline rebuilds segfault DALI's CPU decoder (see :func:`dali_can_decode`). A failing
+  batch invalidates the pipeline; it is rebuilt and the batch bisected, so only the image
+  that fails by itself is decoded by Pillow and every image's pixels are independent of its
+  batch-mates (exact resume). Pillow fallbacks are counted
   (``last_fallbacks``) and refused with ``data.image.allow_fallback: false``.
 - :class:`PillowDecoder`: PIL decode + PIL BILINEAR resize, exactly the reference.
 

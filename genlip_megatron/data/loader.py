@@ -286,6 +286,8 @@ class PackedLoader:
         diff = {k: (v, state["key"].get(k)) for k, v in self._fingerprint().items()
                 if state["key"].get(k) != v}
         counters = {**self._zero_counters(), **state["counters"]}
+        if "skipped/shard_error" in counters:  # states written before shards/* existed
+            counters["shards/unreadable"] += counters.pop("skipped/shard_error")
         if diff and strict:
             raise ValueError(f"data loader state does not match this run (now, saved): {diff}; "
                              "the sample stream cannot be reproduced. Use the same seed, "

@@ -52,10 +52,11 @@ def _alive(pid: int) -> bool:
 def exit_with(trainer_pid: int, poll_s: float = 1.0) -> None:
     """Make this process exit when ``trainer_pid`` is gone (prctl + watchdog thread)."""
     set_parent_death_signal()
+    parent = os.getppid()  # not "== 1": the trainer may itself be pid 1 in a container
 
     def watch() -> None:
         while True:
-            if not _alive(trainer_pid) or os.getppid() == 1:
+            if not _alive(trainer_pid) or os.getppid() != parent:
                 os._exit(0)
             time.sleep(poll_s)
 
