@@ -154,8 +154,9 @@ def dali_can_decode(data: bytes) -> bool:
 
 
 def jpeg_looks_truncated(data: bytes) -> bool:
-    """True for a JPEG whose last bytes are not the EOI marker (FF D9)."""
-    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9"
+    """True for a JPEG whose last bytes (ignoring up to 4 KiB of padding) are not the EOI
+    marker (FF D9). Looks at the tail only: no copy of the whole image."""
+    return data[:2] == b"\xff\xd8" and data[-4096:].rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9"
 
 
 # ----------------------------------------------------------------------------- pixels
