@@ -365,10 +365,10 @@ class DaliDecoder:
         crash_hook(datas)
         if self._pipe is None:
             self._pipe = self._build()
-        self._pipe.feed_input("encoded", [np.frombuffer(d, np.uint8) for d in datas])
-        if self.resize_in_dali:
-            self._pipe.feed_input("size", [np.asarray(s, np.float32) for s in sizes])
         with stderr_to_debug_log():
+            self._pipe.feed_input("encoded", [np.frombuffer(d, np.uint8) for d in datas])
+            if self.resize_in_dali:
+                self._pipe.feed_input("size", [np.asarray(s, np.float32) for s in sizes])
             (images,) = self._pipe.run()
         if self.device == "gpu":
             # DALI reuses its output buffers on the next run: copy out now.
