@@ -81,6 +81,11 @@ class ImageConfig:
     """Images decoded per DALI pipeline run."""
     decode_in_main: bool = False
     """Decode in the trainer process instead of the workers (always true for device gpu)."""
+    allow_fallback: bool = True
+    """decoder dali: decode an image with Pillow when DALI cannot (a format DALI lacks, such as
+    a GIF named .png, or a DALI error on that one image). Each is counted as
+    ``data/decode_fallbacks`` and the first DALI error is logged; false stops the run instead
+    (images that Pillow cannot decode either are skipped as undecodable_image either way)."""
 
 
 @dataclass(kw_only=True)
@@ -134,6 +139,13 @@ class ReaderConfig:
     trainer, and ~0.2 s per worker instead of ~1.7 s with spawn."""
     snapshot_interval: int = 64
     """Keep a resume point every this many samples (restores replay at most this many extra)."""
+    max_consecutive_skips: int = 10000
+    """Stop with an error when a source yields this many skipped samples in a row, or reads a
+    whole epoch of every stream without one usable sample (e.g. max_seq_len below every
+    sample), instead of looping forever."""
+    max_worker_restarts: int = 3
+    """A worker that dies (killed, or a native decoder crash) is restarted from its position;
+    after this many deaths in a row without delivering a sample the run stops."""
 
 
 @dataclass(kw_only=True)
@@ -224,6 +236,10 @@ def _validate_reader(c: ReaderConfig) -> None:
            f"data.reader.streams_per_source ({c.streams_per_source}) must be ≥ 1.")
     _check(c.shuffle_buffer >= 1,
            f"data.reader.shuffle_buffer ({c.shuffle_buffer}) must be ≥ 1 (1 = no shuffle).")
+    _check(c.max_consecutive_skips >= 1,
+           f"data.reader.max_consecutive_skips ({c.max_consecutive_skips}) must be ≥ 1.")
+    _check(c.max_worker_restarts >= 0,
+           f"data.reader.max_worker_restarts ({c.max_worker_restarts}) must be ≥ 0.")
     _check(c.prefetch >= 1 and c.snapshot_interval >= 1,
            f"data.reader.prefetch ({c.prefetch}) and data.reader.snapshot_interval "
            f"({c.snapshot_interval}) must be ≥ 1.")

@@ -10,10 +10,18 @@ Decoders share one interface, ``decode(datas, sizes) -> list[tensor | SampleErro
 - :class:`DaliDecoder`: one pipeline definition, ``decoders.image(device="mixed")`` on GPU,
   ``device="cpu"`` with ``device_id=None`` otherwise; resize in DALI (``fn.resize``) or, on CPU
   by default, torch's uint8 antialiased bilinear (measured ~3× faster than DALI's CPU resize and
-  closer to the reference's PIL output). A failing batch invalidates a DALI pipeline, so the
-  batch is redone image by image with Pillow (same libjpeg-turbo output) and the pipeline
-  rebuilt; that is also what catches truncated JPEGs and other undecodable images.
+  closer to the reference's PIL output). Images DALI cannot take (a format other than
+  JPEG/PNG/WebP whatever the file name says, e.g. a GIF named .png; a JPEG, PNG or WebP cut
+  short) never reach it: they go to Pillow directly, because repeated DALI failures and
+  pipeline rebuilds segfault DALI's CPU decoder (see :func:`dali_can_decode`). A failing
+  batch invalidates the pipeline; it is rebuilt and the batch bisected, so only the image
+  that fails by itself is decoded by Pillow and every image's pixels are independent of its
+  batch-mates (exact resume). Pillow fallbacks are counted
+  (``last_fallbacks``) and refused with ``data.image.allow_fallback: false``.
 - :class:`PillowDecoder`: PIL decode + PIL BILINEAR resize, exactly the reference.
+
+High-bit-depth (16-bit) grayscale PNGs are scaled to 8 bits as DALI does (``round(v / 257)``)
+in :func:`pil_decode`, not clipped as PIL's ``convert`` does, so both decoders agree.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import signal
+import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -35,6 +48,16 @@ from genlip_megatron.data.template import SampleError
 logger = logging.getLogger(__name__)
 
 DecodeResult = Union[torch.Tensor, SampleError]  # uint8 [H, W, 3] or why it failed
+# Formats DALI's decoders.image takes (PIL format names); anything else goes to Pillow.
+DALI_FORMATS = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Test hook (read at call time): a decode whose input contains these bytes kills its process
+# with SIGSEGV, standing in for a native decoder crash.
+CRASH_MARKER_ENV = "GENLIP_TEST_DECODER_CRASH_MARKER"
+
+
+class FallbackRefused(RuntimeError):
+    """DALI failed on an image Pillow decodes, and data.image.allow_fallback is false."""
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -90,17 +113,50 @@ class ImageInfo:
 
 
 def probe_image(data: bytes) -> ImageInfo:
-    """Read size/format from the header (microseconds; PIL opens lazily)."""
+    """Read size/format from the header (microseconds; PIL opens lazily).
+
+    Raises:
+        SampleError: undecodable_image (not an image), image_too_large (more pixels than
+            PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``).
+    """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return ImageInfo(im.width, im.height, im.format or "?", im.mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                info = ImageInfo(im.width, im.height, im.format or "?", im.mode)
+    except Image.DecompressionBombError as exc:
+        raise SampleError("image_too_large", str(exc)[:120]) from None
     except Exception as exc:  # PIL raises several types for garbage bytes
         raise SampleError("undecodable_image", f"{type(exc).__name__}: {exc}"[:120]) from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and info.width * info.height > limit:
+        raise SampleError("image_too_large", f"{info.width}x{info.height} > {limit} pixels")
+    return info
+
+
+def dali_can_decode(data: bytes) -> bool:
+    """True when the bytes are a complete JPEG, PNG or WebP: what DALI's CPU decoder is given.
+
+    Checked on the magic bytes (not the member's file extension) and on the end of the file
+    (JPEG end marker, PNG IEND chunk, WebP RIFF length): every DALI failure invalidates the
+    pipeline, and repeated failure + rebuild cycles segfault DALI's CPU decoder (measured with
+    truncated PNGs, bad WebPs and GIFs named .png), so anything suspect goes to Pillow.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # RIFF length, then a VP8* chunk
+        riff = int.from_bytes(data[4:8], "little") + 8
+        chunk = int.from_bytes(data[16:20], "little") + 20
+        return riff <= len(data) <= riff + 1 and data[12:16] in (b"VP8 ", b"VP8L", b"VP8X") \
+            and chunk <= riff
+    kind = next((f for magic, f in DALI_FORMATS.items() if data.startswith(magic)), None)
+    if kind == "PNG":
+        return data.rfind(b"IEND", max(0, len(data) - 64)) >= 0
+    return kind == "JPEG" and not jpeg_looks_truncated(data)
 
 
 def jpeg_looks_truncated(data: bytes) -> bool:
-    """True for a JPEG whose last bytes are not the EOI marker (FF D9)."""
-    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9"
+    """True for a JPEG whose last bytes (ignoring up to 4 KiB of padding) are not the EOI
+    marker (FF D9). Looks at the tail only: no copy of the whole image."""
+    return data[:2] == b"\xff\xd8" and data[-4096:].rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9"
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -140,13 +196,50 @@ def normalize_patches(patches: torch.Tensor, out: Optional[torch.Tensor] = None)
 
 
 def pil_decode(data: bytes) -> Image.Image:
-    """Reference decode: PIL open, P → RGBA → RGB, else convert('RGB'). Raises SampleError."""
+    """Reference decode: PIL open, P → RGBA → RGB, else convert('RGB'); 16-bit grayscale is
+    scaled to 8 bits like DALI (``round(v / 257)``) instead of clipped. Raises SampleError."""
     try:
-        im = Image.open(io.BytesIO(data))
-        im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if im.mode in _HIGH_BIT_MODES:
+                wide = np.asarray(im).astype(np.int64).clip(0, 65535)
+                im = Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
+            im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
         return im
+    except SampleError:
+        raise
     except Exception as exc:
         raise SampleError("undecodable_image", f"{type(exc).__name__}: {exc}"[:120]) from None
+
+
+def crash_hook(datas: Sequence[bytes]) -> None:
+    """Test stand-in for a native decoder crash (see :data:`CRASH_MARKER_ENV`)."""
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if marker and any(marker.encode() in d for d in datas):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+@contextmanager
+def stderr_to_debug_log():
+    """Send what native code writes to file descriptor 2 (libpng warnings from DALI's PNG
+    parser) to this module's debug log instead of the console."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read(4096).decode("utf-8", "replace").strip()
+            if text:
+                logger.debug("DALI stderr: %s", text)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -158,6 +251,7 @@ class PillowDecoder:
     def decode(self, datas: Sequence[bytes], sizes: Sequence[tuple[int, int]]
                ) -> list[DecodeResult]:
         """Decode and resize each image; failures come back as SampleError."""
+        crash_hook(datas)
         out: list[DecodeResult] = []
         for data, (h, w) in zip(datas, sizes):
             try:
@@ -204,7 +298,9 @@ class DaliDecoder:
         backend = cfg.resize_backend
         self.resize_in_dali = backend == "dali" or (backend == "auto" and device == "gpu")
         self._pipe = None
-        self.fallbacks = 0  # batches redone with Pillow
+        self.fallbacks = 0  # images decoded by Pillow
+        self.last_fallbacks: set[int] = set()  # positions of the last decode() that were
+        self._warned = False
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -231,33 +327,49 @@ class DaliDecoder:
 
     def decode(self, datas: Sequence[bytes], sizes: Sequence[tuple[int, int]]
                ) -> list[DecodeResult]:
-        """Decode + resize; returns uint8 ``[h, w, 3]`` tensors (on the GPU for device gpu)."""
+        """Decode + resize; returns uint8 ``[h, w, 3]`` tensors (on the GPU for device gpu).
+        Positions decoded by Pillow are left in ``self.last_fallbacks``."""
         out: list[DecodeResult] = [None] * len(datas)  # type: ignore[list-item]
-        # Truncated JPEGs would fail the whole DALI batch: send them straight to Pillow.
-        todo = [i for i, d in enumerate(datas) if not jpeg_looks_truncated(d)]
-        for i in set(range(len(datas))) - set(todo):
-            out[i] = self._fallback_one(datas[i], sizes[i])
+        self.last_fallbacks: set[int] = set()
+        todo = []
+        for i, d in enumerate(datas):
+            if dali_can_decode(d):
+                todo.append(i)
+            else:
+                out[i] = self._fallback_one(i, d, sizes[i], "not a JPEG/PNG/WebP DALI decodes")
         bs = self.cfg.decode_batch_size
         for start in range(0, len(todo), bs):
-            idx = todo[start:start + bs]
-            try:
-                images = self._run([datas[i] for i in idx], [sizes[i] for i in idx])
-            except RuntimeError as exc:  # a bad image poisons the batch and the pipeline
-                logger.debug("DALI batch failed (%s); redoing it with Pillow", str(exc)[:200])
-                self._pipe = None
-                self.fallbacks += 1
-                images = [self._fallback_one(datas[i], sizes[i]) for i in idx]
-            for i, img in zip(idx, images):
-                out[i] = img
+            self._decode_bisect(todo[start:start + bs], datas, sizes, out)
         return out
 
+    def _decode_bisect(self, idx: list[int], datas: Sequence[bytes],
+                       sizes: Sequence[tuple[int, int]], out: list) -> None:
+        """DALI on ``idx``; on failure rebuild the pipeline and split the batch, down to the
+        single images that fail by themselves (those go to Pillow)."""
+        try:
+            images = self._run([datas[i] for i in idx], [sizes[i] for i in idx])
+        except RuntimeError as exc:  # a bad image poisons the batch and the pipeline
+            self._pipe = None
+            if len(idx) == 1:
+                out[idx[0]] = self._fallback_one(idx[0], datas[idx[0]], sizes[idx[0]],
+                                                 str(exc))
+                return
+            half = len(idx) // 2
+            self._decode_bisect(idx[:half], datas, sizes, out)
+            self._decode_bisect(idx[half:], datas, sizes, out)
+            return
+        for i, img in zip(idx, images):
+            out[i] = img
+
     def _run(self, datas: list[bytes], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        crash_hook(datas)
         if self._pipe is None:
             self._pipe = self._build()
-        self._pipe.feed_input("encoded", [np.frombuffer(d, np.uint8) for d in datas])
-        if self.resize_in_dali:
-            self._pipe.feed_input("size", [np.asarray(s, np.float32) for s in sizes])
-        (images,) = self._pipe.run()
+        with stderr_to_debug_log():
+            self._pipe.feed_input("encoded", [np.frombuffer(d, np.uint8) for d in datas])
+            if self.resize_in_dali:
+                self._pipe.feed_input("size", [np.asarray(s, np.float32) for s in sizes])
+            (images,) = self._pipe.run()
         if self.device == "gpu":
             # DALI reuses its output buffers on the next run: copy out now.
             tensors = [torch.as_tensor(images[i], device="cuda").clone()
@@ -268,11 +380,26 @@ class DaliDecoder:
             tensors = [resize_uint8(t, s) for t, s in zip(tensors, sizes)]
         return tensors
 
-    def _fallback_one(self, data: bytes, size: tuple[int, int]) -> DecodeResult:
+    def _fallback_one(self, i: int, data: bytes, size: tuple[int, int], why: str
+                      ) -> DecodeResult:
+        """Pillow decode of one image DALI did not decode (counted; refused if configured)."""
         try:
             img = torch.from_numpy(np.array(pil_decode(data), dtype=np.uint8))
         except SampleError as exc:
-            return exc
+            return exc  # undecodable by either: a skip, not a fallback
+        why = " ".join(why.split())[:300]
+        if not self.cfg.allow_fallback:
+            raise FallbackRefused(f"DALI could not decode an image that Pillow decodes ({why}) "
+                                  "and data.image.allow_fallback is false; set it to true to "
+                                  "decode such images with Pillow (counted as "
+                                  "data/decode_fallbacks), or fix the data.")
+        if not self._warned:
+            self._warned = True
+            logger.warning("DALI could not decode an image (%s); decoding it with Pillow. "
+                           "Further fallbacks are counted as data/decode_fallbacks, not logged "
+                           "(data.image.allow_fallback: false refuses them).", why)
+        self.fallbacks += 1
+        self.last_fallbacks.add(i)
         if self.device == "gpu":
             img = img.cuda()
         return resize_uint8(img, size)

@@ -22,7 +22,8 @@ from genlip_megatron.data.config import DataConfig
 from genlip_megatron.data.image import patchify, pil_decode, resize_uint8, target_size
 from genlip_megatron.data.packer import collate_rows
 from genlip_megatron.data.sample import ProcessedSample, SampleProcessor
-from genlip_megatron.data.shards import RawSample, expand_shards
+from genlip_megatron.data.shards import RawSample, check_shards, expand_shards, \
+    iter_tar_samples
 from genlip_megatron.data.template import SampleError, TextEncoder, conversation_from_json, \
     parse_json_bytes
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
@@ -181,24 +182,25 @@ def iter_eval_samples(cfg: DataConfig, tokenizer: Optional[TextTokenizer] = None
 
 def _eval_raw_batches(cfg: DataConfig, dp_rank: int, dp_size: int
                       ) -> Iterator[list[tuple[int, RawSample]]]:
-    from webdataset.tariterators import tarfile_samples
-
     batch: list[tuple[int, RawSample]] = []
     n = 0
     for s, src in enumerate(cfg.eval_sources):
-        shards = expand_shards(src.paths, f"data.eval_sources[{s}]")[dp_rank::dp_size]
-        for url in shards:
-            def handler(exc: Exception, url=url) -> bool:
-                logger.warning("skipping the rest of unreadable eval shard %s (%s)", url, exc)
-                return False
-
-            for sample in tarfile_samples([{"url": url}], handler=handler):
+        shards, _ = check_shards(expand_shards(src.paths, f"data.eval_sources[{s}]"),
+                                 f"data.eval_sources[{s}]")
+        for url in shards[dp_rank::dp_size]:
+            errors: list[str] = []
+            for sample in iter_tar_samples(url, errors):
+                if sample.get("__duplicate__"):
+                    continue
                 members = {k: v for k, v in sample.items() if not k.startswith("__")}
                 batch.append((n, RawSample(members, sample["__key__"], url, s, [])))
                 n += 1
                 if len(batch) >= cfg.image.decode_batch_size:
                     yield batch
                     batch = []
+            if errors:
+                logger.warning("skipping the rest of unreadable eval shard %s (%s)", url,
+                               errors[0])
     if batch:
         yield batch
 

@@ -14,16 +14,31 @@ buffer, the index of the next unconsumed sample and the indices of the buffered 
 restore re-reads from the resume point, processes only the buffered samples again (the others
 are skipped without decoding), and so continues with exactly the rows the uninterrupted run
 would have produced. No pixels are stored.
+
+Hostile data and dying workers (nothing stops, hangs or silently thins a run):
+- every per-sample problem is a counted skip (``skipped/<reason>``), so ``samples/read ==
+  samples/used + Σ skipped/*``; shard problems are counted apart (``shards/<problem>``);
+- a source that yields ``data.reader.max_consecutive_skips`` skips in a row, or a whole epoch
+  of every stream without a usable sample, stops the run with the reason instead of looping;
+- the trainer waits on each worker's queue *and* its process sentinel, and holds no write end
+  of the queue, so a worker killed mid-message (SIGKILL, a native segfault) is noticed within
+  a second; it is restarted from the cursor of the last sample it delivered, with the samples
+  it had in flight marked as suspects (decoded in isolation, see sandbox.py), up to
+  ``data.reader.max_worker_restarts`` deaths in a row;
+- workers (and the forkserver) exit when the trainer dies (procguard.py).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue as queue_mod
+import signal
 import traceback
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Iterator, Optional
 
 import torch
@@ -32,14 +47,17 @@ from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.data.config import DataConfig
 from genlip_megatron.data.image import dali_available, resolve_device
 from genlip_megatron.data.packer import Packer, collate_rows
+from genlip_megatron.data.procguard import exit_with
 from genlip_megatron.data.sample import SKIP_REASONS, ProcessedSample, SampleProcessor, \
     SampleResult, Skipped
-from genlip_megatron.data.shards import StreamCursor, build_streams
+from genlip_megatron.data.shards import SHARD_PROBLEMS, StreamCursor, build_streams, \
+    source_shards
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+_INFLIGHT_MAX = 1024  # logical indices a worker can report as in flight
 
 
 @dataclass
@@ -51,6 +69,8 @@ class ResumePoint:
     cursors: list[list[int]]    # StreamCursor per global stream, as of ``index``
     replay_until: int = 0       # indices below this were consumed before the save ...
     keep: frozenset = frozenset()  # ... except these, which sat in the packing buffer
+    suspects: frozenset = frozenset()  # in flight at a worker crash: decode in isolation
+    crashed: frozenset = frozenset()   # (url, key) known to crash the decoder: never retried
 
 
 class Producer:
@@ -65,17 +85,21 @@ class Producer:
 
     def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, *, seed: int, dp_rank: int,
                  dp_size: int, worker: int, num_workers: int, start: ResumePoint,
-                 decode: bool) -> None:
+                 decode: bool, shards: Optional[list[list[str]]] = None,
+                 inflight=None) -> None:
         self.streams, self.schedule = build_streams(
             cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
             streams_per_source=cfg.reader.streams_per_source,
-            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards)
+            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards,
+            shards=shards)
         for g, stream in enumerate(self.streams):
             if g % num_workers == worker:
                 stream.restore(StreamCursor.from_list(start.cursors[g]))
         self.processor = SampleProcessor(cfg, tokenizer, decode=decode)
+        self.processor.crashed |= start.crashed
         self.worker, self.num_workers, self.start = worker, num_workers, start
         self.batch_size = cfg.image.decode_batch_size
+        self.inflight = inflight  # shared array: [count, index...] being processed now
 
     def __iter__(self) -> Iterator[list[SampleResult]]:
         results: list[SampleResult] = []
@@ -93,26 +117,51 @@ class Producer:
                 results, todo = [], []
 
     def _finish(self, results: list[SampleResult], todo: list) -> list[SampleResult]:
-        items = self.processor.process([raw for _, raw in todo])
+        self._mark([n for _, (n, _) in todo])
+        items = self.processor.process([raw for _, raw in todo], self.start.suspects)
+        self._mark([])
         for (i, _), item in zip(todo, items):
             results[i].item = item
         return results
 
+    def _mark(self, indices: list[int]) -> None:
+        """Publish the logical indices being processed (read by the trainer if we crash)."""
+        if self.inflight is None:
+            return
+        indices = indices[:_INFLIGHT_MAX]
+        self.inflight[0] = 0
+        self.inflight[1:1 + len(indices)] = indices
+        self.inflight[0] = len(indices)
+
 
 def _worker_main(worker: int, num_workers: int, cfg: DataConfig, tokenizer: TextTokenizer,
                  seed: int, dp_rank: int, dp_size: int, start: ResumePoint, decode: bool,
-                 out: "mp.Queue", log_level: int) -> None:
+                 out: "mp.Queue", log_level: int, shards: list[list[str]], inflight,
+                 trainer_pid: int) -> None:
     """Entry point of a loader worker process."""
+    exit_with(trainer_pid)
     logging.basicConfig(level=log_level,
                         format=f"[data worker {worker} rank {dp_rank}] %(levelname)s %(message)s")
     torch.set_num_threads(1)
     try:
         producer = Producer(cfg, tokenizer, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-                            worker=worker, num_workers=num_workers, start=start, decode=decode)
+                            worker=worker, num_workers=num_workers, start=start, decode=decode,
+                            shards=shards, inflight=inflight)
         for batch in producer:
             out.put(("ok", batch))
     except BaseException:  # report everything, including KeyboardInterrupt, to the trainer
         out.put(("error", traceback.format_exc()))
+
+
+@dataclass
+class _Worker:
+    """A running worker process, its queue, and its in-flight array."""
+
+    proc: object
+    queue: object
+    inflight: object
+    deaths: int = 0  # deaths since it last delivered a sample
+    suspects: frozenset = frozenset()
 
 
 class PackedLoader:
@@ -147,10 +196,12 @@ class PackedLoader:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.micro_batch_size = micro_batch_size
+        self._shards, problems = source_shards(cfg.sources, dp_size)
         streams, self._schedule = build_streams(
             cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
             streams_per_source=cfg.reader.streams_per_source,
-            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards)
+            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards,
+            shards=self._shards)
         self._num_shards = [0] * len(cfg.sources)
         for stream in streams:
             self._num_shards[stream.source] = len(stream.shards)
@@ -166,7 +217,12 @@ class PackedLoader:
             if self._decode_in_main else None
         self.packer = Packer(cfg.packing, cfg.max_seq_len)
         self._counters = self._zero_counters()
-        self._procs: list = []
+        # each shard left out at start-up is counted once, by the rank it would have gone to
+        for problem, paths in problems.items():
+            self._counters[f"shards/{problem}"] += len(paths[dp_rank::dp_size])
+        self._startup_counters = {k: v for k, v in self._counters.items() if v}
+        self._procs: list[_Worker] = []
+        self._crashed: set[tuple[str, str]] = set()  # (url, key) that crashed a decoder
         self._reset(ResumePoint(0, [0] * len(cfg.sources),
                                 [StreamCursor().to_list() for _ in streams]))
 
@@ -185,12 +241,16 @@ class PackedLoader:
         batch = collate_rows(rows, self.cfg.max_seq_len)
         c = self._counters
         c["rows"] += len(rows)
+        c["samples/packed"] += sum(len(row) for row in rows)
         c["tokens/real"] += sum(s.length for row in rows for s in row)
         c["tokens/total"] += len(rows) * self.cfg.max_seq_len
         return batch
 
     def counters(self) -> dict[str, int]:
-        """Per-rank counts: ``samples/read``, ``samples/used``, ``skipped/<reason>``, ``rows``,
+        """Per-rank counts: ``samples/read`` (= ``samples/used`` + Σ ``skipped/<reason>``),
+        ``samples/packed`` (used samples placed in rows; the rest wait in the packing buffer),
+        ``shards/<problem>`` (missing, directory, empty, not_a_tar at start-up; unreadable when
+        a read fails), ``decode_fallbacks`` (DALI → Pillow), ``worker_restarts``, ``rows``,
         ``tokens/real``, ``tokens/total``, ``info/unknown_keys``, ``epoch/<source>``."""
         out = dict(self._counters)
         for s, src in enumerate(self.cfg.sources):
@@ -226,6 +286,8 @@ class PackedLoader:
         diff = {k: (v, state["key"].get(k)) for k, v in self._fingerprint().items()
                 if state["key"].get(k) != v}
         counters = {**self._zero_counters(), **state["counters"]}
+        if "skipped/shard_error" in counters:  # states written before shards/* existed
+            counters["shards/unreadable"] += counters.pop("skipped/shard_error")
         if diff and strict:
             raise ValueError(f"data loader state does not match this run (now, saved): {diff}; "
                              "the sample stream cannot be reproduced. Use the same seed, "
@@ -247,12 +309,8 @@ class PackedLoader:
 
     def close(self) -> None:
         """Stop the worker processes."""
-        for proc, q in self._procs:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join(timeout=5)
-            q.cancel_join_thread()
-            q.close()
+        for w in self._procs:
+            _stop(w)
         self._procs = []
 
     def __del__(self) -> None:
@@ -263,8 +321,10 @@ class PackedLoader:
 
     # ------------------------------------------------------------------ internals
     def _zero_counters(self) -> dict[str, int]:
-        names = ["samples/read", "samples/used", "rows", "tokens/real", "tokens/total",
-                 "info/unknown_keys"] + [f"skipped/{r}" for r in SKIP_REASONS]
+        names = ["samples/read", "samples/used", "samples/packed", "rows", "tokens/real",
+                 "tokens/total", "info/unknown_keys", "decode_fallbacks", "worker_restarts",
+                 "shards/unreadable"] + [f"shards/{p}" for p in SHARD_PROBLEMS] + \
+            [f"skipped/{r}" for r in SKIP_REASONS]
         return {k: 0 for k in names}
 
     def _fingerprint(self) -> dict:
@@ -288,6 +348,7 @@ class PackedLoader:
         self._snapshots = deque([(start.index, list(self._counts),
                                   [list(c) for c in self._cursors])])
         self._lookahead: deque[SampleResult] = deque()
+        self._since_use = [_Streak() for _ in self.cfg.sources]
         self._ordered: Optional[Iterator[SampleResult]] = None
         self._loaded_state: Optional[dict] = None
         self._expected_buffer: Optional[list[int]] = None
@@ -331,22 +392,34 @@ class PackedLoader:
         if self._num_workers == 0:
             producer = Producer(self.cfg, self.tokenizer, seed=self.seed, dp_rank=self.dp_rank,
                                 dp_size=self.dp_size, worker=0, num_workers=1, start=start,
-                                decode=decode)
+                                decode=decode, shards=self._shards)
             for batch in producer:
                 yield from batch
             return
-        self._start_workers(start, decode)
+        for w in range(self._num_workers):
+            self._procs.append(self._spawn(w, start, decode))
         pending = [deque() for _ in self._procs]
-        for n, _, g in self._schedule.walk(start.index, list(start.counts)):
+        delivered = [list(c) for c in start.cursors]  # stream cursors after what we yielded
+        counts = list(start.counts)
+        for n, s, g in self._schedule.walk(start.index, counts):
             w = g % self._num_workers
             while not pending[w]:
-                pending[w].extend(self._get(w))
+                batch = self._get(w)
+                if batch is None:  # it died: restart it at sample n
+                    before = list(counts)
+                    before[s] -= 1
+                    self._restart(w, ResumePoint(n, before, [list(c) for c in delivered],
+                                                 start.replay_until, start.keep), decode)
+                    continue
+                pending[w].extend(batch)
             result = pending[w].popleft()
             if result.index != n:
                 raise RuntimeError(f"data worker {w} sent sample {result.index}, expected {n}")
+            delivered[result.stream] = result.cursor_after
+            self._procs[w].deaths = 0
             yield result
 
-    def _start_workers(self, start: ResumePoint, decode: bool) -> None:
+    def _spawn(self, w: int, start: ResumePoint, decode: bool) -> _Worker:
         ctx = mp.get_context(self.cfg.reader.start_method)
         if self.cfg.reader.start_method == "forkserver":
             # Only effective before the server starts; later loaders fork a warm process.
@@ -354,29 +427,65 @@ class PackedLoader:
                                     else [])
             ctx.set_forkserver_preload(preload)
         depth = max(2, self.cfg.reader.prefetch // self.cfg.image.decode_batch_size)
-        for w in range(self._num_workers):
-            q = ctx.Queue(maxsize=depth)
-            proc = ctx.Process(
-                target=_worker_main, daemon=True, name=f"genlip-data-{self.dp_rank}-{w}",
-                args=(w, self._num_workers, self.cfg, self.tokenizer, self.seed, self.dp_rank,
-                      self.dp_size, start, decode, q, logging.getLogger().getEffectiveLevel()))
-            proc.start()
-            self._procs.append((proc, q))
+        q = ctx.Queue(maxsize=depth)
+        inflight = ctx.Array("q", 1 + _INFLIGHT_MAX, lock=False)
+        proc = ctx.Process(
+            target=_worker_main, daemon=True, name=f"genlip-data-{self.dp_rank}-{w}",
+            args=(w, self._num_workers, self.cfg, self.tokenizer, self.seed, self.dp_rank,
+                  self.dp_size, start, decode, q, logging.getLogger().getEffectiveLevel(),
+                  self._shards, inflight, os.getpid()))
+        proc.start()
+        # Hold no write end: a worker dying mid-message then reads as end-of-file here
+        # instead of a read that waits forever for the rest of the message.
+        q._writer.close()
+        return _Worker(proc, q, inflight, suspects=start.suspects)
 
-    def _get(self, w: int) -> list[SampleResult]:
-        proc, q = self._procs[w]
+    def _get(self, w: int) -> Optional[list[SampleResult]]:
+        """The next batch of worker ``w``, or None if it died (noticed within a second)."""
+        worker = self._procs[w]
+        proc, q = worker.proc, worker.queue
         while True:
-            try:
-                kind, payload = q.get(timeout=10)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    raise RuntimeError(f"data loader worker {w} of rank {self.dp_rank} died "
-                                       f"(exit code {proc.exitcode}); see its log above.")
-                continue
-            if kind == "error":
-                raise RuntimeError(f"data loader worker {w} of rank {self.dp_rank} failed:\n"
-                                   f"{payload}")
-            return payload
+            ready = wait([q._reader, proc.sentinel], timeout=1.0)
+            if q._reader in ready:
+                try:
+                    kind, payload = q.get(timeout=1.0)
+                except queue_mod.Empty:
+                    continue
+                except (EOFError, OSError):  # the worker died while writing a message
+                    return None
+                if kind == "error":
+                    raise RuntimeError(f"data loader worker {w} of rank {self.dp_rank} failed:"
+                                       f"\n{payload}")
+                return payload
+            if proc.sentinel in ready or not proc.is_alive():
+                return None
+
+    def _restart(self, w: int, start: ResumePoint, decode: bool) -> None:
+        """Replace dead worker ``w`` by one that starts at ``start`` (see module docstring)."""
+        old = self._procs[w]
+        old.proc.join(timeout=5)
+        code = old.proc.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 \
+            else f"exit code {code}"
+        count = int(old.inflight[0])
+        inflight = frozenset(int(i) for i in old.inflight[1:1 + count])
+        _stop(old)
+        deaths = old.deaths + 1
+        limit = self.cfg.reader.max_worker_restarts
+        if deaths > limit:
+            raise RuntimeError(
+                f"data loader worker {w} of rank {self.dp_rank} died {deaths} times in a row "
+                f"without delivering a sample (last: {how}; samples in flight: "
+                f"{sorted(inflight)[:8]}); giving up (data.reader.max_worker_restarts = "
+                f"{limit}). Check the worker log above and the shards of data.sources.")
+        logger.warning("data loader worker %d of rank %d died (%s) with %d samples in flight; "
+                       "restarting it at sample %d (restart %d of at most %d in a row)", w,
+                       self.dp_rank, how, len(inflight), start.index, deaths, limit)
+        self._counters["worker_restarts"] += 1
+        start.suspects = old.suspects | inflight
+        start.crashed = frozenset(self._crashed)
+        self._procs[w] = self._spawn(w, start, decode)
+        self._procs[w].deaths = deaths
 
     def _consume(self, res: SampleResult) -> None:
         """Account for the next sample in logical order and buffer it if it is usable."""
@@ -384,12 +493,18 @@ class PackedLoader:
         if n != self._next_index:
             raise RuntimeError(f"data loader consumed sample {n}, expected {self._next_index}")
         self._cursors[res.stream] = res.cursor_after
-        self._counts[self._stream_source[res.stream]] += 1
+        source = self._stream_source[res.stream]
+        self._counts[source] += 1
         item = res.item
         if n >= self._start.replay_until:  # counters of replayed samples are in the checkpoint
             self._count(res)
         if isinstance(item, ProcessedSample):
             self.packer.push(item)
+            self._since_use[source] = _Streak()
+        elif isinstance(item, Skipped):
+            if item.reason == "decoder_crash":
+                self._crashed.add((item.url, item.key))
+            self._check_progress(source, item, res.stream, res.cursor_after[0])
         self._next_index = n + 1
         if self._next_index % self.cfg.reader.snapshot_interval == 0:
             self._snapshots.append((self._next_index, list(self._counts),
@@ -398,10 +513,37 @@ class PackedLoader:
             while len(self._snapshots) > 1 and self._snapshots[1][0] <= first:
                 self._snapshots.popleft()
 
+    def _check_progress(self, source: int, skip: Skipped, stream: int, epoch: int) -> None:
+        """Stop instead of looping forever on a source that yields nothing usable: after
+        ``max_consecutive_skips`` skips in a row, or once every stream of the source has read
+        two epoch boundaries' worth (a whole epoch) without a usable sample."""
+        streak = self._since_use[source]
+        streak.skips += 1
+        streak.reasons[skip.reason] += 1
+        first, _ = streak.epochs.get(stream, (epoch, epoch))
+        streak.epochs[stream] = (first, epoch)
+        limit = self.cfg.reader.max_consecutive_skips
+        streams = self._stream_source.count(source)
+        whole_epoch = len(streak.epochs) == streams and \
+            all(last - first >= 2 for first, last in streak.epochs.values())
+        if streak.skips < limit and not whole_epoch:
+            return
+        src = self.cfg.sources[source]
+        why = ", ".join(f"{r}: {k}" for r, k in streak.reasons.most_common(4))
+        hint = " (data.max_seq_len / data.text.max_sample_len is below these samples)" \
+            if streak.reasons.most_common(1)[0][0] == "too_long" else ""
+        trigger = "a whole epoch" if whole_epoch else "data.reader.max_consecutive_skips"
+        raise RuntimeError(
+            f"data source {src.name or f'source{source}'} ({src.paths}) on rank "
+            f"{self.dp_rank} gave {streak.skips} skipped samples in a row and no usable one "
+            f"({trigger}); reasons: {why}{hint}; last: {skip.key} of {skip.url}: "
+            f"{skip.detail}. Fix the data or the config; training would otherwise wait "
+            "forever.")
+
     def _count(self, res: SampleResult) -> None:
         c = self._counters
         c["samples/read"] += 1
-        c["skipped/shard_error"] += len(res.shard_errors)
+        c["shards/unreadable"] += len(res.shard_errors)
         item = res.item
         if getattr(item, "unknown_keys", False):
             c["info/unknown_keys"] += 1
@@ -409,6 +551,27 @@ class PackedLoader:
             c[f"skipped/{item.reason}"] += 1
         elif isinstance(item, ProcessedSample):
             c["samples/used"] += 1
+            c["decode_fallbacks"] += int(item.fallback)
+
+
+@dataclass
+class _Streak:
+    """Skips of one source since its last usable sample."""
+
+    skips: int = 0
+    epochs: dict = field(default_factory=dict)  # stream → (epoch at first skip, latest epoch)
+    reasons: Counter = field(default_factory=Counter)
+
+
+def _stop(w: _Worker) -> None:
+    if w.proc.is_alive():
+        w.proc.terminate()
+    w.proc.join(timeout=5)
+    if w.proc.is_alive():
+        w.proc.kill()
+        w.proc.join(timeout=5)
+    w.queue.cancel_join_thread()
+    w.queue.close()
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,

@@ -6,7 +6,8 @@ it does not depend on the number of loader workers:
 1. **Shards.** Each source's shards (sorted paths) are permuted per epoch from
    (seed, source, epoch); rank r takes every dp_size-th shard starting at r, and splits its
    share round-robin into ``K = min(streams_per_source, shards per rank)`` *streams*.
-2. **Streams.** A stream reads its shards in order with ``webdataset``'s tar iterators and
+2. **Streams.** A stream reads its shards in order (:func:`iter_tar_samples`, webdataset's
+   grouping of members into samples, recovering at member level from duplicate keys) and
    permutes consecutive blocks of ``shuffle_buffer`` samples with an RNG keyed on
    (seed, source, rank, stream, epoch, block). Its position is a small :class:`StreamCursor`
    (epoch, block, where the block starts, samples emitted from it), so a restore re-reads at
@@ -14,13 +15,19 @@ it does not depend on the number of loader workers:
 3. **Mixing.** Sample n of the rank comes from a source drawn by weight from an RNG keyed on
    (seed, rank, n // 1024); the c-th sample of source s comes from its stream c mod K.
 
-A loader worker owns whole streams, so it reads only its own shards.
+A loader worker owns whole streams, so it reads only its own shards. Shards are checked once at
+start-up (:func:`check_shards`): missing paths, directories, zero-byte files, empty tars and
+files that are not tars are reported by name and left out *before* they are distributed, so
+every rank and stream gets readable shards (or the loader refuses to start, naming them).
 """
 
 from __future__ import annotations
 
 import glob
 import logging
+import os
+import re
+import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -57,6 +64,108 @@ def expand_shards(paths: str | list[str], where: str = "data.sources") -> list[s
         raise FileNotFoundError(f"{where}.paths {paths!r} matches no files; check the path or "
                                 "build shards with tools/make_shards.py.")
     return sorted(out)
+
+
+# Shard problems found at start-up (counter ``shards/<problem>``).
+SHARD_PROBLEMS = ("missing", "directory", "empty", "not_a_tar")
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def check_shard(path: str) -> Optional[str]:
+    """Why ``path`` cannot contribute samples (one of :data:`SHARD_PROBLEMS`), or None.
+
+    Reads at most one 512-byte tar header: a tar of zero members is "empty" (not an error),
+    a first header with a bad checksum is "not_a_tar". Compressed tars are accepted unread.
+    """
+    if not os.path.lexists(path):
+        return "missing"
+    if os.path.isdir(path):
+        return "directory"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "missing"  # e.g. a dangling link or no permission: nothing can be read
+    if not head:
+        return "empty"
+    if head.startswith(_COMPRESSED_MAGIC):
+        return None
+    if len(head) < 512:
+        return "not_a_tar"
+    if head == bytes(512):
+        return "empty"  # the end-of-archive block comes first
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return "not_a_tar"
+    return None
+
+
+def check_shards(shards: list[str], where: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Split ``shards`` into the readable ones and ``{problem: [paths]}``; logs each problem."""
+    good: list[str] = []
+    bad: dict[str, list[str]] = {}
+    for path in shards:
+        problem = check_shard(path)
+        if problem is None:
+            good.append(path)
+        else:
+            bad.setdefault(problem, []).append(path)
+    for problem, paths in bad.items():
+        level = logging.INFO if problem == "empty" else logging.WARNING
+        logger.log(level, "%s: leaving out %d shard(s) that are %s: %s%s", where, len(paths),
+                   problem.replace("_", " "), paths[:5], " ..." if len(paths) > 5 else "")
+    return good, bad
+
+
+def _split_member(name: str) -> tuple[Optional[str], Optional[str]]:
+    """webdataset's base_plus_ext: ``dir/key.ext.more`` → (``dir/key``, ``ext.more``)."""
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
+    """Samples of one tar, grouped like webdataset's ``tarfile_samples`` (consecutive members
+    with the same key; lower-case extensions; ``__*__`` and non-file members ignored).
+
+    Unlike webdataset it recovers at member level: a member whose extension is already in the
+    current sample closes that sample and opens a new one with the same key, and any sample
+    whose key was already seen in this tar is yielded with ``__duplicate__`` set (the caller
+    counts and skips it). A read error ends the shard (a broken tar cannot be resynchronised)
+    and is appended to ``errors``; the sample being assembled is yielded with the members read
+    completely (as webdataset does), so it is processed or counted as a skip.
+    """
+    seen: set[str] = set()
+    current: Optional[dict] = None
+
+    def finish(sample: dict) -> dict:
+        if sample["__key__"] in seen:
+            sample["__duplicate__"] = True
+        seen.add(sample["__key__"])
+        return sample
+
+    try:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+            for info in stream:
+                name = info.name
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", name) or \
+                        ("/" not in name and name.startswith("__") and name.endswith("__")):
+                    continue
+                data = stream.extractfile(info).read()
+                stream.members = []  # streaming: do not keep every TarInfo
+                key, ext = _split_member(name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                if current is None or key != current["__key__"] or ext in current:
+                    if current is not None:
+                        yield finish(current)
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+    except Exception as exc:  # tarfile raises several types on broken archives
+        errors.append(f"{type(exc).__name__}: {str(exc)[:160]}")
+    if current is not None:
+        yield finish(current)
 
 
 def rank_streams(shards: list[str], *, seed: int, source: int, epoch: int, dp_rank: int,
@@ -102,6 +211,7 @@ class RawSample:
     source: int
     cursor_after: list[int]    # StreamCursor.to_list() after this sample was emitted
     shard_errors: list[str] = field(default_factory=list)  # unreadable shards met before it
+    duplicate: bool = False    # its key already appeared earlier in the same shard
 
 
 class ShardStream:
@@ -144,17 +254,11 @@ class ShardStream:
 
     def _open(self, epoch: int, shard: int, offset: int) -> None:
         """Position the tar reader at sample ``offset`` of shard ``shard``."""
-        from webdataset.tariterators import tarfile_samples
-
         url = self._epoch_shards(epoch)[shard]
-        errors = []
-
-        def handler(exc: Exception) -> bool:
-            errors.append(f"{type(exc).__name__}: {str(exc)[:160]}")
-            return False  # stop this shard: a broken tar cannot be resynchronised
+        errors: list[str] = []
 
         def samples():
-            yield from tarfile_samples([{"url": url}], handler=handler)
+            yield from iter_tar_samples(url, errors)
             if errors:
                 logger.warning("skipping the rest of unreadable shard %s (%s)", url, errors[0])
                 self._pending_errors.append(url)
@@ -194,9 +298,13 @@ class ShardStream:
                 self._block_errors, self._pending_errors = self._pending_errors, []
                 return
             if c.block == 0:
+                # Shards are checked at start-up, so this is a stream whose every shard broke
+                # (or was emptied) since; nothing can be read from it.
                 raise RuntimeError(f"stream {self.stream} of source {self.source} on rank "
-                                   f"{self.dp_rank} read no sample in a whole epoch (shards "
-                                   f"{shards[:3]}...): all unreadable? Check data.sources.")
+                                   f"{self.dp_rank} read no sample in a whole epoch from its "
+                                   f"shards {shards}: they were unreadable or empty when read "
+                                   "(see the warnings above). Fix or remove them from "
+                                   "data.sources.")
             self.cursor = c = StreamCursor(epoch=c.epoch + 1)
 
     def __next__(self) -> RawSample:
@@ -216,7 +324,8 @@ class ShardStream:
         c.pos += 1
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
         return RawSample(members, sample.get("__key__", "?"), sample.get("__url__", "?"),
-                         self.source, c.to_list(), list(errors))
+                         self.source, c.to_list(), list(errors),
+                         duplicate=sample.get("__duplicate__", False))
 
 
 class SourceSchedule:
@@ -259,22 +368,47 @@ class SourceSchedule:
             n += 1
 
 
+def source_shards(sources: list[SourceConfig], dp_size: int, where: str = "data.sources"
+                  ) -> tuple[list[list[str]], dict[str, list[str]]]:
+    """Readable shards of every source and the problems left out (see :func:`check_shards`).
+
+    Raises:
+        ValueError: a source has fewer readable shards than data-parallel ranks (names them).
+    """
+    out: list[list[str]] = []
+    problems: dict[str, list[str]] = {}
+    for s, src in enumerate(sources):
+        key = f"{where}[{s}]"
+        good, bad = check_shards(expand_shards(src.paths, key), key)
+        for problem, paths in bad.items():
+            problems.setdefault(problem, []).extend(paths)
+        if len(good) < dp_size:
+            listed = "; ".join(f"{p.replace('_', ' ')}: {paths[:5]}" for p, paths in bad.items())
+            raise ValueError(f"{key}.paths has {len(good)} readable shard(s) but there are "
+                             f"{dp_size} data-parallel ranks; every rank needs at least one "
+                             f"(left out: {listed or 'none'}). Write more, smaller shards "
+                             "(tools/make_shards.py --samples-per-shard) or fix the paths.")
+        out.append(good)
+    return out, problems
+
+
 def build_streams(sources: list[SourceConfig], *, seed: int, dp_rank: int, dp_size: int,
                   streams_per_source: int, shuffle_buffer: int, shuffle_shards: bool,
-                  where: str = "data.sources") -> tuple[list[ShardStream], SourceSchedule]:
-    """All streams of one rank (indexed by global stream id) and the mixing schedule."""
+                  where: str = "data.sources", shards: Optional[list[list[str]]] = None
+                  ) -> tuple[list[ShardStream], SourceSchedule]:
+    """All streams of one rank (indexed by global stream id) and the mixing schedule.
+
+    ``shards``: per-source shard lists already checked by :func:`source_shards` (default: check
+    them here).
+    """
+    if shards is None:
+        shards, _ = source_shards(sources, dp_size, where)
     streams: list[ShardStream] = []
     per_source: list[int] = []
-    for s, src in enumerate(sources):
-        shards = expand_shards(src.paths, f"{where}[{s}]")
-        if len(shards) < dp_size:
-            raise ValueError(f"{where}[{s}].paths matches {len(shards)} shards but there are "
-                             f"{dp_size} data-parallel ranks; every rank needs at least one "
-                             "shard: write more, smaller shards (tools/make_shards.py "
-                             "--samples-per-shard).")
-        k = num_streams(len(shards), dp_rank, dp_size, streams_per_source)
+    for s, paths in enumerate(shards):
+        k = num_streams(len(paths), dp_rank, dp_size, streams_per_source)
         per_source.append(k)
-        streams += [ShardStream(shards, source=s, stream=i, seed=seed, dp_rank=dp_rank,
+        streams += [ShardStream(paths, source=s, stream=i, seed=seed, dp_rank=dp_rank,
                                 dp_size=dp_size, streams=k, shuffle_buffer=shuffle_buffer,
                                 shuffle_shards=shuffle_shards) for i in range(k)]
     schedule = SourceSchedule([s.weight for s in sources], per_source, seed, dp_rank)

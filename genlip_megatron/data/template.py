@@ -86,7 +86,9 @@ def conversation_from_json(meta: dict, fmt: str, prompt: str = DEFAULT_PROMPT) -
         raise SampleError("missing_text", f"json keys {sorted(meta)[:5]} have no caption"
                           + (" or conversations" if fmt == "conversations" else ""))
     caption = meta["caption"]
-    if not isinstance(caption, str) or not caption.strip():
+    if not isinstance(caption, str):
+        raise SampleError("bad_json", f"caption is a {type(caption).__name__}, not a string")
+    if not caption.strip():
         raise SampleError("empty_caption")
     return Conversation([("user", prompt), ("assistant", caption)])
 

@@ -120,3 +120,20 @@ def test_fill_beats_reference_greedy(stage):
     ref, got = reference_greedy(lengths, 16384), ours(lengths, 16384)
     assert 0.985 < ref < 0.9975
     assert got >= 0.995 and got > ref
+
+
+def test_every_pushed_sample_comes_out_exactly_once():
+    rng = np.random.default_rng(7)
+    packer = Packer(PackingConfig(buffer_size=16, buffer_rows=2, exact_fill_rows=4.0), 1024)
+    pushed, popped = [], []
+    for i, n in enumerate(rng.integers(1, 700, 3000).tolist() + [1024, 1, 1023]):
+        packer.push(Fake(n, i))
+        pushed.append(i)
+        while packer.ready():
+            row = packer.pop_row()
+            assert sum(s.length for s in row) <= 1024
+            popped += [s.index for s in row]
+    assert packer.tokens == sum(s.length for s in packer.buffer)
+    while packer.buffer:  # drain what is left
+        popped += [s.index for s in packer.pop_row()]
+    assert sorted(popped) == pushed and packer.tokens == 0

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from webdataset.tariterators import tarfile_samples
 
 from genlip_megatron.data.config import SourceConfig
 from genlip_megatron.data.shards import ShardStream, SourceSchedule, StreamCursor, \
-    build_streams, expand_shards, rank_streams
+    build_streams, expand_shards, iter_tar_samples, rank_streams
 
 
 def test_expand_globs_braces_and_lists(data_root):
@@ -33,7 +34,7 @@ def test_ranks_partition_shards_every_epoch():
 
 def test_too_few_shards_for_dp_is_an_error(data_root):
     src = [SourceConfig(paths=str(data_root / "s1" / "shard-00000[01].tar"))]
-    with pytest.raises(ValueError, match=r"data.sources\[0\].paths matches 2 shards"):
+    with pytest.raises(ValueError, match=r"data.sources\[0\].paths has 2 readable shard"):
         build_streams(src, seed=0, dp_rank=0, dp_size=4, streams_per_source=2,
                       shuffle_buffer=4, shuffle_shards=True)
 
@@ -91,3 +92,13 @@ def test_unreadable_shard_is_reported_once_even_after_restore(tmp_path, data_roo
     again = [next(b) for _ in range(15)]
     assert [s.key for s in again] == [s.key for s in got[5:]]
     assert all(not s.shard_errors for s in again)
+
+
+def test_tar_reader_groups_like_webdataset(data_root):
+    url = expand_shards(str(data_root / "s2" / "*.tar"))[0]
+    errors = []
+    ours = list(iter_tar_samples(url, errors))
+    ref = list(tarfile_samples([{"url": url}]))
+    assert not errors and len(ours) == len(ref) == 40
+    for a, b in zip(ours, ref):
+        assert a == {k: v for k, v in b.items() if k != "__local_path__"}

@@ -70,7 +70,7 @@ def test_conversations_fall_back_to_caption():
     (b"\xff\xfe", "caption", "bad_json"),
     (b"[1, 2]", "caption", "bad_json"),
     (b'{"caption": "  "}', "caption", "empty_caption"),
-    (b'{"caption": 3}', "caption", "empty_caption"),
+    (b'{"caption": 3}', "caption", "bad_json"),
     (b'{"text": "x"}', "caption", "missing_text"),
     (b'{"conversations": "x"}', "conversations", "bad_conversation"),
     (b'{"conversations": [{"from": "bot", "value": "x"}]}', "conversations", "bad_conversation"),
