@@ -214,7 +214,7 @@ class CheckpointManager:
         layout = Layout.current()
         sd = build_state_dict(model_chunks, optimizer, scheduler, state, data_state,
                               config_dict, layout, data_replicated=self.data_replicated)
-        use_async = self.cfg.async_save and torch.cuda.is_available()
+        use_async = self._async_enabled()
         request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=use_async)
         if use_async:
             request.add_finalize_fn(lambda: self._publish(tmp, final))
@@ -259,6 +259,21 @@ class CheckpointManager:
         if self._async_queue is not None:
             self._async_queue.maybe_finalize_async_calls(blocking=blocking)
 
+    def _async_enabled(self) -> bool:
+        """Async writes (forked writer process) only on GPU runs that ask for them."""
+        return bool(self.cfg.async_save) and torch.cuda.is_available()
+
+    def poll_async(self) -> None:
+        """Publish finished async saves now; call once per step on EVERY rank.
+
+        Non-blocking: one small all-reduce tells whether every rank's writer is done (megatron
+        ``AsyncCallsQueue.maybe_finalize_async_calls``, as Megatron-LM's training loop does each
+        iteration); if so, the ``.tmp`` → ``iter_N`` rename and the ``latest`` update happen
+        now instead of at the next ``save()``. No-op without pending async saves.
+        """
+        if self._async_queue is not None and self._async_queue.get_num_unfinalized_calls():
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
     @staticmethod
     def _fire_fault(point: str, step: int) -> None:
         maybe_inject(f"checkpoint:{point}")
@@ -293,7 +308,7 @@ class CheckpointManager:
             data_replicated=self.data_replicated)
         loaded = dist_checkpointing.load(template, str(ckpt))
         for i, chunk in enumerate(model_chunks):
-            unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
+            load_model_state(unwrap_model(chunk), loaded[_model_key(i, len(model_chunks))])
         if with_optimizer and optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             if scheduler is not None:
@@ -312,6 +327,35 @@ class CheckpointManager:
         logger.info("restored %s (step %d)", ckpt, state.step)
         key = "data_state_global" if self.data_replicated else "data_state"
         return state, (loaded.get(key) if data_ok else None)
+
+
+_EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def load_model_state(module: torch.nn.Module, state: dict) -> None:
+    """``load_state_dict`` that tolerates only missing ``*._extra_state`` entries.
+
+    Transformer Engine's ``DotProductAttention`` puts ``core_attention._extra_state`` (FP8
+    metadata) in ``state_dict()``, but megatron's ``TEDotProductAttention.sharded_state_dict``
+    does not save it, so a strict load of any TE checkpoint misses it. TE 2.6/2.11 drop that key
+    in a load hook it announces it will remove; Megatron-LM and NeMo tolerate it themselves.
+    Any other missing or unexpected key is still an error.
+
+    Raises:
+        RuntimeError: keys other than ``_extra_state`` are missing, or keys are unexpected.
+    """
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(_EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not match the model: missing keys {missing[:8]}"
+            f"{' …' if len(missing) > 8 else ''}, unexpected keys "
+            f"{list(result.unexpected_keys)[:8]}; check model.* (variant, transformer_impl) "
+            "against the checkpoint's config.")
+    tolerated = len(result.missing_keys) - len(missing)
+    if tolerated:
+        logger.debug("checkpoint carries no _extra_state for %d module(s) (TE core attention); "
+                     "they keep their defaults.", tolerated)
 
 
 _ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "text_dim",
