@@ -403,3 +403,18 @@ def wgrad_fusion() -> dict:
                             for n in grads[True]),
             "max_grad": max(float(g.abs().max()) for g in grads[False].values()),
             "te_linear_fused": grads["te_True"], "head_fused": grads["head_True"]}
+
+
+def gpu_smoke(tmp: str, data_dir: str, checks: list) -> list:
+    """tools/gpu_smoke.py's checks that need no CUDA, on the tiny size (CPU + TE stand-in)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("gpu_smoke", root / "tools" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["gpu_smoke"] = smoke  # dataclasses look their module up
+    spec.loader.exec_module(smoke)
+    ctx = smoke.Smoke(Path(tmp), size="tiny", data_dir=Path(data_dir))
+    return [(r.name, r.ok, r.detail) for r in smoke.run_checks(checks, ctx)]
