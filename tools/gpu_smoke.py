@@ -45,7 +45,7 @@ CHECKS = ("te_spec", "te_vs_dense", "train_bf16", "train_fp8", "async_resume", "
 # Model sizes: "small" for GPUs (MFU means something), "tiny" for CPU tests of this script.
 SIZES = {
     "small": dict(model=dict(hidden_size=1024, num_layers=8, num_attention_heads=16,
-                             ffn_hidden_size=2816, text_dim=1024, mrope_section=[16, 24, 24]),
+                             ffn_hidden_size=2816, text_dim=1024, mrope_section=[8, 12, 12]),
                   seq=2048, micro_batch=4, image=224, steps=20),
     "tiny": dict(model=dict(hidden_size=64, num_layers=2, num_attention_heads=4,
                             ffn_hidden_size=176, text_dim=64, mrope_section=[2, 3, 3]),
@@ -110,13 +110,22 @@ def _data(ctx: Smoke) -> Path:
     return ctx.data_dir
 
 
-def _config(ctx: Smoke, *, te: bool = True, fp8: bool = False, steps: int = 0,
-            save_dir: Optional[Path] = None, async_save: bool = False,
-            metrics: Optional[Path] = None):
-    """A validated GenLIPConfig for this smoke run."""
+def _config(ctx: Smoke, **kwargs):
+    """A validated GenLIPConfig for this smoke run (see :func:`raw_config`)."""
+    import torch.distributed as dist
+
     from genlip_megatron.config import config_from_dict
 
-    d, spec = _data(ctx), ctx.spec
+    _data(ctx)
+    return config_from_dict(raw_config(ctx, **kwargs)).validate(
+        world_size=dist.get_world_size())
+
+
+def raw_config(ctx: Smoke, *, te: bool = True, fp8: bool = False, steps: int = 0,
+               save_dir: Optional[Path] = None, async_save: bool = False,
+               metrics: Optional[Path] = None) -> dict:
+    """The run config of one smoke check as a YAML-shaped dict (data in ``ctx.data_dir``)."""
+    d, spec = ctx.data_dir or ctx.workdir / "data", ctx.spec
     precision: dict = {"params_dtype": "bf16"}
     if fp8:
         precision["fp8"] = {"recipe": "tensorwise", "format": "hybrid"}
@@ -141,9 +150,7 @@ def _config(ctx: Smoke, *, te: bool = True, fp8: bool = False, steps: int = 0,
         "logging": {"log_interval": 1,
                     "jsonl_path": str(metrics) if metrics else None},
     }
-    import torch.distributed as dist
-
-    return config_from_dict(raw).validate(world_size=dist.get_world_size())
+    return raw
 
 
 def _device():
@@ -400,6 +407,8 @@ def check_nccl_allreduce(ctx: Smoke) -> str:
     import torch.multiprocessing as mp
 
     world = torch.cuda.device_count()
+    if world < 1:
+        raise RuntimeError("no visible CUDA device (check CUDA_VISIBLE_DEVICES)")
     out = ctx.workdir / "nccl.json"
     out.unlink(missing_ok=True)
     mp.spawn(_nccl_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
