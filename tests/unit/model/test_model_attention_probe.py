@@ -82,6 +82,9 @@ def test_sink_mass_memory_is_linear_in_the_row_length():
     with _LargestTensor() as probe:
         total, count = sink_mass(q, k, seg, img, sink, chunk=chunk)
     assert probe.largest <= B * H * chunk * S
-    # Same value as one chunk covering every query (the dense computation).
-    dense_total, dense_count = sink_mass(q, k, seg, img, sink, chunk=S)
+    # Same value as one chunk covering every query (the old dense computation, whose
+    # [B, heads, S, S] scores the bound above rules out).
+    with _LargestTensor() as dense_probe:
+        dense_total, dense_count = sink_mass(q, k, seg, img, sink, chunk=S)
+    assert dense_probe.largest >= B * H * S * S > B * H * chunk * S
     assert count == dense_count and abs(total - dense_total) < 1e-6 * max(1.0, dense_total)
