@@ -306,6 +306,7 @@ class CheckpointManager:
             loader_state_template if data_ok else None, config_dict, layout,
             is_loading=True, rng=same_rng_layout, with_optimizer=with_optimizer,
             data_replicated=self.data_replicated)
+        drop_absent_extra_state(template, ckpt)
         loaded = dist_checkpointing.load(template, str(ckpt))
         for i, chunk in enumerate(model_chunks):
             load_model_state(unwrap_model(chunk), loaded[_model_key(i, len(model_chunks))])
@@ -330,6 +331,36 @@ class CheckpointManager:
 
 
 _EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def drop_absent_extra_state(template: dict, ckpt: Path) -> list[str]:
+    """Remove from a load template the ``*._extra_state`` objects the checkpoint lacks.
+
+    A checkpoint written by another implementation misses some: local modules save none for
+    TE's final LayerNorm (an ops-based TE module with extra state), so ``training.init_from``
+    of a CPU/local checkpoint into a TE model would fail in torch's load planner. Those modules
+    keep their defaults (no FP8 metadata yet), like :func:`load_model_state` allows. Only model
+    entries named ``*._extra_state`` are touched.
+
+    Returns:
+        The dropped object keys.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    # Metadata keys of objects are ShardedObject.unique_key ("<key>/shard_<offset>_<shape>").
+    saved = {k.split("/shard_")[0] for k in load_sharded_metadata(str(ckpt)).keys()}
+    dropped = []
+    for name in [k for k in template if k == "model" or re.fullmatch(r"model\d+", k)]:
+        for key, value in list(template[name].items()):
+            if isinstance(value, ShardedObject) and value.key.endswith(_EXTRA_STATE_SUFFIX[1:]) \
+                    and value.key not in saved:
+                del template[name][key]
+                dropped.append(value.key)
+    if dropped:
+        logger.info("checkpoint %s has no %s (written by another layer implementation); "
+                    "those modules keep their defaults.", ckpt, ", ".join(sorted(set(dropped))))
+    return dropped
 
 
 def load_model_state(module: torch.nn.Module, state: dict) -> None:

@@ -418,3 +418,36 @@ def gpu_smoke(tmp: str, data_dir: str, checks: list) -> list:
     spec.loader.exec_module(smoke)
     ctx = smoke.Smoke(Path(tmp), size="tiny", data_dir=Path(data_dir))
     return [(r.name, r.ok, r.detail) for r in smoke.run_checks(checks, ctx)]
+
+
+def cross_backend_init(tmp: str, src_te: bool, dst_te: bool) -> dict:
+    """Checkpoint a model of one implementation, ``init_from`` it into the other."""
+    from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
+    from genlip_megatron.training.config import CheckpointConfig
+
+    with env(TE_STANDIN_DROP_EXTRA_STATE_HOOK="1"), mp_state():
+        src, dst = _model(src_te, init_seed=1), _model(dst_te, init_seed=2)
+        mgr = CheckpointManager(CheckpointConfig(save_dir=tmp))
+        mgr.save([src], None, None, TrainingState(step=1), None, {"model": {}})
+        from genlip_megatron.training.checkpointing import drop_absent_extra_state
+
+        dropped = drop_absent_extra_state({"model": dst.sharded_state_dict()},
+                                          Path(tmp) / "iter_0000001")
+        try:
+            mgr.load(tmp, [dst], None, None, None, {"model": {}}, with_optimizer=False)
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"{type(exc).__name__}: {exc}"[-600:]}
+        from genlip_megatron.model.layer_spec import LOCAL_TO_TE_KEYS
+
+        def canon(sd):
+            out = {}
+            for k, v in sd.items():
+                if torch.is_tensor(v) and not k.endswith("_extra_state"):
+                    for local, te_name in LOCAL_TO_TE_KEYS.items():
+                        k = k.replace(local, te_name)
+                    out[k] = v
+            return out
+
+        a, b = canon(src.state_dict()), canon(dst.state_dict())
+        return {"error": None, "dropped": dropped,
+                "equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)}
