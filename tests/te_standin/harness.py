@@ -58,7 +58,18 @@ class StandinWorker:
             initargs=(str(SITE), str(tmp_dir / "gloo_rdzv")))
 
     def run(self, name: str, timeout: float = 600, **kwargs: Any) -> Any:
-        return self._pool.submit(dispatch, name, kwargs).result(timeout=timeout)
+        """``scenarios.<name>(**kwargs)`` in the worker; a hung scenario kills the worker."""
+        future = self._pool.submit(dispatch, name, kwargs)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            self._kill()
+            raise
+
+    def _kill(self) -> None:
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.kill()  # only the worker this object started
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
