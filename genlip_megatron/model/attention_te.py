@@ -20,6 +20,8 @@ CPU CI runs this class against the TE stand-in (``tests/te_standin``), fused and
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Optional
 
 import transformer_engine.pytorch as te
@@ -32,6 +34,12 @@ from genlip_megatron.model.attention import _params_from, two_call_prefix_lm
 __all__ = ["TEPrefixLMAttention", "round_up_seqlen"]
 
 
+logger = logging.getLogger(__name__)
+
+FUSED_TEXT_CALL_MIN_CUDNN = (9, 6, 0)
+"""cuDNN needed for the fused text call (padding_causal_bottom_right with sq ≠ skv, THD) when
+the maxima are multiples of 64; (9, 7, 0) would be needed without that rounding."""
+
 SEQLEN_ALIGN = 64
 """cuDNN 9.6's rule for ``padding_causal_bottom_right``: max_seqlen_q/kv multiples of 64."""
 
@@ -39,6 +47,27 @@ SEQLEN_ALIGN = 64
 def round_up_seqlen(n: int, align: int = SEQLEN_ALIGN) -> int:
     """``n`` rounded up to a multiple of ``align`` (TE's own default when no maximum is given)."""
     return max(align, -(-int(n) // align) * align)
+
+
+@functools.lru_cache(maxsize=1)
+def check_fused_text_call_support() -> Optional[tuple]:
+    """Warn once when cuDNN cannot run the fused text call; returns the cuDNN version.
+
+    Below :data:`FUSED_TEXT_CALL_MIN_CUDNN` TE falls back to flash-attn or its unfused path
+    (correct here, slower, O(S²) memory per sample).
+    """
+    try:
+        from transformer_engine.pytorch.utils import get_cudnn_version
+
+        version = tuple(get_cudnn_version())
+    except Exception:  # noqa: BLE001 - informational: older TE without the helper, no cuDNN
+        return None
+    if version < FUSED_TEXT_CALL_MIN_CUDNN:
+        logger.warning("cuDNN %s cannot run the prefix-LM text call fused (needs cuDNN >= 9.6 "
+                       "with max_seqlen rounded to 64, as done here, or >= 9.7); Transformer "
+                       "Engine will use flash-attn or its unfused path. Upgrade cuDNN for speed.",
+                       ".".join(map(str, version)))
+    return version
 
 
 class TEPrefixLMAttention(TEDotProductAttention):
@@ -56,6 +85,7 @@ class TEPrefixLMAttention(TEDotProductAttention):
         # "cross": TE's unfused path then builds separate q and kv padding masks; the text
         # call has sq != skv (megatron passes "self" for a SelfAttention's core attention).
         super().__init__(config, layer_number, attn_mask_type, "cross", **kwargs)
+        check_fused_text_call_support()
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,

@@ -451,3 +451,23 @@ def cross_backend_init(tmp: str, src_te: bool, dst_te: bool) -> dict:
         a, b = canon(src.state_dict()), canon(dst.state_dict())
         return {"error": None, "dropped": dropped,
                 "equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)}
+
+
+def cudnn_warning(version: str) -> list:
+    """Warnings logged when the TE attention module is built under cuDNN ``version``."""
+    import logging
+
+    import genlip_megatron.model.attention_te as attention_te
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    attention_te.logger.addHandler(handler)
+    attention_te.check_fused_text_call_support.cache_clear()
+    try:
+        with env(TE_STANDIN_CUDNN_VERSION=version), mp_state():
+            _model(True)
+    finally:
+        attention_te.logger.removeHandler(handler)
+        attention_te.check_fused_text_call_support.cache_clear()
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]

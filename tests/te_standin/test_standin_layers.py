@@ -77,6 +77,12 @@ def test_cudnn_96_fused_path_needs_rounded_maxima(standin):
     assert "multiples of 64" in exact["error"]
 
 
+def test_old_cudnn_is_reported_at_start_up(standin):
+    assert standin.run("cudnn_warning", version="9.10.0") == []
+    (message,) = standin.run("cudnn_warning", version="9.5.1")
+    assert "cuDNN 9.5.1 cannot run the prefix-LM text call fused" in message
+
+
 def test_fp8_tensorwise_runs_through_te_layers(standin):
     got = standin.run("fp8_tensorwise")
     assert got["error"] is None
