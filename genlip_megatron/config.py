@@ -216,6 +216,7 @@ class GenLIPConfig:
         _validate_model(self.model)
         _validate_parallel(self.model, self.parallel, world_size)
         _validate_precision(self.model, self.parallel, self.precision, has_cuda, has_te)
+        _validate_fp8_te_alignment(self)
         _validate_backends(self.model, self.parallel, has_cuda, has_te)
         self.data.validate()
         _validate_data_vs_model(self)
@@ -306,8 +307,49 @@ def _validate_precision(m: ModelConfig, p: ParallelConfig, prec: PrecisionConfig
                           f"FP8 ({fp8.recipe}).")
 
 
+def _fp8_alignment(recipe: str) -> tuple[int, int]:
+    """(GEMM inner-dim multiple, token-count multiple) TE's FP8 GEMMs need for ``recipe``:
+    TE ``assert_dim_for_fp8_exec`` (16, 8); MXFP8 ``MXFP8Quantizer.is_quantizable`` (32, 32)."""
+    return (32, 32) if recipe == "mxfp8" else (16, 8)
+
+
+def _validate_fp8_te_alignment(c: "GenLIPConfig") -> None:
+    """FP8 through TE: refuse, before any model is built, layouts whose GEMM operands TE's FP8
+    kernels cannot take (they would fail at the first forward on the GPU).
+
+    * ``linear_proj`` (row-parallel) multiplies ``[tokens, H/tp]``: H/tp must be a multiple of
+      16 (32 for MXFP8).
+    * Every linear quantizes this rank's packed tokens of one micro-batch, ``S × B`` rows, or
+      ``S/tp × B`` under sequence parallelism (quantized before the all-gather): a multiple of
+      8 (32 for MXFP8).
+    """
+    fp8, m, p = c.precision.fp8, c.model, c.parallel
+    if fp8 is None or fp8.emulate:
+        return
+    inner, rows = _fp8_alignment(fp8.recipe)
+    proj_in = m.hidden_size // p.tp
+    if m.hidden_size % p.tp == 0 and proj_in % inner:
+        ok = [t for t in _divisors(m.num_attention_heads)
+              if m.hidden_size % t == 0 and (m.hidden_size // t) % inner == 0]
+        raise ConfigError(f"model.hidden_size / parallel.tp ({m.hidden_size}/{p.tp} = {proj_in}, "
+                          f"the input width of linear_proj) is not a multiple of {inner}, which "
+                          f"FP8 ({fp8.recipe}) GEMMs require; use parallel.tp in {ok}.")
+    S, B = c.data.max_seq_len, c.training.micro_batch_size
+    shard = p.tp if p.sp else 1
+    if S % shard == 0 and (S // shard * B) % rows:
+        where = f"data.max_seq_len / parallel.tp × training.micro_batch_size ({S}/{p.tp} × {B}" \
+            if p.sp else f"data.max_seq_len × training.micro_batch_size ({S} × {B}"
+        good_s = next(s for s in range(S + 1, S + rows * shard + 1)
+                      if s % shard == 0 and (s // shard * B) % rows == 0)
+        good_b = next(b for b in range(B + 1, B + rows + 1) if (S // shard * b) % rows == 0)
+        raise ConfigError(f"{where} = {S // shard * B} tokens per micro-batch) is not a multiple "
+                          f"of {rows}, which TE's FP8 ({fp8.recipe}) GEMMs require; set "
+                          f"data.max_seq_len: {good_s} or training.micro_batch_size: {good_b}.")
+
+
 def _validate_backends(m: ModelConfig, p: ParallelConfig, has_cuda: bool, has_te: bool) -> None:
-    if m.transformer_impl == "te" and not (has_cuda and has_te):
+    # has_te means "TE usable here": CUDA with real TE, or the CPU CI stand-in.
+    if m.transformer_impl == "te" and not has_te:
         raise ConfigError("model.transformer_impl is 'te' but transformer_engine/CUDA is not "
                           "usable here; install the 'gpu' extra on a GPU machine or use 'local'.")
     if m.attention_backend == "te" and m.transformer_impl != "te":

@@ -29,7 +29,7 @@ checkpoint_queue       in-process result queue for synchronous torch_dist saves 
 =====================  =========================================================================
 
 :func:`apply_torch_adam_fixes` applies only ``adam_step``, on any device: megatron uses torch Adam
-whenever Apex and TE are both missing, GPU included.
+whenever Apex and TE are both missing, GPU included (``build_optimizer`` calls it then).
 
 Layer-level CPU support (a sequence-parallel torch LayerNorm) is not a patch; it lives in
 ``genlip_megatron.model.norm``.
@@ -100,8 +100,9 @@ def apply_torch_adam_fixes() -> None:
 
     megatron-core falls back to torch ``AdamW`` whenever neither Apex nor Transformer Engine is
     installed, on GPU too; its DistributedOptimizer then has the resume bugs described in
-    ``compat/optimizer.py``. :func:`apply_cpu_compat` includes this group; a GPU run without
-    TE/Apex should call this function before building the optimizer.
+    ``compat/optimizer.py``. :func:`apply_cpu_compat` includes this group;
+    ``training.parallel.build_optimizer`` calls this function whenever megatron uses torch's
+    Adam, on any device.
     """
     patches = _STATE.setdefault("adam_step", PatchSet("adam_step"))
     if not patches.applied:

@@ -16,7 +16,8 @@ has a ``step`` tensor besides ``exp_avg``/``exp_avg_sq``. Two bugs follow (megat
    ``exp_avg``/``exp_avg_sq`` without ``step``: ``AssertionError`` / ``KeyError: 'step'``.
 
 Any GPU run without TE/Apex has the same bugs, so this group is applied whenever megatron uses
-torch's Adam; ``apply_cpu_compat`` applies it on CPU.
+torch's Adam (:func:`megatron_uses_torch_adam`; ``training.parallel.build_optimizer`` checks it
+on every device); ``apply_cpu_compat`` also applies it on CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ import torch
 from genlip_megatron.compat._patching import PatchSet, resolve
 
 _DISTOPT = "megatron.core.optimizer.distrib_optimizer"
+
+
+def megatron_uses_torch_adam() -> bool:
+    """True when megatron-core's optimizer factory falls back to torch's Adam/AdamW.
+
+    megatron picks ``FusedAdam`` from TE, else from Apex, else ``torch.optim.AdamW``
+    (``megatron/core/optimizer/__init__.py``: ``USING_PYTORCH_OPTIMIZER``).
+    """
+    megatron_optimizer = importlib.import_module("megatron.core.optimizer")
+    return bool(getattr(megatron_optimizer, "USING_PYTORCH_OPTIMIZER", False))
 
 
 def _own_step_tensors(optimizer: torch.optim.Optimizer) -> None:

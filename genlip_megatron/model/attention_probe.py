@@ -6,8 +6,9 @@ measures, per layer, the mean over heads and (non-padding) queries of the softma
 given to the first image token of the query's own sample.
 
 It hooks every layer's core attention (any backend: the hook sees the post-RoPE query and key
-``[S, B, heads/tp, d]``) and recomputes the probabilities densely from the prefix-LM rule, so it
-is meant for a small probe batch, not for every training step.
+``[S, B, heads/tp, d]``) and recomputes the probabilities from the prefix-LM rule in chunks of
+queries (:data:`PROBE_QUERY_CHUNK`), so a full 16384-token row costs O(S × chunk) memory, not
+the O(S²) of dense scores; it is still meant for one probe batch, not for every training step.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-
-from genlip_megatron.model.attention import prefix_lm_allowed
 
 
 def first_image_token_index(segment_ids: Tensor, image_mask: Tensor) -> Tensor:
@@ -38,24 +37,55 @@ def first_image_token_index(segment_ids: Tensor, image_mask: Tensor) -> Tensor:
     return torch.where(valid, start_pos, torch.full_like(start_pos, -1))
 
 
-def sink_mass(query: Tensor, key: Tensor, allowed: Tensor, sink: Tensor) -> tuple[float, int]:
+PROBE_QUERY_CHUNK = 512
+"""Queries per probe step: peak memory is O(B · heads · chunk · S) instead of O(B · heads · S²)
+(a 16384-token row with 16 heads: 0.5 GiB per step instead of 17 GiB of fp32 scores)."""
+
+
+def _allowed_rows(segment_ids: Tensor, image_mask: Tensor, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of :func:`prefix_lm_allowed` (bool ``[B, stop-start, S]``), built
+    without the full ``[B, S, S]`` mask."""
+    S = segment_ids.shape[1]
+    pos = torch.arange(S, device=segment_ids.device)
+    q_pos = pos[start:stop]
+    seg_q, seg_k = segment_ids[:, start:stop, None], segment_ids[:, None, :]
+    img_q, img_k = image_mask[:, start:stop, None], image_mask[:, None, :]
+    causal = q_pos[:, None] >= pos[None, :]
+    same = (seg_q == seg_k) & (seg_q >= 0)
+    allowed = same & ((img_q & img_k) | (~img_q & causal))
+    return allowed | ((seg_q < 0) & (q_pos[:, None] == pos[None, :]))
+
+
+def sink_mass(query: Tensor, key: Tensor, segment_ids: Tensor, image_mask: Tensor, sink: Tensor,
+              chunk: int = PROBE_QUERY_CHUNK) -> tuple[float, int]:
     """(sum over heads × valid queries of the mass on the sink key, number of such terms).
+
+    Computed ``chunk`` queries at a time (scores ``[B, heads, chunk, S]``), so peak memory grows
+    linearly with the row length.
 
     Args:
         query, key: ``[S, B, heads, d]`` after rotary embedding.
-        allowed: bool ``[B, S, S]`` prefix-LM mask (query, key).
+        segment_ids, image_mask: ``[B, S]`` (prefix-LM rule of ``attention.prefix_lm_allowed``).
         sink: int64 ``[B, S]`` sink key per query, -1 to skip the query.
+        chunk: queries per step.
     """
-    q = query.permute(1, 2, 0, 3).float()                       # [B, h, S, d]
-    k = key.permute(1, 2, 0, 3).float()
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])   # [B, h, S, S]
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    valid = sink >= 0                                           # [B, S]
-    idx = sink.clamp(min=0)[:, None, :, None].expand(-1, probs.shape[1], -1, 1)
-    mass = probs.gather(-1, idx).squeeze(-1)                    # [B, h, S]
-    mass = mass * valid[:, None, :]
-    return float(mass.sum()), int(valid.sum()) * probs.shape[1]
+    k = key.permute(1, 2, 3, 0).float()                         # [B, h, d, S]
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    heads, S = query.shape[2], query.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=query.device)
+    for start in range(0, S, chunk):
+        stop = min(start + chunk, S)
+        q = query[start:stop].permute(1, 2, 0, 3).float()       # [B, h, c, d]
+        scores = (q @ k) * scale                                # [B, h, c, S]
+        allowed = _allowed_rows(segment_ids, image_mask, start, stop)
+        scores.masked_fill_(~allowed[:, None], float("-inf"))
+        rows = sink[:, start:stop]                              # [B, c]
+        sink_score = scores.gather(-1, rows.clamp(min=0)[:, None, :, None].expand(
+            -1, heads, -1, 1)).squeeze(-1)                      # [B, h, c]
+        mass = (sink_score - scores.logsumexp(dim=-1)).exp()
+        total += (mass * (rows >= 0)[:, None, :]).sum(dtype=torch.float64)
+        del scores, allowed
+    return float(total), int((sink >= 0).sum()) * heads
 
 
 def _core_attentions(model_chunks: list) -> Iterator[tuple[int, torch.nn.Module]]:
@@ -74,15 +104,15 @@ def capture_attention_sink(model_chunks: list, segment_ids: Tensor, image_mask: 
     for the layers this rank holds; reduce it over TP (heads) and PP (layers) groups.
     """
     stats = torch.zeros(num_layers, 2, dtype=torch.float64)
-    allowed = prefix_lm_allowed(segment_ids, image_mask)
     sink = first_image_token_index(segment_ids, image_mask)
     handles = []
     for layer_number, core in _core_attentions(model_chunks):
         def hook(_module, args, kwargs, n=layer_number):
             query = args[0] if args else kwargs["query"]
             key = args[1] if len(args) > 1 else kwargs["key"]
-            total, count = sink_mass(query.detach(), key.detach(), allowed.to(query.device),
-                                     sink.to(query.device))
+            dev = query.device
+            total, count = sink_mass(query.detach(), key.detach(), segment_ids.to(dev),
+                                     image_mask.to(dev), sink.to(dev))
             stats[n - 1, 0] += total
             stats[n - 1, 1] += count
         handles.append(core.register_forward_pre_hook(hook, with_kwargs=True))

@@ -84,7 +84,8 @@ from genlip_megatron.model.embedding import GenLIPEmbedding
 from genlip_megatron.model.init import init_genlip_weights
 from genlip_megatron.model.layer_spec import get_genlip_block_spec
 from genlip_megatron.model.rope import GenLIPRotaryEmbedding
-from genlip_megatron.model.transformer_config import GenLIPTransformerConfig
+from genlip_megatron.model.transformer_config import GenLIPTransformerConfig, \
+    local_linear_config
 
 __all__ = ["GenLIPModel", "build_genlip_model", "IGNORE_INDEX"]
 
@@ -133,7 +134,8 @@ class GenLIPModel(MegatronModule):
                                                 dtype=config.params_dtype)
                                 if config.text_dim != config.hidden_size else None)
             self.output_layer = ColumnParallelLinear(
-                config.text_dim, config.vocab_size, config=config, init_method=config.init_method,
+                config.text_dim, config.vocab_size, config=local_linear_config(config),
+                init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=False, tp_group=self.tp_group)
             tp_size = get_pg_size(self.tp_group)
             self.output_layer.sequence_parallel = False

@@ -8,6 +8,7 @@ machine-dependent choices (CPU initialisation, fusions, gloo pipeline quirks).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from genlip_megatron.compat.te import te_provides_wgrad_accumulation_fusion
+
 if TYPE_CHECKING:  # the model package does not import the run config at run time
     from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
 
-__all__ = ["GenLIPTransformerConfig", "build_transformer_config", "ATTENTION_BACKENDS"]
+__all__ = ["GenLIPTransformerConfig", "build_transformer_config", "ATTENTION_BACKENDS",
+           "gradient_accumulation_fusion_enabled", "local_linear_config"]
 
 ATTENTION_BACKENDS = ("dense", "flex", "te")
 """Prefix-LM core-attention backends (``model.attention_backend``)."""
@@ -102,6 +106,32 @@ def _apex_grad_accum_fusion_available() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
+def gradient_accumulation_fusion_enabled(has_cuda: bool, transformer_impl: str) -> bool:
+    """Fuse weight-gradient accumulation into ``main_grad`` where a kernel provides it.
+
+    Apex's ``fused_weight_gradient_mlp_cuda`` serves megatron's local linears; Transformer
+    Engine's linears do it themselves (``fuse_wgrad_accumulation``), so with
+    ``model.transformer_impl: te`` the fusion is on whenever TE is usable. Local linears that
+    remain in a TE model (the LM head) get it only with Apex: see
+    :func:`local_linear_config`.
+    """
+    if not has_cuda:
+        return False
+    return _apex_grad_accum_fusion_available() or (
+        transformer_impl == "te" and te_provides_wgrad_accumulation_fusion())
+
+
+def local_linear_config(config: TransformerConfig) -> TransformerConfig:
+    """``config`` for megatron's LOCAL parallel linears: without Apex's fused wgrad kernel,
+    ``gradient_accumulation_fusion`` is switched off for them (megatron's ColumnParallelLinear
+    refuses it), while TE linears keep it (a shallow copy; the original is unchanged)."""
+    if not config.gradient_accumulation_fusion or _apex_grad_accum_fusion_available():
+        return config
+    local = copy.copy(config)
+    local.gradient_accumulation_fusion = False
+    return local
+
+
 def _recompute_kwargs(parallel: "ParallelConfig") -> dict:
     r = parallel.recompute
     if r.granularity is None:
@@ -164,7 +194,8 @@ def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
         use_cpu_initialization=not has_cuda,
         bias_activation_fusion=has_cuda, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=has_cuda and _apex_grad_accum_fusion_available(),
+        gradient_accumulation_fusion=gradient_accumulation_fusion_enabled(
+            has_cuda, model.transformer_impl),
         # Parallel layout.
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp, sequence_parallel=parallel.sp,

@@ -214,7 +214,7 @@ class CheckpointManager:
         layout = Layout.current()
         sd = build_state_dict(model_chunks, optimizer, scheduler, state, data_state,
                               config_dict, layout, data_replicated=self.data_replicated)
-        use_async = self.cfg.async_save and torch.cuda.is_available()
+        use_async = self._async_enabled()
         request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=use_async)
         if use_async:
             request.add_finalize_fn(lambda: self._publish(tmp, final))
@@ -259,6 +259,21 @@ class CheckpointManager:
         if self._async_queue is not None:
             self._async_queue.maybe_finalize_async_calls(blocking=blocking)
 
+    def _async_enabled(self) -> bool:
+        """Async writes (forked writer process) only on GPU runs that ask for them."""
+        return bool(self.cfg.async_save) and torch.cuda.is_available()
+
+    def poll_async(self) -> None:
+        """Publish finished async saves now; call once per step on EVERY rank.
+
+        Non-blocking: one small all-reduce tells whether every rank's writer is done (megatron
+        ``AsyncCallsQueue.maybe_finalize_async_calls``, as Megatron-LM's training loop does each
+        iteration); if so, the ``.tmp`` → ``iter_N`` rename and the ``latest`` update happen
+        now instead of at the next ``save()``. No-op without pending async saves.
+        """
+        if self._async_queue is not None and self._async_queue.get_num_unfinalized_calls():
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
     @staticmethod
     def _fire_fault(point: str, step: int) -> None:
         maybe_inject(f"checkpoint:{point}")
@@ -291,9 +306,10 @@ class CheckpointManager:
             loader_state_template if data_ok else None, config_dict, layout,
             is_loading=True, rng=same_rng_layout, with_optimizer=with_optimizer,
             data_replicated=self.data_replicated)
+        drop_absent_extra_state(template, ckpt)
         loaded = dist_checkpointing.load(template, str(ckpt))
         for i, chunk in enumerate(model_chunks):
-            unwrap_model(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
+            load_model_state(unwrap_model(chunk), loaded[_model_key(i, len(model_chunks))])
         if with_optimizer and optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             if scheduler is not None:
@@ -312,6 +328,65 @@ class CheckpointManager:
         logger.info("restored %s (step %d)", ckpt, state.step)
         key = "data_state_global" if self.data_replicated else "data_state"
         return state, (loaded.get(key) if data_ok else None)
+
+
+_EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def drop_absent_extra_state(template: dict, ckpt: Path) -> list[str]:
+    """Remove from a load template the ``*._extra_state`` objects the checkpoint lacks.
+
+    A checkpoint written by another implementation misses some: local modules save none for
+    TE's final LayerNorm (an ops-based TE module with extra state), so ``training.init_from``
+    of a CPU/local checkpoint into a TE model would fail in torch's load planner. Those modules
+    keep their defaults (no FP8 metadata yet), like :func:`load_model_state` allows. Only model
+    entries named ``*._extra_state`` are touched.
+
+    Returns:
+        The dropped object keys.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    # Metadata keys of objects are ShardedObject.unique_key ("<key>/shard_<offset>_<shape>").
+    saved = {k.split("/shard_")[0] for k in load_sharded_metadata(str(ckpt)).keys()}
+    dropped = []
+    for name in [k for k in template if k == "model" or re.fullmatch(r"model\d+", k)]:
+        for key, value in list(template[name].items()):
+            if isinstance(value, ShardedObject) and value.key.endswith(_EXTRA_STATE_SUFFIX[1:]) \
+                    and value.key not in saved:
+                del template[name][key]
+                dropped.append(value.key)
+    if dropped:
+        logger.info("checkpoint %s has no %s (written by another layer implementation); "
+                    "those modules keep their defaults.", ckpt, ", ".join(sorted(set(dropped))))
+    return dropped
+
+
+def load_model_state(module: torch.nn.Module, state: dict) -> None:
+    """``load_state_dict`` that tolerates only missing ``*._extra_state`` entries.
+
+    Transformer Engine's ``DotProductAttention`` puts ``core_attention._extra_state`` (FP8
+    metadata) in ``state_dict()``, but megatron's ``TEDotProductAttention.sharded_state_dict``
+    does not save it, so a strict load of any TE checkpoint misses it. TE 2.6/2.11 drop that key
+    in a load hook it announces it will remove; Megatron-LM and NeMo tolerate it themselves.
+    Any other missing or unexpected key is still an error.
+
+    Raises:
+        RuntimeError: keys other than ``_extra_state`` are missing, or keys are unexpected.
+    """
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(_EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not match the model: missing keys {missing[:8]}"
+            f"{' …' if len(missing) > 8 else ''}, unexpected keys "
+            f"{list(result.unexpected_keys)[:8]}; check model.* (variant, transformer_impl) "
+            "against the checkpoint's config.")
+    tolerated = len(result.missing_keys) - len(missing)
+    if tolerated:
+        logger.debug("checkpoint carries no _extra_state for %d module(s) (TE core attention); "
+                     "they keep their defaults.", tolerated)
 
 
 _ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "text_dim",

@@ -111,7 +111,24 @@ def build_optimizer(chunks: list, opt: OptimizerConfig, prec: PrecisionConfig,
         loss_scale=1.0 if (bf16 or p.use_distributed_optimizer) else None,
         decoupled_weight_decay=True)
     overrides = {} if opt.decay_norm_and_bias else None  # {} = decay all (reference recipe)
+    apply_torch_adam_fixes_if_needed()
     return get_megatron_optimizer(config, chunks, config_overrides=overrides)
+
+
+def apply_torch_adam_fixes_if_needed() -> bool:
+    """Apply the DistributedOptimizer + torch Adam resume fixes whenever megatron falls back to
+    ``torch.optim.AdamW`` (neither TE nor Apex provides a fused Adam), on any device.
+
+    Returns:
+        True when megatron uses torch's Adam (and the fixes are now in place).
+    """
+    from genlip_megatron.compat import apply_torch_adam_fixes
+    from genlip_megatron.compat.optimizer import megatron_uses_torch_adam
+
+    if not megatron_uses_torch_adam():
+        return False
+    apply_torch_adam_fixes()
+    return True
 
 
 def build_scheduler(optimizer, opt: OptimizerConfig, sched: SchedulerConfig, train_steps: int):

@@ -170,6 +170,7 @@ class Trainer:
                 self.summary.final_loss
             if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
+            self.ckpt.poll_async()  # publish a finished async save now, not at the next save
             maybe_inject(f"after_step:{self.state.step}")
         if c.save_dir and (not c.save_interval or self.state.step % c.save_interval):
             self.save()

@@ -131,3 +131,24 @@ def test_resume_from_fully_reshardable_checkpoint(mp_state, tmp_path):
     _step(model, opt)                          # the uninterrupted run
     for p, q in zip(model.parameters(), model3.parameters()):
         assert torch.equal(p, q)
+
+
+def test_build_optimizer_applies_the_fixes_when_cpu_compat_is_off(mp_state):
+    # A GPU run never applies the CPU compat, yet megatron still falls back to torch AdamW when
+    # neither TE nor Apex provides FusedAdam: build_optimizer must apply adam_step itself.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from genlip_megatron.compat.optimizer import megatron_uses_torch_adam
+    from genlip_megatron.config import ParallelConfig, PrecisionConfig
+    from genlip_megatron.training.config import OptimizerConfig
+    from genlip_megatron.training.parallel import build_optimizer
+
+    assert megatron_uses_torch_adam()  # no TE/Apex in this environment
+    model, _ = _model_and_optimizer()
+    with cpu_compat_disabled("adam_step"):
+        assert not getattr(DistributedOptimizer.load_state_dict, "__genlip_compat__", False)
+        opt = build_optimizer([model], OptimizerConfig(), PrecisionConfig(params_dtype="fp32"),
+                              ParallelConfig(use_distributed_optimizer=True))
+        assert getattr(DistributedOptimizer.load_state_dict, "__genlip_compat__", False)
+        # bug 1 of the group is gone: a fresh optimizer builds its loading state dict
+        opt.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=METADATA)

@@ -8,6 +8,7 @@ from convert_testlib import TINY, random_hf_state_dict, tiny
 
 from genlip_megatron.convert.converter import hf_state_dict_to_megatron, megatron_shapes, \
     megatron_state_dict_to_hf
+from genlip_megatron.convert import registry
 from genlip_megatron.convert.registry import BACKEND_ALIASES, ConversionError, \
     mapping_registry, renumber_layers
 from genlip_megatron.convert.rules import ConvAsLinear, GatedMLPMapping, QKVGateMapping, \
@@ -177,4 +178,5 @@ def test_table_lists_every_rule_and_dropped_key():
     assert "`decoder.layers.*.self_attention.linear_qkv.weight`" in table
     assert "QKVGateMapping" in table and "axis 0, stride 2" in table
     assert "None (dropped" in table and "rotary_emb.inv_freq" in table
-    assert table.count("\n") + 1 == 2 + len(mapping_registry(TINY).rules) + 5 + 2
+    assert table.count("\n") + 1 == 2 + len(mapping_registry(TINY).rules) + \
+        len(registry.MEGATRON_EXTRA_STATE) + 2
