@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,6 +29,7 @@ class RunReport:
     final_loss: float
     unigram_loss: float
     checkpoint: Optional[str]
+    stopped_early: str = ""
     caption_accuracy: Optional[float] = None
     eval_samples: int = 0
 
@@ -82,7 +85,10 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
     finally:
         trainer.close()
     report = RunReport(summary.steps, summary.final_loss, unigram_loss(summary.label_counts),
-                       summary.checkpoint)
+                       summary.checkpoint, summary.stopped_early)
+    if report.stopped_early:  # preempted: checkpoint written, the requeued job evaluates
+        dist.barrier()
+        return report
     if cfg.evaluation.caption_accuracy and summary.checkpoint and trainer.log_rank:
         report.caption_accuracy, report.eval_samples = caption_accuracy(
             summary.checkpoint, cfg.data, cfg.evaluation)
@@ -111,8 +117,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point; returns the process exit code."""
     args = parse_args(argv)
     try:
-        run(args.config, args.set)
+        report = run(args.config, args.set)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if report.stopped_early:
+        print(f"STOPPED steps={report.steps} reason={report.stopped_early!r} "
+              f"checkpoint={report.checkpoint} exit_status={EXIT_STOPPED_EARLY}", flush=True)
+        return EXIT_STOPPED_EARLY
     return 0
