@@ -3,8 +3,9 @@
 Recipe measured in shared/reference/local-slurm.md: slurmctld + slurmd with proctrack/linuxproc
 and task/none (no cgroups, no systemd), auth/none (no munged to run), a fresh state directory
 and free ports per cluster. Every daemon is stopped by the PID it wrote. A requeued job may
-start again only after the job credential expired (cred_expire, default 120 s), so the
-cluster uses 10 s.
+start again only after the job credential expired (cred_expire, default 120 s) and is then
+placed by the next periodic scheduler pass (default every 60 s), so the cluster uses 10 s and
+1 s.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -21,6 +21,7 @@ import pytest
 from local_slurm import LocalSlurm, install, unavailable_reason
 from training_helpers import ROOT, make_tiny_data, read_jsonl_losses, tiny_overrides
 
+SUBMITTED: list[str] = []
 STEPS = 16  # long enough that the signal lands mid-run (a step takes ~0.3 s on 2 cores)
 
 
@@ -35,6 +36,9 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+        for job_id in SUBMITTED:   # the job logs the scripts wrote into the checkout's logs/
+            for path in (ROOT / "logs").glob(f"genlip*-{job_id}.out"):
+                path.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +46,27 @@ def data_dir(tmp_path_factory) -> Path:
     return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
 
 
-def submit(slurm: LocalSlurm, data_dir: Path, save_dir: Path) -> str:
-    """The command from README "Launching" (CPU, 2 tasks), run from the checkout root."""
-    env = {**slurm.env, "GENLIP_PYTHON": sys.executable, "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("MASTER_PORT", None)
+def submit(slurm: LocalSlurm, data_dir: Path, save_dir: Path, torchrun: bool = False) -> str:
+    """The commands from README "Launching" (CPU, 2 ranks), run from the checkout root."""
+    env = {**slurm.env, "GENLIP_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    for key in ("MASTER_PORT", "MASTER_ADDR", "OMP_NUM_THREADS"):
+        env.pop(key, None)   # the scripts derive them from the allocation
     sets = tiny_overrides(data_dir, save_dir, training__train_steps=STEPS)
-    cmd = ["sbatch", "--parsable", "--ntasks", "2", "--cpus-per-task", "1", "--time", "10",
-           "examples/slurm/pretrain.sbatch", "tests/assets/configs/tiny_train.yaml",
-           "--set", *sets]
-    return slurm.run(cmd, env=env, cwd=ROOT).stdout.strip().split(";")[0]
+    if torchrun:  # one torchrun (task) on the node, two processes
+        env["GENLIP_NPROC_PER_NODE"] = "2"
+        cmd = ["sbatch", "--parsable", "--cpus-per-task", "2", "--time", "10",
+               "examples/slurm/pretrain_torchrun.sbatch"]
+    else:
+        cmd = ["sbatch", "--parsable", "--ntasks", "2", "--cpus-per-task", "1", "--time", "10",
+               "examples/slurm/pretrain.sbatch"]
+    cmd += ["tests/assets/configs/tiny_train.yaml", "--set", *sets]
+    SUBMITTED.append(slurm.run(cmd, env=env, cwd=ROOT).stdout.strip().split(";")[0])
+    return SUBMITTED[-1]
 
 
 def job_log(job_id: str) -> str:
-    path = ROOT / "logs" / f"genlip-{job_id}.out"
+    found = list((ROOT / "logs").glob(f"genlip*-{job_id}.out"))
+    path = found[0] if found else ROOT / "logs" / f"genlip-{job_id}.out"
     return path.read_text() if path.is_file() else f"(no {path})"
 
 
@@ -76,10 +87,11 @@ def test_sbatch_job_completes_with_log_in_fresh_checkout_folder(uninterrupted):
     assert (save / "latest").read_text().strip() == f"iter_{STEPS:07d}"
 
 
+@pytest.mark.parametrize("torchrun", [False, True], ids=["srun", "torchrun"])
 def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm, data_dir, uninterrupted,
-                                                                 tmp_path):
+                                                                 tmp_path, torchrun):
     ref = read_jsonl_losses(uninterrupted[0] / "metrics.jsonl")
-    job = submit(slurm, data_dir, tmp_path)
+    job = submit(slurm, data_dir, tmp_path, torchrun)
     metrics = tmp_path / "metrics.jsonl"
     slurm.wait(job, timeout=300, until=lambda info: metrics.is_file()
                and len(metrics.read_text().splitlines()) >= 2)
@@ -96,6 +108,8 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm, data_dir,
     assert "requeueing job" in log and "(restart 1)" in log, log[-6000:]
     assert f"(step {step})" in log.split("(restart 1)")[1], "requeued run did not resume there"
     assert f"RUN steps={STEPS} " in log
+    if torchrun:
+        assert "node 0/1: 2 processes, 1 threads each" in log, log[:3000]
     # The requeued run starts at step+1: the JSONL holds each step once, and every loss equals
     # the uninterrupted job's (same ranks, same machine: bit-identical).
     steps = [int(line.split('"step": ')[1].split(",")[0])
