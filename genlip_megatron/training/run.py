@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -114,13 +115,23 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point; returns the process exit code."""
+    """Console entry point; returns the process exit code.
+
+    0: trained to training.train_steps. 75 (EXIT_STOPPED_EARLY): stopped on an exit signal or
+    training.exit_duration_mins after publishing a checkpoint; rerun to resume (the sbatch
+    scripts requeue). 1: stopped that way without checkpoint.save_dir.
+    """
     args = parse_args(argv)
     try:
         report = run(args.config, args.set)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if report.stopped_early and report.checkpoint is None:
+        print(f"error: stopped after step {report.steps} ({report.stopped_early}) without a "
+              "checkpoint: checkpoint.save_dir is not set, so a rerun starts over",
+              file=sys.stderr, flush=True)
+        return 1
     if report.stopped_early:
         print(f"STOPPED steps={report.steps} reason={report.stopped_early!r} "
               f"checkpoint={report.checkpoint} exit_status={EXIT_STOPPED_EARLY}", flush=True)
