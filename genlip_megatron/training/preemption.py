@@ -21,6 +21,7 @@ import signal
 import time
 from typing import Optional
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -32,8 +33,6 @@ EXIT_STOPPED_EARLY = 75
 
 def _process_start_time() -> float:
     """Wall-clock start of this process (the scheduler's budget counts from the launch)."""
-    import psutil
-
     return psutil.Process().create_time()
 
 
@@ -62,7 +61,9 @@ class PreemptionGuard:
     def should_stop(self, device: torch.device) -> bool:
         """True on every rank once any rank saw a signal or ran out of time (collective).
 
-        One 2-element all-reduce per step; all ranks must call it at the same step.
+        One 2-element all-reduce per step; all ranks must call it at the same step. Its
+        ``tolist()`` is a host sync each step, like the trainer's global-loss sync for the skip
+        decision (Megatron-LM checks its exit signal every iteration the same way).
         """
         if not self.enabled:
             return False
