@@ -3,8 +3,8 @@
 A SIGUSR1 reaches rank 1 only, after step 3 (GENLIP_FAULT_INJECT): both ranks must stop after
 step 3, publish that checkpoint and exit 75. The resumed run is given a time budget it has
 already used up (training.exit_duration_mins), so it stops after one more step, again with
-status 75. The third run finishes: each step is logged exactly once and the curve matches the
-single-process golden file.
+status 75. Each step is logged exactly once and the curve matches the single-process golden
+file. (Finishing after a stop is checked on a real Slurm in test_slurm.py.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def torchrun(sets: list[str], fault: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_signal_on_one_rank_then_time_budget_then_finish(tmp_path):
+def test_signal_on_one_rank_then_time_budget(tmp_path):
     data = make_tiny_data(tmp_path / "data")
     save = tmp_path / "run"
     sets = tiny_overrides(data, save)
@@ -41,12 +41,10 @@ def test_signal_on_one_rank_then_time_budget_then_finish(tmp_path):
     assert "exit_duration_mins (0.001) reached" in out
     assert (save / "latest").read_text().strip() == "iter_0000004"
 
-    third = torchrun(sets)
-    out = third.stdout + third.stderr
-    assert third.returncode == 0 and "(step 4)" in out and "RUN steps=8 " in out, out[-5000:]
     steps = [int(line.split('"step": ')[1].split(",")[0])
              for line in (save / "metrics.jsonl").read_text().splitlines()
              if '"loss/global_avg"' in line]
-    assert steps == list(range(1, 9)), steps   # no step lost, none repeated
-    assert_losses_close(read_jsonl_losses(save / "metrics.jsonl"), read_golden(),
-                        what="2 ranks, stopped twice and resumed")
+    assert steps == [1, 2, 3, 4], steps   # no step lost, none repeated
+    golden = read_golden()
+    assert_losses_close(read_jsonl_losses(save / "metrics.jsonl"),
+                        {s: golden[s] for s in steps}, what="2 ranks, stopped twice")
