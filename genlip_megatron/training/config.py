@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
@@ -62,6 +62,14 @@ class TrainingConfig:
     """Every data-parallel rank reads the global sample stream and keeps its slice, so the
     global batches do not depend on the DP size (parallel-equivalence tests, exact resume under
     a new DP size); costs DP× decoding."""
+    exit_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank stop after the current step, save a checkpoint and exit
+    with status 75 (Slurm sends SIGTERM on preemption/scancel, `--signal=USR1@T` before the
+    time limit); [] keeps Python's default handling."""
+    exit_duration_mins: Optional[float] = None
+    """Stop the same way once the process has run this many minutes (wall clock, from process
+    start); set it a few checkpoint-durations below the job's time limit. None disables."""
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,8 @@
 The same entry point runs under ``torchrun`` on one box and under ``srun`` on many nodes:
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; a bare ``srun`` sets
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST, from which we derive the same.
+A single process without MASTER_PORT binds a free port (port 0) so that several runs can share
+a host; set MASTER_ADDR/MASTER_PORT to choose the rendezvous yourself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    """0: let the OS pick a free port (single process only)."""
     launcher: str  # "torchrun" | "slurm" | "single"
 
 
@@ -67,7 +70,8 @@ def detect_launch_env(environ: Optional[dict] = None) -> LaunchEnv:
                          int(env.get("SLURM_LOCALID", 0)),
                          env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
                          int(env.get("MASTER_PORT", 10000 + job_id % 50000)), "slurm")
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
+                     int(env.get("MASTER_PORT", 0)), "single")
 
 
 def init_distributed(timeout_s: int = 1800) -> LaunchEnv:
@@ -79,9 +83,16 @@ def init_distributed(timeout_s: int = 1800) -> LaunchEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-    dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
-                            init_method="env://", timeout=timedelta(seconds=timeout_s))
+    if launch.master_port == 0:  # single process: a store on a free port, no collisions
+        store = dist.TCPStore(launch.master_addr, 0, 1, is_master=True,
+                              timeout=timedelta(seconds=timeout_s))
+        os.environ["MASTER_PORT"] = str(store.port)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
+    else:
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
+                                init_method="env://", timeout=timedelta(seconds=timeout_s))
     logger.info("torch.distributed: %s backend, rank %d/%d (%s)", backend, launch.rank,
                 launch.world_size, launch.launcher)
     return launch

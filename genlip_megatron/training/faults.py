@@ -7,6 +7,10 @@ way a node failure or OOM-kill would (no ``finally`` blocks, no flushing):
 - ``checkpoint:after_shards``  inside a save, after every shard is written but before the
                                checkpoint is published (the ``.tmp`` directory is left behind);
   ``checkpoint:after_shards:step=N``  the same, only in the save of step N
+
+A point followed by ``=SIGNAME`` sends that signal instead of SIGKILL, optionally to one rank
+only (``after_step:3=SIGUSR1:rank1``): a scheduler's preemption signal at a known step, for the
+exit-signal drills (training/preemption.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ ENV = "GENLIP_FAULT_INJECT"
 def maybe_inject(point: str) -> None:
     """SIGKILL this process when ``point`` is listed in $GENLIP_FAULT_INJECT."""
     wanted = {p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()}
+    for entry in wanted:
+        where, _, sig = entry.partition("=")
+        name, _, rank = sig.partition(":rank")
+        if sig and where == point and rank in ("", os.environ.get("RANK", "0")):
+            logger.warning("%s: sending %s to this process at %s", ENV, name, point)
+            os.kill(os.getpid(), getattr(signal, name))
     if point in wanted:
         logger.error("%s: killing the process at %s", ENV, point)
         logging.shutdown()

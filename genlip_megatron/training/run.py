@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ class RunReport:
     final_loss: float
     unigram_loss: float
     checkpoint: Optional[str]
+    stopped_early: str = ""
     caption_accuracy: Optional[float] = None
     eval_samples: int = 0
 
@@ -82,7 +86,10 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
     finally:
         trainer.close()
     report = RunReport(summary.steps, summary.final_loss, unigram_loss(summary.label_counts),
-                       summary.checkpoint)
+                       summary.checkpoint, summary.stopped_early)
+    if report.stopped_early:  # preempted: checkpoint written, the requeued job evaluates
+        dist.barrier()
+        return report
     if cfg.evaluation.caption_accuracy and summary.checkpoint and trainer.log_rank:
         report.caption_accuracy, report.eval_samples = caption_accuracy(
             summary.checkpoint, cfg.data, cfg.evaluation)
@@ -108,11 +115,25 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point; returns the process exit code."""
+    """Console entry point; returns the process exit code.
+
+    0: trained to training.train_steps. 75 (EXIT_STOPPED_EARLY): stopped on an exit signal or
+    training.exit_duration_mins after publishing a checkpoint; rerun to resume (the sbatch
+    scripts requeue). 1: stopped that way without checkpoint.save_dir.
+    """
     args = parse_args(argv)
     try:
-        run(args.config, args.set)
+        report = run(args.config, args.set)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if report.stopped_early and report.checkpoint is None:
+        print(f"error: stopped after step {report.steps} ({report.stopped_early}) without a "
+              "checkpoint: checkpoint.save_dir is not set, so a rerun starts over",
+              file=sys.stderr, flush=True)
+        return 1
+    if report.stopped_early:
+        print(f"STOPPED steps={report.steps} reason={report.stopped_early!r} "
+              f"checkpoint={report.checkpoint} exit_status={EXIT_STOPPED_EARLY}", flush=True)
+        return EXIT_STOPPED_EARLY
     return 0

@@ -29,6 +29,7 @@ from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, memory_metrics
+from genlip_megatron.training.preemption import PreemptionGuard
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
     wrap_with_ddp
@@ -79,6 +80,8 @@ class RunSummary:
     """int64 histogram of the trained label ids (for the unigram baseline)."""
     losses: list = field(default_factory=list)
     """(step, global loss, skipped) of every step run by this process."""
+    stopped_early: str = ""
+    """Why training stopped before train_steps (exit signal, time budget); "" when it did not."""
 
     def add_labels(self, labels: torch.Tensor) -> None:
         counts = torch.bincount(labels[labels >= 0].reshape(-1))
@@ -97,6 +100,8 @@ class Trainer:
     def __init__(self, cfg: GenLIPConfig):
         self.cfg = cfg
         self.config_dict = cfg.to_dict()
+        self.preemption = PreemptionGuard(cfg.training.exit_signals,
+                                          cfg.training.exit_duration_mins)
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         # ---- topology --------------------------------------------------------------
@@ -172,6 +177,11 @@ class Trainer:
                 self.save()
             self.ckpt.poll_async()  # publish a finished async save now, not at the next save
             maybe_inject(f"after_step:{self.state.step}")
+            if self.preemption.should_stop(self.device) and self.state.step < t.train_steps:
+                self.summary.stopped_early = self.preemption.reason
+                logger.warning("stopping after step %d: %s", self.state.step,
+                               self.summary.stopped_early)
+                break
         if c.save_dir and (not c.save_interval or self.state.step % c.save_interval):
             self.save()
         self.ckpt.finalize_pending(blocking=True)
@@ -332,5 +342,6 @@ class Trainer:
     def close(self) -> None:
         """Flush logs, wait for pending checkpoint writes, stop loader workers."""
         self.ckpt.finalize_pending(blocking=True)
+        self.preemption.close()
         self.metrics.close()
         self.loader.close()

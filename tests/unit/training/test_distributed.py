@@ -28,6 +28,7 @@ def test_slurm_nodelist_parsing_without_scontrol():
     assert _first_slurm_host("single") == "single"
 
 
-def test_single_process_default():
+def test_single_process_default_asks_for_a_free_port():
     e = detect_launch_env({})
-    assert (e.rank, e.world_size, e.launcher) == (0, 1, "single")
+    assert (e.rank, e.world_size, e.master_port, e.launcher) == (0, 1, 0, "single")
+    assert detect_launch_env({"MASTER_PORT": "4321"}).master_port == 4321

@@ -1,0 +1,89 @@
+"""Stop cleanly before the scheduler kills the job: exit signals and a wall-clock budget.
+
+Megatron-LM's ``--exit-signal-handler`` / ``--exit-duration-in-mins``, for this trainer:
+
+- every rank installs handlers for ``training.exit_signals`` (default SIGTERM and SIGUSR1, what
+  Slurm sends at preemption, ``scancel`` and ``--signal=...@T``); a handler only records the
+  signal, because a checkpoint cannot be written from inside a signal handler;
+- at each step boundary the ranks agree with one MAX all-reduce of (signal seen, budget
+  exceeded), because a signal can reach some ranks and not others, or reach them in different
+  steps, and every rank must stop after the SAME step for the checkpoint to be consistent;
+- the trainer then saves (and publishes) the checkpoint of that step and returns; the program
+  exits with ``EXIT_STOPPED_EARLY`` (75, EX_TEMPFAIL: "stopped early, run me again"), which the
+  sbatch scripts turn into ``scontrol requeue``. A requeued run resumes after that step, so no
+  step is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Optional
+
+import psutil
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+EXIT_STOPPED_EARLY = 75
+"""Exit status of a run that stopped on a signal or budget after writing its checkpoint."""
+
+
+def _process_start_time() -> float:
+    """Wall-clock start of this process (the scheduler's budget counts from the launch)."""
+    return psutil.Process().create_time()
+
+
+class PreemptionGuard:
+    """Records exit signals and checks the time budget; ``should_stop()`` is collective."""
+
+    def __init__(self, signals: list[str], exit_duration_mins: Optional[float],
+                 start_time: Optional[float] = None):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.exit_duration_s = None if exit_duration_mins is None else 60.0 * exit_duration_mins
+        self.start_time = _process_start_time() if start_time is None else start_time
+        self.received: Optional[int] = None
+        self.reason = ""
+        self._previous = {}
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.signals) or self.exit_duration_s is not None
+
+    def _on_signal(self, signum: int, frame) -> None:
+        """Only record: the step in flight finishes, the trainer saves at its boundary."""
+        self.received = signum
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank once any rank saw a signal or ran out of time (collective).
+
+        One 2-element all-reduce per step; all ranks must call it at the same step. Its
+        ``tolist()`` is a host sync each step, like the trainer's global-loss sync for the skip
+        decision (Megatron-LM checks its exit signal every iteration the same way).
+        """
+        if not self.enabled:
+            return False
+        over_budget = (self.exit_duration_s is not None
+                       and time.time() - self.start_time >= self.exit_duration_s)
+        flags = torch.tensor([float(self.received is not None), float(over_budget)],
+                             device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        got_signal, out_of_time = (bool(v) for v in flags.tolist())
+        if got_signal:
+            name = signal.Signals(self.received).name if self.received else "a signal"
+            self.reason = f"{name} received (on this or another rank)"
+        elif out_of_time:
+            self.reason = (f"training.exit_duration_mins ({self.exit_duration_s / 60:g}) "
+                           "reached")
+        return got_signal or out_of_time
+
+    def close(self) -> None:
+        """Put the previous handlers back (in-process callers such as tests)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
