@@ -75,7 +75,14 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
     resume: bool = True
-    """Resume from save_dir/latest when it exists."""
+    """Resume from save_dir/latest (or the newest finished checkpoint when the pointer is
+    missing or damaged) when save_dir holds finished checkpoints."""
+    overwrite: bool = False
+    """Allow a fresh start (resume: false) over finished checkpoints in save_dir, removing them;
+    without it such a start is refused."""
+    fallback_to_previous: bool = False
+    """When the checkpoint to resume is damaged, resume from the previous finished one (logged)
+    instead of stopping with a message naming the damaged file."""
     async_save: bool = False
     """Asynchronous save (GPU only)."""
 

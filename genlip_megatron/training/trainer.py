@@ -23,8 +23,7 @@ import torch.distributed as dist
 from genlip_megatron.config import GenLIPConfig
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.training.data_stream import build_microbatch_source
-from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState, \
-    resolve_checkpoint
+from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
@@ -127,13 +126,14 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint,
                                       data_replicated=cfg.training.dp_invariant_data)
         self.state = self._restore()
+        self._restored_step = self.state.step
         # ---- metrics ----------------------------------------------------------------
         self.log_rank = dist.get_rank() == dist.get_world_size() - 1  # last PP stage
         self.metrics = MetricLogger(cfg.logging, self.log_rank, self.config_dict,
                                     cfg.training.train_steps)
         self.flop_dims = FlopDims.from_model_config(cfg.model)
         self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
-        self.summary = RunSummary()
+        self.summary = RunSummary(checkpoint=self.resumed_from)
         self._probe_batch: Optional[PackedBatch] = None
         self._bad_streak = 0
         self._loss_ema: Optional[float] = None
@@ -142,14 +142,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------ restore
     def _restore(self) -> TrainingState:
+        """Resume the run in checkpoint.save_dir, else initialise from training.init_from."""
         c, t = self.cfg.checkpoint, self.cfg.training
-        if c.save_dir and c.resume and resolve_checkpoint(c.save_dir) is not None:
-            state, data_state = self.ckpt.load(c.save_dir, self.model, self.optimizer,
-                                               self.scheduler, self.loader.state_dict(),
-                                               self.config_dict)
-            if data_state is not None:
-                self.loader.load_state_dict(data_state)
-            return state
+        self.resumed_from: Optional[str] = None
+        if c.save_dir:
+            resumed = self.ckpt.resume(self.model, self.optimizer, self.scheduler,
+                                       self.loader.state_dict(), self.config_dict)
+            if resumed is not None:
+                state, data_state, ckpt = resumed
+                if data_state is not None:
+                    self.loader.load_state_dict(data_state)
+                self.resumed_from = str(ckpt)
+                return state
         if t.init_from:
             self.ckpt.load(t.init_from, self.model, None, None, None, self.config_dict,
                            with_optimizer=False)
@@ -171,11 +175,19 @@ class Trainer:
             if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
             maybe_inject(f"after_step:{self.state.step}")
-        if c.save_dir and (not c.save_interval or self.state.step % c.save_interval):
+        if self._final_save_needed():
             self.save()
         self.ckpt.finalize_pending(blocking=True)
         self.summary.steps = self.state.step
         return self.summary
+
+    def _final_save_needed(self) -> bool:
+        """Save at the end unless the interval just saved this step or nothing was trained
+        since the restored checkpoint (a relaunched finished run rewrites nothing)."""
+        c = self.cfg.checkpoint
+        if not c.save_dir or self.state.step == self._restored_step:
+            return False
+        return not c.save_interval or self.state.step % c.save_interval != 0
 
     def save(self) -> None:
         """Checkpoint everything needed for an exact resume."""
