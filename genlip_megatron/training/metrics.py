@@ -82,6 +82,20 @@ def json_safe(metrics: dict) -> dict:
             for k, v in metrics.items()}
 
 
+def drop_partial_last_line(path: Path) -> None:
+    """Cut a record a killed process left half-written, so appending keeps one JSON per line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    logger.warning("%s ended with a partial record (%d bytes, from a killed run); removed it.",
+                   path, len(data) - keep)
+
+
 class RunTotals:
     """Run-long counters that survive a resume: consumed samples and tokens, skipped steps, and
     the label histogram behind the final ``unigram_loss``.
@@ -169,6 +183,7 @@ class MetricLogger:
             self._tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
         if cfg.jsonl_path:
             Path(cfg.jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            drop_partial_last_line(Path(cfg.jsonl_path))
             self._jsonl = open(cfg.jsonl_path, "a", encoding="utf-8")
         if cfg.wandb_project:
             try:

@@ -125,7 +125,8 @@ class Trainer:
                                     cfg.training.train_steps)
         self.flop_dims = FlopDims.from_model_config(cfg.model)
         self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
-        self.summary = RunSummary(checkpoint=self.resumed_from)
+        self.summary = RunSummary(checkpoint=self.resumed_from,
+                                  final_loss=self.state.extra.get("final_loss", float("nan")))
         self._probe_batch: Optional[PackedBatch] = None
         self._bad_streak = 0
         self._loss_ema: Optional[float] = None
@@ -164,8 +165,8 @@ class Trainer:
             self.state.step += 1
             result = self.train_step()
             self.summary.losses.append((self.state.step, result.loss, result.skipped))
-            self.summary.final_loss = result.loss if not result.skipped else \
-                self.summary.final_loss
+            if not result.skipped:  # kept in the checkpoint: a relaunched finished run reports it
+                self.summary.final_loss = self.state.extra["final_loss"] = result.loss
             if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
             maybe_inject(f"after_step:{self.state.step}")

@@ -7,27 +7,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from training_helpers import ROOT, TINY_CONFIG, assert_losses_close, make_tiny_data, \
-    read_golden, read_jsonl_losses, tiny_overrides, update_golden_requested, write_golden
-
-
-def run_pretrain(overrides: list[str], fault: str | None = None, timeout: int = 600
-                 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    env.pop("GENLIP_FAULT_INJECT", None)
-    if fault:
-        env["GENLIP_FAULT_INJECT"] = fault
-    cmd = [sys.executable, str(ROOT / "pretrain_genlip.py"), "--config", str(TINY_CONFIG),
-           "--set", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+from training_helpers import assert_losses_close, make_tiny_data, read_golden, \
+    read_jsonl_losses, run_pretrain, tiny_overrides, update_golden_requested, write_golden
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
