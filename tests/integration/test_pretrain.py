@@ -115,3 +115,21 @@ def test_fresh_start_over_finished_checkpoints_needs_overwrite(reference_run, da
     out = _ok(run_pretrain(sets + ["checkpoint.overwrite=true", "training.train_steps=2"]))
     assert "checkpoint.overwrite: removing iter_0000004, iter_0000008" in out
     assert sorted(p.name for p in work.glob("iter_*")) == ["iter_0000002"]
+
+
+def test_converted_weights_as_save_dir_point_to_init_from(reference_run, data_dir, tmp_path):
+    """A from-hf conversion holds weights only: resuming it names training.init_from."""
+    import sys
+
+    from training_helpers import ROOT
+
+    save, _, _ = reference_run
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+    for args in (["to-hf", str(save), str(tmp_path / "hf")],
+                 ["from-hf", str(tmp_path / "hf"), str(tmp_path / "mg")]):
+        done = subprocess.run(tool + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "mg"))
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "training.init_from=" in lines[0] and "from-hf" in lines[0], lines[0]
