@@ -121,6 +121,12 @@ def write_latest(save_dir: str | Path, name: str) -> None:
     _fsync_dir(root)
 
 
+def _warn_once(msg: str, *args) -> None:
+    """A warning every rank would log alike: from rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(msg, *args)
+
+
 def _write_durable(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -150,8 +156,8 @@ def resolve_checkpoint(path: str | Path) -> Optional[Path]:
         if problem:
             raise CheckpointError(f"{problem}, and {path} holds no finished checkpoint.")
         return None
-    logger.warning("%s; using the newest finished checkpoint %s instead.",
-                   problem or f"{path / LATEST} is missing", done[-1].name)
+    _warn_once("%s; using the newest finished checkpoint %s instead.",
+               problem or f"{path / LATEST} is missing", done[-1].name)
     return done[-1]
 
 
@@ -567,8 +573,8 @@ class CheckpointManager:
         ckpt = resolve_checkpoint(save_dir)
         newer = [p for p in done if checkpoint_step(p) > checkpoint_step(ckpt)]
         if newer:
-            logger.warning("%s names %s, but the newer finished %s exists; following the "
-                           "pointer.", save_dir / LATEST, ckpt.name, newer[-1].name)
+            _warn_once("%s names %s, but the newer finished %s exists; following the "
+                       "pointer.", save_dir / LATEST, ckpt.name, newer[-1].name)
         while True:
             try:
                 state, data_state = self.load(ckpt, model_chunks, optimizer, scheduler,
@@ -589,8 +595,8 @@ class CheckpointManager:
             raise CheckpointError(f"{exc}; the previous finished checkpoint is {prev.name}: set "
                                   "checkpoint.fallback_to_previous: true to resume from it.") \
                 from exc
-        logger.warning("%s; resuming from the previous finished checkpoint %s "
-                       "(checkpoint.fallback_to_previous).", exc, prev.name)
+        _warn_once("%s; resuming from the previous finished checkpoint %s "
+                   "(checkpoint.fallback_to_previous).", exc, prev.name)
         return prev
 
     def _start_over(self, save_dir: Path, done: list[Path]) -> None:
