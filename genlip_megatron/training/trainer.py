@@ -182,7 +182,7 @@ class Trainer:
         """Save at the end unless the interval just saved this step or nothing was trained
         since the restored checkpoint (a relaunched finished run rewrites nothing)."""
         c = self.cfg.checkpoint
-        if not c.save_dir or self.state.step == self._restored_step:
+        if not c.save_dir or (self.resumed_from and self.state.step == self._restored_step):
             return False
         return not c.save_interval or self.state.step % c.save_interval != 0
 
