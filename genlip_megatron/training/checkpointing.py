@@ -568,6 +568,9 @@ class CheckpointManager:
         dist.barrier()
         done = finished_checkpoints(save_dir)
         if not self.cfg.resume or not done:
+            if not done and (save_dir / LATEST).exists():
+                _warn_once("%s exists but %s holds no finished checkpoint: starting fresh.",
+                           save_dir / LATEST, save_dir)
             self._start_over(save_dir, done)
             return None
         ckpt = resolve_checkpoint(save_dir)
