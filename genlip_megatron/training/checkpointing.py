@@ -617,9 +617,11 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             logger.warning("checkpoint.overwrite: removing %s from %s and starting over.",
                            names, save_dir)
-            for path in done:
-                shutil.rmtree(path)
             (save_dir / LATEST).unlink(missing_ok=True)
+            for path in done:  # renamed first: a kill mid-removal leaves no half checkpoint
+                doomed = path.with_name(path.name + ".removing")
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
         dist.barrier()
 
 
