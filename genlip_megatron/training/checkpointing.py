@@ -49,7 +49,7 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 """Marker file written (and fsynced) last into ``iter_N.tmp`` once every rank's shards are on
 disk: a ``.tmp`` holding it is a complete checkpoint whose publication was interrupted."""
-_TMP, _OLD = ".tmp", ".old"
+_TMP, _OLD, _REMOVING = ".tmp", ".old", ".removing"
 
 
 class CheckpointError(RuntimeError):
@@ -197,6 +197,14 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
         if current is None or checkpoint_step(current) < checkpoint_step(newest):
             write_latest(root, newest.name)
     return recovered
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory; renamed aside first, so a kill mid-removal never leaves
+    a half-deleted directory that still looks finished."""
+    doomed = path.with_name(path.name + _REMOVING)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def publish_checkpoint(tmp: Path, final: Path, fault=lambda point: None) -> None:
@@ -474,8 +482,8 @@ class CheckpointManager:
         if self.cfg.keep_last > 0:
             for old in done[: max(0, len(done) - self.cfg.keep_last)]:
                 if old != keep:
-                    shutil.rmtree(old, ignore_errors=True)
-        for stale in save_dir.glob("iter_*" + _TMP):
+                    remove_checkpoint(old)
+        for stale in [*save_dir.glob("iter_*" + _TMP), *save_dir.glob("iter_*" + _REMOVING)]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def _queue(self):
@@ -618,10 +626,8 @@ class CheckpointManager:
             logger.warning("checkpoint.overwrite: removing %s from %s and starting over.",
                            names, save_dir)
             (save_dir / LATEST).unlink(missing_ok=True)
-            for path in done:  # renamed first: a kill mid-removal leaves no half checkpoint
-                doomed = path.with_name(path.name + ".removing")
-                os.replace(path, doomed)
-                shutil.rmtree(doomed)
+            for path in done:
+                remove_checkpoint(path)
         dist.barrier()
 
 
