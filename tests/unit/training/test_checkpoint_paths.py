@@ -149,11 +149,14 @@ def test_prune_keeps_the_newest_and_removes_incomplete_saves(tmp_path):
     for step in (2, 4, 6, 8, 10):
         _finished(iteration_dir(tmp_path, step))
     (tmp_path / "iter_0000012.tmp").mkdir()
+    _finished(tmp_path / "iter_0000001.removing")      # a removal a kill interrupted
     manager = CheckpointManager(CheckpointConfig(save_dir=str(tmp_path), keep_last=3))
     manager._prune(tmp_path, keep=iteration_dir(tmp_path, 10))
     assert [p.name for p in finished_checkpoints(tmp_path)] == [
         "iter_0000006", "iter_0000008", "iter_0000010"]
     assert not (tmp_path / "iter_0000012.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000006", "iter_0000008", "iter_0000010"]
     # keep_last 1 but the just-published checkpoint is older than another: both kept
     manager.cfg.keep_last = 1
     manager._prune(tmp_path, keep=iteration_dir(tmp_path, 8))
