@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from genlip_megatron.config_loader import ConfigError, apply_override, from_dict, \
+from genlip_megatron.config_loader import ConfigError, apply_override, from_dict, load_yaml, \
     parse_override_value, to_dict
 from genlip_megatron.data.config import DataConfig
 from genlip_megatron.training.config import CheckpointConfig, DemoConfig, EvalConfig, \
@@ -220,6 +220,10 @@ class GenLIPConfig:
         _validate_backends(self.model, self.parallel, has_cuda, has_te)
         self.data.validate()
         _validate_data_vs_model(self)
+        for section in (self.optimizer, self.scheduler, self.training, self.checkpoint,
+                        self.logging):
+            section.validate()
+        _validate_batch(self.training, self.parallel, world_size)
         return self
 
     def to_dict(self) -> dict:
@@ -356,6 +360,20 @@ def _validate_backends(m: ModelConfig, p: ParallelConfig, has_cuda: bool, has_te
         raise ConfigError("model.attention_backend 'te' needs model.transformer_impl: te.")
 
 
+def _validate_batch(t: TrainingConfig, p: ParallelConfig, world_size: Optional[int]) -> None:
+    if world_size is None or world_size % (p.tp * p.pp):
+        return
+    per_step = t.micro_batch_size * (world_size // (p.tp * p.pp))
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) is not divisible by"
+                          f" training.micro_batch_size × data-parallel size ({t.micro_batch_size}"
+                          f" × {world_size // (p.tp * p.pp)}); pick a multiple of {per_step}.")
+    n = t.global_batch_size // per_step
+    if p.vpp and n % p.pp:
+        raise ConfigError(f"interleaved pipelining needs the number of microbatches ({n}) to be "
+                          f"a multiple of parallel.pp ({p.pp}); raise training.global_batch_size.")
+
+
 def _validate_data_vs_model(c: "GenLIPConfig") -> None:
     if c.data.image.patch_size != c.model.patch_size:
         raise ConfigError(f"data.image.patch_size ({c.data.image.patch_size}) differs from "
@@ -401,7 +419,13 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path} does not exist.")
     if path in _seen:
         raise ConfigError(f"config 'base' chain loops: {' -> '.join(map(str, _seen + (path,)))}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where} is not valid YAML "
+                          f"({getattr(exc, 'problem', None) or type(exc).__name__}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a YAML mapping at top level.")
     base = raw.pop("base", None)
@@ -421,6 +445,6 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> GenL
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set '{item}' must look like section.key=value.")
-        apply_override(raw, key.strip(), parse_override_value(value))
+        apply_override(raw, key.strip(), parse_override_value(value, key.strip()))
     return config_from_dict(raw)
 

@@ -9,11 +9,35 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_override", "parse_override_value"]
+import yaml
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "apply_override", "parse_override_value",
+           "load_yaml"]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` and ``1.0e6`` as floats.
+
+    PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed exponent, so
+    ``lr: 1e-3`` would otherwise load as the *string* "1e-3" (YAML 1.2 and every human read it
+    as a number).
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (config files and ``--set`` values) with :class:`_YamlLoader`."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -129,11 +153,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def parse_override_value(text: str) -> Any:
-    """Parse the value of a ``--set key=value`` override with YAML rules (1e-4, true, [1,2])."""
-    import yaml
+def parse_override_value(text: str, key: str = "") -> Any:
+    """Parse the value of a ``--set key=value`` override with YAML rules (1e-4, true, [1,2]).
 
-    return yaml.safe_load(text)
+    A value that is not valid YAML is a ConfigError naming ``key``.
+    """
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"--set {key or '?'}: value {text!r} is not valid YAML ({problem}); "
+                          "quote strings and close brackets, e.g. "
+                          f"{key or 'key'}='[{{paths: \"/data/*.tar\"}}]'.") from None
 
 
 def apply_override(tree: dict, dotted: str, value: Any) -> None:

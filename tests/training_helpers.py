@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +80,33 @@ def assert_losses_close(got: dict[int, float], want: dict[int, float], atol: flo
             for s in sorted(want)]
     assert all(abs(got[s] - want[s]) <= atol for s in want), \
         f"{what} loss curve differs beyond {atol}:\n" + "\n".join(rows)
+
+
+def free_port() -> int:
+    """A TCP port free right now (the rendezvous of a single-process run must not collide with
+    other test processes on the machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pretrain_command(overrides: list[str]) -> list[str]:
+    """``python pretrain_genlip.py --config tiny_train.yaml --set ...``."""
+    return [sys.executable, str(ROOT / "pretrain_genlip.py"), "--config", str(TINY_CONFIG),
+            "--set", *overrides]
+
+
+def pretrain_env(fault: str | None = None) -> dict:
+    """Environment of a test run: 2 threads, a free port, optional fault injection."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MASTER_PORT": str(free_port())}
+    env.pop("GENLIP_FAULT_INJECT", None)
+    if fault:
+        env["GENLIP_FAULT_INJECT"] = fault
+    return env
+
+
+def run_pretrain(overrides: list[str], fault: str | None = None, timeout: int = 600
+                 ) -> subprocess.CompletedProcess:
+    """Run pretrain_genlip.py on the tiny config to completion (or to its injected fault)."""
+    return subprocess.run(pretrain_command(overrides), cwd=ROOT, env=pretrain_env(fault),
+                          capture_output=True, text=True, timeout=timeout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -71,6 +72,18 @@ def patch_cuda_rng(patches: PatchSet) -> None:
                     torch.set_rng_state(new_state))
     # torch.manual_seed itself calls torch.cuda.manual_seed_all (left alone): no recursion.
     patches.setattr(torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
+    # CudaRNGStatesTracker.fork() warns when the CPU generator moved inside the fork; here the
+    # forked "CUDA" state IS the CPU generator, so every draw inside (DropPath, dropout) tripped
+    # it: 16 false warnings per step. Drop exactly that message from megatron's logger.
+    tracker_logger = logging.getLogger("megatron.core.tensor_parallel.random")
+    patches.setattr(tracker_logger, "filters", [*tracker_logger.filters, _CpuForkWarningFilter()])
+
+
+class _CpuForkWarningFilter(logging.Filter):
+    """Rejects megatron's "CPU RNG state changed within GPU RNG context" (a false alarm on CPU)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "CPU RNG state changed within GPU RNG context"
 
 
 # ---------------------------------------------------------------------------------------------

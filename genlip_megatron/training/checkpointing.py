@@ -6,9 +6,13 @@ Layout of ``save_dir``::
     iter_0000200.tmp/    a save in progress (or one that crashed): never loaded, removed later
     latest               text file naming the newest finished checkpoint ("iter_0000200")
 
-A save writes into ``iter_N.tmp``, and only after every rank has finished does rank 0 rename it
-to ``iter_N`` and replace ``latest`` atomically (``os.replace``). A crash at any point therefore
-leaves the previous checkpoint and pointer intact.
+A save writes into ``iter_N.tmp``; once every rank has finished, rank 0 writes the ``COMPLETE``
+marker into it, renames it to ``iter_N`` (moving an existing ``iter_N`` aside to ``iter_N.old``
+first, never deleting it before the new copy is in place) and replaces ``latest`` atomically.
+A crash at any instant leaves a finished copy of every published step and a pointer to a
+finished checkpoint; start-up (:func:`recover_interrupted_publish`) completes an interrupted
+publication. Resume follows ``latest``, or the newest finished checkpoint when the pointer is
+missing or damaged; a damaged checkpoint is refused naming the file, offering the previous one.
 
 What is sharded how:
 - model / optimizer: megatron ShardedTensors; the distributed optimizer uses the
@@ -42,6 +46,23 @@ logger = logging.getLogger(__name__)
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
+COMPLETE = "COMPLETE"
+"""Marker file written (and fsynced) last into ``iter_N.tmp`` once every rank's shards are on
+disk: a ``.tmp`` holding it is a complete checkpoint whose publication was interrupted."""
+_TMP, _OLD, _REMOVING = ".tmp", ".old", ".removing"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the user must act on (damaged file, refused resume): one line."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A finished checkpoint whose files cannot be read; names the checkpoint and the file."""
+
+    def __init__(self, ckpt: Path, problem: str):
+        self.ckpt = Path(ckpt)
+        self.problem = problem
+        super().__init__(f"checkpoint {ckpt} is damaged: {problem}")
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:
@@ -49,28 +70,248 @@ def iteration_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"iter_{step:07d}"
 
 
+def checkpoint_step(path: str | Path) -> Optional[int]:
+    """N of an ``iter_N`` directory name, None for anything else."""
+    match = _ITER_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_finished(path: str | Path) -> bool:
+    """A published ``iter_N`` directory (renamed from a complete ``.tmp``, so it holds
+    megatron's ``metadata.json``, written after every shard)."""
+    path = Path(path)
+    return checkpoint_step(path) is not None and (path / "metadata.json").is_file()
+
+
 def finished_checkpoints(save_dir: str | Path) -> list[Path]:
-    """Finished checkpoint directories, oldest first (``.tmp`` dirs excluded)."""
+    """Finished checkpoint directories, oldest first (``.tmp``/``.old`` dirs excluded)."""
     root = Path(save_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _ITER_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(_ITER_RE.match(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_finished(p)),
+                  key=checkpoint_step)
+
+
+def read_latest(save_dir: str | Path) -> tuple[Optional[Path], str]:
+    """(checkpoint named by ``latest``, "") or (None, why the pointer is unusable).
+
+    The reason is "" when there is no pointer at all.
+    """
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None, ("" if not pointer.exists() else f"{pointer} is not a file")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"{pointer} is unreadable ({type(exc).__name__})"
+    if checkpoint_step(name) is None:
+        return None, f"{pointer} holds {name[:40]!r}, not an iter_N name"
+    target = Path(save_dir) / name
+    if not is_finished(target):
+        return None, f"{pointer} names {name}, which is not a finished checkpoint"
+    return target, ""
+
+
+def write_latest(save_dir: str | Path, name: str) -> None:
+    """Point ``latest`` at ``name`` atomically and durably (write, fsync, rename, fsync dir)."""
+    root = Path(save_dir)
+    tmp_pointer = root / (LATEST + _TMP)
+    _write_durable(tmp_pointer, name + "\n")
+    os.replace(tmp_pointer, root / LATEST)
+    _fsync_dir(root)
+
+
+def _warn_once(msg: str, *args) -> None:
+    """A warning every rank would log alike: from rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(msg, *args)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resolve_checkpoint(path: str | Path) -> Optional[Path]:
-    """A checkpoint dir from either an ``iter_N`` dir or a save dir holding ``latest``."""
+    """A checkpoint dir from an ``iter_N`` dir, or from a save dir (``latest``, else the newest
+    finished checkpoint when the pointer is missing or damaged: logged)."""
     path = Path(path)
     if (path / "metadata.json").is_file():
         return path
-    pointer = path / LATEST
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if not (target / "metadata.json").is_file():
-            raise RuntimeError(f"{pointer} names {target.name}, which is not a finished "
-                               "checkpoint; restore it or delete the pointer to start over.")
+    target, problem = read_latest(path)
+    if target is not None:
         return target
+    done = finished_checkpoints(path)
+    if not done:
+        if problem:
+            raise CheckpointError(f"{problem}, and {path} holds no finished checkpoint.")
+        return None
+    _warn_once("%s; using the newest finished checkpoint %s instead.",
+               problem or f"{path / LATEST} is missing", done[-1].name)
+    return done[-1]
+
+
+def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
+    """Finish publications a crash interrupted (rank 0, before anyone looks for checkpoints).
+
+    - ``iter_N.tmp`` holding :data:`COMPLETE` with no ``iter_N``: renamed to ``iter_N`` and
+      ``latest`` moved to it when newer than the pointer's target;
+    - ``iter_N.old`` (the previous copy of a re-saved step, moved aside): removed when ``iter_N``
+      is finished, renamed back otherwise.
+    Incomplete ``.tmp`` directories are left for :meth:`CheckpointManager._prune`.
+    Returns the recovered checkpoints.
+    """
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    recovered = []
+    for tmp in sorted(root.glob("iter_*" + _TMP)):
+        final = tmp.with_name(tmp.name[: -len(_TMP)])
+        if (tmp / COMPLETE).is_file() and not final.exists():
+            os.replace(tmp, final)
+            recovered.append(final)
+            logger.warning("recovered %s: its save had finished but a crash interrupted the "
+                           "publication.", final)
+    for old in sorted(root.glob("iter_*" + _OLD)):
+        final = old.with_name(old.name[: -len(_OLD)])
+        if is_finished(final):
+            shutil.rmtree(old, ignore_errors=True)
+        elif not final.exists():
+            os.replace(old, final)
+            logger.warning("restored %s from %s (a crash interrupted its replacement).",
+                           final, old.name)
+    if recovered:
+        _fsync_dir(root)
+        current, _ = read_latest(root)
+        newest = max(recovered, key=checkpoint_step)
+        if current is None or checkpoint_step(current) < checkpoint_step(newest):
+            write_latest(root, newest.name)
+    return recovered
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory; renamed aside first, so a kill mid-removal never leaves
+    a half-deleted directory that still looks finished."""
+    doomed = path.with_name(path.name + _REMOVING)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def publish_checkpoint(tmp: Path, final: Path, fault=lambda point: None) -> None:
+    """Make the complete save in ``tmp`` the checkpoint ``final`` and point ``latest`` at it.
+
+    Crash-safe at every instant: a finished copy of the step (old or new) always exists, either
+    as ``final`` or as a marked ``.tmp``/``.old`` that :func:`recover_interrupted_publish` turns
+    back into ``final``; ``latest`` always names a finished checkpoint.
+    """
+    _write_durable(tmp / COMPLETE, final.name + "\n")
+    fault("marked")
+    old = final.with_name(final.name + _OLD)
+    replaced = final.exists()
+    if replaced:  # re-saving a step: move the previous copy aside, never delete it first
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        fault("moved_aside")
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    fault("renamed")
+    write_latest(final.parent, final.name)
+    if replaced:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def diagnose_checkpoint(ckpt: Path) -> str:
+    """The first damaged file of a finished checkpoint, described; "" when all look intact.
+
+    Checks what a load reads before any tensor: ``metadata.json``, ``common.pt``, the DCP
+    ``.metadata`` index, and that every shard file holds the bytes the index points into
+    (a truncated ``.distcp`` is found here, not as an ``EOFError`` deep inside a load).
+    """
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        json.loads((ckpt / "metadata.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"metadata.json is unreadable ({type(exc).__name__})"
+    if not (ckpt / "common.pt").is_file():
+        return "common.pt is missing"
+    try:
+        index = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any failure means the index is damaged
+        return f".metadata (the shard index) is unreadable ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = ckpt / name
+        if not shard.is_file():
+            return f"{name} is missing"
+        if shard.stat().st_size < size:
+            return f"{name} is truncated ({shard.stat().st_size} of ≥ {size} bytes)"
+    return ""
+
+
+def load_common(ckpt: Path) -> dict:
+    """``common.pt`` of a checkpoint (config, layout, counters), or DamagedCheckpoint."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt))
+    except BaseException as exc:  # noqa: BLE001 - torch.load/unpickling raise anything
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise DamagedCheckpoint(ckpt, f"common.pt cannot be read ({type(exc).__name__}: "
+                                f"{_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else ""
+
+
+def saved_data_key(ckpt: Path) -> Optional[str]:
+    """Which data-loader state a checkpoint holds: ``data_state_global`` (written with
+    training.dp_invariant_data), ``data_state`` (per DP rank) or None."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    for key in ("data_state_global", "data_state"):
+        if any(k == key or k.startswith(key + "/") for k in keys):
+            return key
     return None
+
+
+def check_resume_compatible(common: dict, current: dict, ckpt: Path) -> None:
+    """Refuse, in one line with the fix, a resume whose optimizer state cannot be read back."""
+    if "converted_from_hf" in common:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is a weights-only checkpoint written by tools/convert_checkpoint.py"
+            " from-hf (no optimizer or training state), so it cannot be resumed from "
+            "checkpoint.save_dir; start from it with training.init_from="
+            f"{ckpt.parent} and an empty checkpoint.save_dir.")
+    key = "use_distributed_optimizer"
+    saved = ((common.get("config") or {}).get("parallel") or {}).get(key)
+    now = ((current.get("config") or current).get("parallel") or {}).get(key)
+    if saved is not None and now is not None and saved != now:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was saved with parallel.{key}={str(saved).lower()} but this run "
+            f"sets {str(now).lower()}; the two store optimizer state differently and switching at"
+            f" resume is not supported: set parallel.{key}={str(saved).lower()} to resume, or "
+            f"start from its weights with training.init_from={ckpt} (fresh optimizer) and a new "
+            "checkpoint.save_dir.")
 
 
 @dataclass
@@ -225,26 +466,24 @@ class CheckpointManager:
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename tmp → final, move the ``latest`` pointer, prune old checkpoints."""
+        """Publish tmp as final (crash-safe, :func:`publish_checkpoint`), prune old ones."""
         dist.barrier()
         if dist.get_rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer = final.parent / LATEST
-            tmp_pointer = final.parent / (LATEST + ".tmp")
-            tmp_pointer.write_text(final.name + "\n")
-            os.replace(tmp_pointer, pointer)
+            step = checkpoint_step(final)
+            publish_checkpoint(tmp, final, fault=lambda point: self._fire_fault(point, step))
             self._prune(final.parent, keep=final)
         dist.barrier()
         logger.info("saved checkpoint %s", final)
 
     def _prune(self, save_dir: Path, keep: Path) -> None:
+        """Keep the newest ``keep_last`` finished checkpoints (and always ``keep``); remove
+        incomplete ``.tmp`` saves. Runs right after ``keep`` was published, on rank 0."""
         done = finished_checkpoints(save_dir)
         if self.cfg.keep_last > 0:
             for old in done[: max(0, len(done) - self.cfg.keep_last)]:
                 if old != keep:
-                    shutil.rmtree(old, ignore_errors=True)
-        for stale in save_dir.glob("iter_*.tmp"):
+                    remove_checkpoint(old)
+        for stale in [*save_dir.glob("iter_*" + _TMP), *save_dir.glob("iter_*" + _REMOVING)]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def _queue(self):
@@ -289,25 +528,30 @@ class CheckpointManager:
         resharded; RNG and data-loader state are restored only when their layout matches (a
         warning says what was skipped).
         """
-        from megatron.core import dist_checkpointing
-
         ckpt = resolve_checkpoint(path)
         if ckpt is None:
-            raise RuntimeError(f"no checkpoint at {path} (expected an iter_N directory or a "
-                               f"save dir with a '{LATEST}' file).")
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+            raise CheckpointError(f"no checkpoint at {path} (expected an iter_N directory or a "
+                                  f"save dir with finished iter_N checkpoints).")
+        problem = diagnose_checkpoint(ckpt)
+        if problem:
+            raise DamagedCheckpoint(ckpt, problem)
+        common = load_common(ckpt)
         check_model_compatible(common.get("config") or {}, config_dict, ckpt)
+        if with_optimizer:
+            check_resume_compatible(common, config_dict, ckpt)
         layout = Layout.current()
         saved = common.get("layout", {})
         same_rng_layout = saved == layout.sizes()
-        data_ok = self.data_replicated or saved.get("dp") == layout.dp
+        want_key = "data_state_global" if self.data_replicated else "data_state"
+        data_key = saved_data_key(ckpt)
+        data_ok = data_key == want_key and (self.data_replicated or saved.get("dp") == layout.dp)
         template = build_state_dict(
             model_chunks, optimizer if with_optimizer else None, scheduler, TrainingState(),
             loader_state_template if data_ok else None, config_dict, layout,
             is_loading=True, rng=same_rng_layout, with_optimizer=with_optimizer,
             data_replicated=self.data_replicated)
         drop_absent_extra_state(template, ckpt)
-        loaded = dist_checkpointing.load(template, str(ckpt))
+        loaded = _load_sharded(template, ckpt)
         for i, chunk in enumerate(model_chunks):
             load_model_state(unwrap_model(chunk), loaded[_model_key(i, len(model_chunks))])
         if with_optimizer and optimizer is not None:
@@ -320,14 +564,109 @@ class CheckpointManager:
             logger.warning("checkpoint layout %s differs from the current %s: RNG state not "
                            "restored (model and optimizer were resharded).", saved, layout.sizes())
         if not data_ok and loader_state_template is not None:
-            logger.warning("data-parallel size changed (%s → %d): the data loader restarts its "
-                           "stream from the seed instead of resuming it.", saved.get("dp"),
-                           layout.dp)
+            why = (f"training.dp_invariant_data changed (checkpoint holds {data_key})"
+                   if data_key != want_key else
+                   f"data-parallel size changed ({saved.get('dp')} → {layout.dp})")
+            logger.warning("%s: the data loader restarts its stream from the seed instead of "
+                           "resuming it.", why)
         ts = common["training_state"]
         state = TrainingState(ts["step"], ts["consumed_rows"], ts.get("extra", {}))
         logger.info("restored %s (step %d)", ckpt, state.step)
-        key = "data_state_global" if self.data_replicated else "data_state"
-        return state, (loaded.get(key) if data_ok else None)
+        return state, (loaded.get(want_key) if data_ok else None)
+
+    # ---------------------------------------------------------------- resume
+    def resume(self, model_chunks: list, optimizer, scheduler,
+               loader_state_template: Optional[dict], config_dict: dict
+               ) -> Optional[tuple[TrainingState, Optional[dict], Path]]:
+        """Restore the run in ``checkpoint.save_dir``: (state, data state, checkpoint) or None
+        for a fresh start.
+
+        Finishes interrupted publications first; follows ``latest``, else (missing/damaged
+        pointer) the newest finished checkpoint; never starts from scratch over finished
+        checkpoints unless ``checkpoint.overwrite``; a damaged checkpoint is refused in one line
+        offering the previous one (taken automatically with ``checkpoint.fallback_to_previous``).
+        """
+        save_dir = Path(self.cfg.save_dir)
+        if dist.get_rank() == 0:
+            recover_interrupted_publish(save_dir)
+        dist.barrier()
+        done = finished_checkpoints(save_dir)
+        if not self.cfg.resume or not done:
+            if not done and (save_dir / LATEST).exists():
+                _warn_once("%s exists but %s holds no finished checkpoint: starting fresh.",
+                           save_dir / LATEST, save_dir)
+            self._start_over(save_dir, done)
+            return None
+        ckpt = resolve_checkpoint(save_dir)
+        newer = [p for p in done if checkpoint_step(p) > checkpoint_step(ckpt)]
+        if newer:
+            _warn_once("%s names %s, but the newer finished %s exists; following the "
+                       "pointer.", save_dir / LATEST, ckpt.name, newer[-1].name)
+        while True:
+            try:
+                state, data_state = self.load(ckpt, model_chunks, optimizer, scheduler,
+                                              loader_state_template, config_dict)
+                return state, data_state, ckpt
+            except DamagedCheckpoint as exc:
+                ckpt = self._fallback(exc, done)
+
+    def _fallback(self, exc: "DamagedCheckpoint", done: list[Path]) -> Path:
+        """The finished checkpoint before the damaged one, if allowed; else one-line refusal."""
+        earlier = [p for p in done if checkpoint_step(p) < checkpoint_step(exc.ckpt)]
+        if not earlier:
+            raise CheckpointError(f"{exc}; no earlier finished checkpoint exists: repair it, or "
+                                  "start over with checkpoint.overwrite: true and "
+                                  "checkpoint.resume: false.") from exc
+        prev = earlier[-1]
+        if not self.cfg.fallback_to_previous:
+            raise CheckpointError(f"{exc}; the previous finished checkpoint is {prev.name}: set "
+                                  "checkpoint.fallback_to_previous: true to resume from it.") \
+                from exc
+        _warn_once("%s; resuming from the previous finished checkpoint %s "
+                   "(checkpoint.fallback_to_previous).", exc, prev.name)
+        return prev
+
+    def _start_over(self, save_dir: Path, done: list[Path]) -> None:
+        """A fresh start: refused over finished checkpoints unless checkpoint.overwrite, which
+        then removes them (so pruning and ``latest`` cannot mix two runs)."""
+        if not done:
+            return
+        names = ", ".join(p.name for p in done)
+        if not self.cfg.overwrite:
+            raise CheckpointError(
+                f"checkpoint.resume is false but checkpoint.save_dir {save_dir} holds finished "
+                f"checkpoints ({names}); set checkpoint.resume: true to continue them, "
+                "checkpoint.overwrite: true to replace them, or choose another save_dir.")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            logger.warning("checkpoint.overwrite: removing %s from %s and starting over.",
+                           names, save_dir)
+            (save_dir / LATEST).unlink(missing_ok=True)
+            for path in done:
+                remove_checkpoint(path)
+        dist.barrier()
+
+
+def _load_sharded(template: dict, ckpt: Path) -> dict:
+    """dist_checkpointing.load, with read failures reported as a DamagedCheckpoint.
+
+    DCP wraps per-rank errors in ``CheckpointException``, a BaseException.
+    """
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(template, str(ckpt))
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        cause = exc
+        failures = getattr(exc, "failures", None)  # CheckpointException: {rank: exception}
+        if failures:
+            cause = next(iter(failures.values()))
+            if isinstance(cause, tuple):
+                cause = cause[0]
+        raise DamagedCheckpoint(ckpt, f"a shard cannot be read ({type(cause).__name__}: "
+                                f"{_first_line(cause)})") from exc
 
 
 _EXTRA_STATE_SUFFIX = "._extra_state"
@@ -399,5 +738,5 @@ def check_model_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     diff = [f"model.{k}: checkpoint {saved_model.get(k)} vs config {cur_model.get(k)}"
             for k in _ARCH_KEYS if k in saved_model and saved_model.get(k) != cur_model.get(k)]
     if diff:
-        raise RuntimeError(f"checkpoint {ckpt} does not match this model ({', '.join(diff)}); "
+        raise CheckpointError(f"checkpoint {ckpt} does not match this model ({', '.join(diff)}); "
                            "load a checkpoint of the same variant or fix model.* in the config.")

@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from genlip_megatron.config_loader import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
@@ -27,6 +34,22 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
 
+    def validate(self) -> "OptimizerConfig":
+        """Signs and order of the learning rates and decay; raises ConfigError."""
+        _require(self.lr > 0, f"optimizer.lr ({self.lr}) must be > 0, e.g. 1e-3.")
+        _require(self.min_lr >= 0, f"optimizer.min_lr ({self.min_lr}) must be ≥ 0.")
+        _require(self.min_lr <= self.lr, f"optimizer.min_lr ({self.min_lr}) must not exceed "
+                 f"optimizer.lr ({self.lr}); lower min_lr (the floor of the decay).")
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay ({self.weight_decay}) must be "
+                 "≥ 0 (0 disables it).")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+                 f"optimizer.adam_beta1/adam_beta2 ({self.adam_beta1}, {self.adam_beta2}) must "
+                 "be in [0, 1).")
+        _require(self.adam_eps > 0, f"optimizer.adam_eps ({self.adam_eps}) must be > 0.")
+        _require(self.clip_grad >= 0, f"optimizer.clip_grad ({self.clip_grad}) must be ≥ 0 "
+                 "(0 disables clipping).")
+        return self
+
 
 @dataclass(kw_only=True)
 class SchedulerConfig:
@@ -38,6 +61,14 @@ class SchedulerConfig:
     """Explicit warmup steps; overrides warmup_fraction."""
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """LR decay after warmup."""
+
+    def validate(self) -> "SchedulerConfig":
+        """Warmup within range; raises ConfigError."""
+        _require(0 <= self.warmup_fraction <= 1, f"scheduler.warmup_fraction "
+                 f"({self.warmup_fraction}) must be in [0, 1].")
+        _require(self.warmup_steps is None or self.warmup_steps >= 0,
+                 f"scheduler.warmup_steps ({self.warmup_steps}) must be ≥ 0 or null.")
+        return self
 
 
 @dataclass(kw_only=True)
@@ -71,6 +102,20 @@ class TrainingConfig:
     """Stop the same way once the process has run this many minutes (wall clock, from process
     start); set it a few checkpoint-durations below the job's time limit. None disables."""
 
+    def validate(self) -> "TrainingConfig":
+        """Counts and sizes of the loop; raises ConfigError."""
+        _require(self.train_steps >= 0, f"training.train_steps ({self.train_steps}) must be "
+                 "≥ 0.")
+        _require(self.micro_batch_size >= 1, f"training.micro_batch_size "
+                 f"({self.micro_batch_size}) must be ≥ 1.")
+        _require(self.global_batch_size >= 1, f"training.global_batch_size "
+                 f"({self.global_batch_size}) must be ≥ 1.")
+        _require(self.max_bad_steps >= 1, f"training.max_bad_steps ({self.max_bad_steps}) must "
+                 "be ≥ 1.")
+        _require(self.spike_factor == 0 or self.spike_factor > 1, f"training.spike_factor "
+                 f"({self.spike_factor}) must be 0 (off) or > 1.")
+        return self
+
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
@@ -83,7 +128,22 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
     resume: bool = True
-    """Resume from save_dir/latest when it exists."""
+    """Resume from save_dir/latest (or the newest finished checkpoint when the pointer is
+    missing or damaged) when save_dir holds finished checkpoints."""
+    overwrite: bool = False
+    """Allow a fresh start (resume: false) over finished checkpoints in save_dir, removing them;
+    without it such a start is refused."""
+    fallback_to_previous: bool = False
+    """When the checkpoint to resume is damaged, resume from the previous finished one (logged)
+    instead of stopping with a message naming the damaged file."""
+
+    def validate(self) -> "CheckpointConfig":
+        """Intervals and counts; raises ConfigError."""
+        _require(self.save_interval >= 0, f"checkpoint.save_interval ({self.save_interval}) "
+                 "must be ≥ 0 (0: save only at the end).")
+        _require(self.keep_last >= 0, f"checkpoint.keep_last ({self.keep_last}) must be ≥ 0 "
+                 "(0 keeps every checkpoint).")
+        return self
     async_save: bool = False
     """Asynchronous save (GPU only)."""
 
@@ -104,6 +164,14 @@ class LoggingConfig:
     """Measure the attention-sink metric on a probe batch every N steps (0 disables)."""
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU; None: detect the GPU (no MFU on CPU or under FP8)."""
+
+    def validate(self) -> "LoggingConfig":
+        """Intervals; raises ConfigError."""
+        _require(self.log_interval >= 1, f"logging.log_interval ({self.log_interval}) must be "
+                 "≥ 1.")
+        _require(self.attention_sink_interval >= 0, f"logging.attention_sink_interval "
+                 f"({self.attention_sink_interval}) must be ≥ 0 (0 disables it).")
+        return self
 
 
 @dataclass(kw_only=True)

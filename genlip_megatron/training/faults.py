@@ -6,7 +6,11 @@ way a node failure or OOM-kill would (no ``finally`` blocks, no flushing):
 - ``after_step:N``        right after optimizer step N finished (and any save of step N)
 - ``checkpoint:after_shards``  inside a save, after every shard is written but before the
                                checkpoint is published (the ``.tmp`` directory is left behind);
-  ``checkpoint:after_shards:step=N``  the same, only in the save of step N
+- ``checkpoint:marked``        publication: ``COMPLETE`` written into the ``.tmp``, not renamed;
+- ``checkpoint:moved_aside``   publication of a re-saved step: the old copy is ``iter_N.old``,
+                               the new one still ``iter_N.tmp``;
+- ``checkpoint:renamed``       publication: ``iter_N`` in place, ``latest`` not yet moved;
+  ``checkpoint:<point>:step=N``  any of these, only in the save of step N
 
 A point followed by ``=SIGNAME`` sends that signal instead of SIGKILL, optionally to one rank
 only (``after_step:3=SIGUSR1:rank1``): a scheduler's preemption signal at a known step, for the

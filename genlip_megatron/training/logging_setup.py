@@ -22,7 +22,16 @@ def setup_logging(rank: int, world_size: int, level: str | None = None) -> None:
     # megatron-core is chatty at INFO on every rank about fallbacks we choose on purpose.
     for noisy in ("megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    # Expected on machines without TE/Apex (the local path is what we chose there).
+    silence_expected_warnings()
+
+
+def silence_expected_warnings() -> None:
+    """Filter warnings we expect and act on already; call before megatron is first imported.
+
+    megatron-core warns at import time, once per importing module (four modules), that TE/Apex
+    are missing (on CPU the local path is what we chose); a filter installed after those imports
+    (as :func:`setup_logging` runs) is too late, hence this separate early call.
+    """
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) "
                             "not installed.*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")

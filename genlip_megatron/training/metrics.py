@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from genlip_megatron.training.config import LoggingConfig
 
@@ -30,23 +33,135 @@ def memory_metrics() -> dict[str, float]:
     return {"memory/rss(GiB)": psutil.Process(os.getpid()).memory_info().rss / gib}
 
 
-def console_line(step: int, total: int, m: dict[str, float]) -> str:
-    """The fixed-format progress line printed every log step."""
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def console_line(step: int, total: int, m: dict[str, float], note: str = "") -> str:
+    """The fixed-format progress line printed every log step (and for every skipped step)."""
     parts = [f"step {step:>6d}/{total}", f"loss {m.get('loss/global_avg', float('nan')):.4f}",
              f"lr {m.get('lr', 0.0):.3e}", f"grad_norm {m.get('grad_norm', float('nan')):.3f}",
-             f"tokens {int(m.get('tokens/loss', 0))}",
-             f"samples/s {m.get('throughput/samples_per_s', 0.0):.1f}",
-             f"tps {m.get('throughput/tps', 0.0):.0f}",
-             f"tflops {m.get('throughput/tflops_per_device', 0.0):.2f}"]
+             f"tokens {int(m.get('tokens/loss', 0))}"]
+    if "time/step(s)" in m:
+        parts.append(f"{m['time/step(s)']:.3f}s/step")
+    if "time/eta(s)" in m:
+        parts.append(f"eta {_hms(m['time/eta(s)'])}")
+    parts += [f"samples/s {m.get('throughput/samples_per_s', 0.0):.1f}",
+              f"tps {m.get('throughput/tps', 0.0):.0f}",
+              f"tflops {m.get('throughput/tflops_per_device', 0.0):.2f}"]
     if "mfu(%)" in m:
         parts.append(f"mfu {m['mfu(%)']:.1f}%")
     mem = m.get("memory/max_allocated(GiB)", m.get("memory/rss(GiB)"))
     if mem is not None:
         parts.append(f"mem {mem:.2f}GiB")
+    if "consumed/samples" in m:
+        parts.append(f"consumed {_count(m['consumed/samples'])} samples "
+                     f"{_count(m.get('consumed/tokens', 0))} tokens")
     skipped = sum(v for k, v in m.items() if k.startswith("data/skipped/"))
     if skipped:
         parts.append(f"skipped {int(skipped)}")
-    return " | ".join(parts)
+    if m.get("train/skipped_steps_total"):
+        parts.append(f"skipped_steps {int(m['train/skipped_steps_total'])}")
+    line = " | ".join(parts)
+    if m.get("train/skipped_step"):
+        line = f"SKIPPED {line}" + (f" | {note}" if note else "")
+    return line
+
+
+def json_safe(metrics: dict) -> dict:
+    """NaN/inf → None, so the JSONL is strict JSON (``null``, never a bare ``NaN``)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """Cut a record a killed process left half-written, so appending keeps one JSON per line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    logger.warning("%s ended with a partial record (%d bytes, from a killed run); removed it.",
+                   path, len(data) - keep)
+
+
+class RunTotals:
+    """Run-long counters that survive a resume: consumed samples and tokens, skipped steps, and
+    the label histogram behind the final ``unigram_loss``.
+
+    Each rank counts its own batches on the host; :meth:`sync` (a collective over the
+    data-parallel group, called on log steps, before a save and at the end) sums the pending
+    counts over DP and folds them into the totals, which are identical on every rank and live in
+    ``TrainingState.extra`` (saved with the checkpoint), so a resumed run ends with the same
+    totals as an uninterrupted one.
+    """
+
+    def __init__(self, extra: dict, vocab_size: int):
+        self.extra = extra
+        self.vocab_size = vocab_size
+        extra.setdefault("consumed_samples", 0)
+        extra.setdefault("consumed_tokens", 0)
+        extra.setdefault("skipped_steps", 0)
+        if extra.get("label_counts") is None:
+            extra["label_counts"] = torch.zeros(vocab_size, dtype=torch.int64)
+        self._pending = Counter()
+        self._labels = torch.zeros(vocab_size, dtype=torch.int64)
+        self.window = Counter()
+        """Globally reduced samples/tokens/flops since :meth:`take_window` (throughput)."""
+
+    def add_batch(self, samples: int, tokens: int, flops: float, labels: torch.Tensor) -> None:
+        """Count one micro-batch of this rank (host tensors: no device sync)."""
+        self._pending["samples"] += samples
+        self._pending["tokens"] += tokens
+        self._pending["flops"] += flops
+        counts = torch.bincount(labels[labels >= 0].reshape(-1).cpu(), minlength=self.vocab_size)
+        if counts.numel() > self.vocab_size:
+            raise RuntimeError(f"label id {counts.numel() - 1} ≥ model.vocab_size "
+                               f"({self.vocab_size}): the tokenizer does not fit the model.")
+        self._labels += counts
+
+    def add_skip(self) -> None:
+        """One skipped optimizer step (the decision is global: every rank calls this)."""
+        self.extra["skipped_steps"] += 1
+
+    def sync(self, group=None, device: Optional[torch.device] = None) -> None:
+        """Sum the pending counts over ``group`` (collective) and fold them into the totals."""
+        device = device or torch.device("cpu")
+        agg = torch.tensor([self._pending["samples"], self._pending["tokens"],
+                            self._pending["flops"]], dtype=torch.float64, device=device)
+        labels = self._labels.to(device)
+        if dist.is_initialized():
+            dist.all_reduce(agg, group=group)
+            dist.all_reduce(labels, group=group)
+        samples, tokens, flops = agg.tolist()
+        self.extra["consumed_samples"] += int(samples)
+        self.extra["consumed_tokens"] += int(tokens)
+        self.extra["label_counts"] = self.extra["label_counts"] + labels.cpu()
+        self.window.update({"samples": samples, "tokens": tokens, "flops": flops})
+        self._pending = Counter()
+        self._labels.zero_()
+
+    def take_window(self) -> Counter:
+        """The reduced counts since the last call (and start a new window)."""
+        window, self.window = self.window, Counter()
+        return window
+
+    def metrics(self) -> dict[str, float]:
+        """The totals as metrics (``consumed/*``, ``train/skipped_steps_total``)."""
+        return {"consumed/samples": float(self.extra["consumed_samples"]),
+                "consumed/tokens": float(self.extra["consumed_tokens"]),
+                "train/skipped_steps_total": float(self.extra["skipped_steps"])}
 
 
 class MetricLogger:
@@ -68,6 +183,7 @@ class MetricLogger:
             self._tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
         if cfg.jsonl_path:
             Path(cfg.jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            drop_partial_last_line(Path(cfg.jsonl_path))
             self._jsonl = open(cfg.jsonl_path, "a", encoding="utf-8")
         if cfg.wandb_project:
             try:
@@ -77,14 +193,20 @@ class MetricLogger:
                                    f"({exc}); pip install wandb or unset it.") from exc
             self._wandb = wandb.init(project=cfg.wandb_project, config=run_config or {})
 
-    def log(self, metrics: dict[str, float], step: int, console: bool = True) -> None:
-        """Write ``metrics`` for ``step`` to every sink."""
+    def log(self, metrics: dict[str, float], step: int, console: bool = True,
+            note: str = "") -> None:
+        """Write ``metrics`` for ``step`` to every sink (``note``: console only)."""
         if not self.enabled:
             return
         if console:
-            logger.info(console_line(step, self.total_steps, metrics))
+            line = console_line(step, self.total_steps, metrics, note)
+            if metrics.get("train/skipped_step"):
+                logger.warning(line)
+            else:
+                logger.info(line)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._jsonl.write(json.dumps({"step": step, **json_safe(metrics)},
+                                         allow_nan=False) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for key, value in metrics.items():

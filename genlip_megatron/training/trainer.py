@@ -23,12 +23,11 @@ import torch.distributed as dist
 from genlip_megatron.config import GenLIPConfig
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.training.data_stream import build_microbatch_source
-from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState, \
-    resolve_checkpoint
+from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
-from genlip_megatron.training.metrics import MetricLogger, memory_metrics
+from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
 from genlip_megatron.training.preemption import PreemptionGuard
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
@@ -77,27 +76,19 @@ class RunSummary:
     final_loss: float = float("nan")
     checkpoint: Optional[str] = None
     label_counts: Optional[torch.Tensor] = None
-    """int64 histogram of the trained label ids (for the unigram baseline)."""
+    """int64 histogram of every label id trained on, all data-parallel ranks, resumed history
+    included (for the unigram baseline; see metrics.RunTotals)."""
     losses: list = field(default_factory=list)
     """(step, global loss, skipped) of every step run by this process."""
     stopped_early: str = ""
     """Why training stopped before train_steps (exit signal, time budget); "" when it did not."""
 
-    def add_labels(self, labels: torch.Tensor) -> None:
-        counts = torch.bincount(labels[labels >= 0].reshape(-1))
-        if self.label_counts is None:
-            self.label_counts = counts
-            return
-        size = max(self.label_counts.numel(), counts.numel())
-        self.label_counts = (torch.nn.functional.pad(self.label_counts,
-                                                     (0, size - self.label_counts.numel()))
-                             + torch.nn.functional.pad(counts, (0, size - counts.numel())))
-
 
 class Trainer:
     """Builds everything from a validated GenLIPConfig and runs the loop."""
 
-    def __init__(self, cfg: GenLIPConfig):
+    def __init__(self, cfg: GenLIPConfig, config_path: Optional[str] = None,
+                 overrides: Optional[list[str]] = None):
         self.cfg = cfg
         self.config_dict = cfg.to_dict()
         self.preemption = PreemptionGuard(cfg.training.exit_signals,
@@ -132,29 +123,37 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint,
                                       data_replicated=cfg.training.dp_invariant_data)
         self.state = self._restore()
+        self._restored_step = self.state.step
         # ---- metrics ----------------------------------------------------------------
         self.log_rank = dist.get_rank() == dist.get_world_size() - 1  # last PP stage
         self.metrics = MetricLogger(cfg.logging, self.log_rank, self.config_dict,
                                     cfg.training.train_steps)
         self.flop_dims = FlopDims.from_model_config(cfg.model)
         self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
-        self.summary = RunSummary()
+        self.summary = RunSummary(checkpoint=self.resumed_from,
+                                  final_loss=self.state.extra.get("final_loss", float("nan")))
         self._probe_batch: Optional[PackedBatch] = None
         self._bad_streak = 0
         self._loss_ema: Optional[float] = None
         self._window = Counter()
         self._window_start = time.perf_counter()
+        self.totals = RunTotals(self.state.extra, cfg.model.vocab_size)
+        self._log_startup_summary(config_path, overrides or [])
 
     # ------------------------------------------------------------------------ restore
     def _restore(self) -> TrainingState:
+        """Resume the run in checkpoint.save_dir, else initialise from training.init_from."""
         c, t = self.cfg.checkpoint, self.cfg.training
-        if c.save_dir and c.resume and resolve_checkpoint(c.save_dir) is not None:
-            state, data_state = self.ckpt.load(c.save_dir, self.model, self.optimizer,
-                                               self.scheduler, self.loader.state_dict(),
-                                               self.config_dict)
-            if data_state is not None:
-                self.loader.load_state_dict(data_state)
-            return state
+        self.resumed_from: Optional[str] = None
+        if c.save_dir:
+            resumed = self.ckpt.resume(self.model, self.optimizer, self.scheduler,
+                                       self.loader.state_dict(), self.config_dict)
+            if resumed is not None:
+                state, data_state, ckpt = resumed
+                if data_state is not None:
+                    self.loader.load_state_dict(data_state)
+                self.resumed_from = str(ckpt)
+                return state
         if t.init_from:
             self.ckpt.load(t.init_from, self.model, None, None, None, self.config_dict,
                            with_optimizer=False)
@@ -171,8 +170,8 @@ class Trainer:
             self.state.step += 1
             result = self.train_step()
             self.summary.losses.append((self.state.step, result.loss, result.skipped))
-            self.summary.final_loss = result.loss if not result.skipped else \
-                self.summary.final_loss
+            if not result.skipped:  # kept in the checkpoint: a relaunched finished run reports it
+                self.summary.final_loss = self.state.extra["final_loss"] = result.loss
             if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
             self.ckpt.poll_async()  # publish a finished async save now, not at the next save
@@ -182,17 +181,28 @@ class Trainer:
                 logger.warning("stopping after step %d: %s", self.state.step,
                                self.summary.stopped_early)
                 break
-        if c.save_dir and (not c.save_interval or self.state.step % c.save_interval):
+        if self._final_save_needed():
             self.save()
         self.ckpt.finalize_pending(blocking=True)
+        self._sync_totals()
+        self.summary.label_counts = self.state.extra["label_counts"]
         self.summary.steps = self.state.step
         return self.summary
+
+    def _final_save_needed(self) -> bool:
+        """Save at the end unless the interval just saved this step or nothing was trained
+        since the restored checkpoint (a relaunched finished run rewrites nothing)."""
+        c = self.cfg.checkpoint
+        if not c.save_dir or (self.resumed_from and self.state.step == self._restored_step):
+            return False
+        return not c.save_interval or self.state.step % c.save_interval != 0
 
     def save(self) -> None:
         """Checkpoint everything needed for an exact resume."""
         for chunk in self.model:  # the overlapped param all-gather must finish first
             if self.cfg.parallel.overlap_param_gather:
                 chunk.start_param_sync(force_sync=True)
+        self._sync_totals()  # run totals (consumed, skipped, label histogram) go in the checkpoint
         path = self.ckpt.save(self.model, self.optimizer, self.scheduler, self.state,
                               self.loader.state_dict(), self.config_dict)
         self.summary.checkpoint = str(path)
@@ -231,8 +241,8 @@ class Trainer:
         else:
             self._bad_streak = 0
             self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
-        if step % self.cfg.logging.log_interval == 0 or step == t.train_steps:
-            self._log(step, loss, tokens, grad_norm)
+        if reason or step % self.cfg.logging.log_interval == 0 or step == t.train_steps:
+            self._log(step, loss, tokens, grad_norm, reason)  # a skipped step: one record
         sink_every = self.cfg.logging.attention_sink_interval
         if sink_every and (step % sink_every == 0 or step == 1):
             self.metrics.log(self.attention_sink(), step, console=False)
@@ -292,8 +302,7 @@ class Trainer:
 
     def _on_bad_step(self, step: int, loss: float, reason: str) -> None:
         self._bad_streak += 1
-        self.metrics.log({"train/skipped_step": 1.0, "loss/global_avg": loss}, step,
-                         console=False)
+        self.totals.add_skip()
         logger.warning("step %d skipped: %s (%d consecutive)", step, reason, self._bad_streak)
         if self._bad_streak >= self.cfg.training.max_bad_steps:
             raise TrainingAborted(
@@ -303,41 +312,76 @@ class Trainer:
 
     def _track(self, batches: list[PackedBatch], loss: float, reason: str, seconds: float):
         """Accumulate host-side counters (batches are still on the host: no device sync)."""
-        w = self._window
         for b in batches:
             head_tokens = b.num_loss_tokens  # the LM head runs only where a label exists
-            w["samples"] += int(b.image_lens.numel())
-            w["tokens"] += b.num_real_tokens
-            w["flops"] += training_flops(self.flop_dims, b.image_lens.tolist(),
-                                         b.text_lens.tolist(), head_tokens=head_tokens)
-            if self.log_rank:
-                self.summary.add_labels(b.labels)
-        w["seconds"] += seconds
+            self.totals.add_batch(int(b.image_lens.numel()), b.num_real_tokens,
+                                  training_flops(self.flop_dims, b.image_lens.tolist(),
+                                                 b.text_lens.tolist(), head_tokens=head_tokens),
+                                  b.labels)
+        self._window["seconds"] += seconds
+        self._window["steps"] += 1
 
-    def _log(self, step: int, loss: float, tokens: int, grad_norm: Optional[float]) -> None:
+    def _sync_totals(self) -> None:
+        """Reduce the run totals over data parallel (collective: every rank calls it)."""
         from megatron.core import parallel_state as ps
 
-        w = self._window
-        agg = torch.tensor([w["samples"], w["tokens"], w["flops"]], dtype=torch.float64,
-                           device=self.device)
-        dist.all_reduce(agg, group=ps.get_data_parallel_group())
+        self.totals.sync(ps.get_data_parallel_group(), self.device)
+
+    def _log(self, step: int, loss: float, tokens: int, grad_norm: Optional[float],
+             skip_reason: str = "") -> None:
+        self._sync_totals()
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # timing sync point, log steps only
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        samples, real_tokens, flops = agg.tolist()
-        per_device = flops / (self.topo.tp * self.topo.pp) / self.topo.dp / elapsed
+        w = self.totals.take_window()
+        per_device = w["flops"] / (self.topo.tp * self.topo.pp) / self.topo.dp / elapsed
+        per_step = elapsed / max(self._window["steps"], 1)
         m = {"loss/global_avg": loss, "lr": self.optimizer.param_groups[0]["lr"],
              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-             "tokens/loss": float(tokens), "throughput/samples_per_s": samples / elapsed,
-             "throughput/tps": real_tokens / elapsed,
-             "throughput/tflops_per_device": per_device / 1e12, **memory_metrics()}
+             "tokens/loss": float(tokens), "throughput/samples_per_s": w["samples"] / elapsed,
+             "throughput/tps": w["tokens"] / elapsed,
+             "throughput/tflops_per_device": per_device / 1e12,
+             "time/step(s)": per_step,
+             "time/eta(s)": per_step * (self.cfg.training.train_steps - step),
+             **self.totals.metrics(), **memory_metrics()}
+        if skip_reason:
+            m["train/skipped_step"] = 1.0
         if self.peak:
             m["mfu(%)"] = 100.0 * per_device / self.peak
         for reason, count in self.loader.counters().items():
             m[f"data/{reason}"] = float(count)
-        self.metrics.log(m, step)
+        self.metrics.log(m, step, note=skip_reason)
         self._window = Counter()
         self._window_start = time.perf_counter()
+
+    def _log_startup_summary(self, config_path: Optional[str], overrides: list[str]) -> None:
+        """What a Megatron user reads first: config, overrides, size, layout, data, resume."""
+        from megatron.core import parallel_state as ps
+
+        local = sum(p.numel() for chunk in self.model for p in chunk.parameters()
+                    if getattr(p, "tensor_model_parallel", False) or self.topo.tp_rank == 0)
+        count = torch.tensor([local], dtype=torch.float64, device=self.device)
+        dist.all_reduce(count, group=ps.get_model_parallel_group())  # TP shards + PP stages
+        if not self.log_rank:
+            return
+        c, t, p = self.cfg, self.cfg.training, self.topo
+        sources = "; ".join(str(s.paths) for s in c.data.sources) or "none"
+        resume = (f"resumed from {self.resumed_from} at step {self.state.step}"
+                  if self.resumed_from else
+                  f"fresh start (weights from {t.init_from})" if t.init_from else "fresh start")
+        lines = [f"config {config_path or '-'}; overrides: {' '.join(overrides) or 'none'}",
+                 f"model {c.model.variant}: {count.item() / 1e6:.2f}M parameters, "
+                 f"{c.model.num_layers} layers, hidden {c.model.hidden_size}, "
+                 f"{c.precision.params_dtype}",
+                 f"layout tp={p.tp} pp={p.pp} vpp={c.parallel.vpp} dp={p.dp} sp={c.parallel.sp} "
+                 f"distributed_optimizer={c.parallel.use_distributed_optimizer}; batch "
+                 f"micro={t.micro_batch_size} global={t.global_batch_size} "
+                 f"microbatches/rank={self.n_micro} dp_invariant_data={t.dp_invariant_data}",
+                 f"data {sources} (max_seq_len {c.data.max_seq_len})",
+                 f"{resume}; training to step {t.train_steps}; checkpoints "
+                 f"{c.checkpoint.save_dir or 'off'}"]
+        for line in lines:
+            logger.info("start-up: %s", line)
 
     def close(self) -> None:
         """Flush logs, wait for pending checkpoint writes, stop loader workers."""

@@ -7,27 +7,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from training_helpers import ROOT, TINY_CONFIG, assert_losses_close, make_tiny_data, \
-    read_golden, read_jsonl_losses, tiny_overrides, update_golden_requested, write_golden
-
-
-def run_pretrain(overrides: list[str], fault: str | None = None, timeout: int = 600
-                 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    env.pop("GENLIP_FAULT_INJECT", None)
-    if fault:
-        env["GENLIP_FAULT_INJECT"] = fault
-    cmd = [sys.executable, str(ROOT / "pretrain_genlip.py"), "--config", str(TINY_CONFIG),
-           "--set", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+from training_helpers import assert_losses_close, make_tiny_data, read_golden, \
+    read_jsonl_losses, run_pretrain, tiny_overrides, update_golden_requested, write_golden
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
@@ -95,3 +81,55 @@ def test_crash_while_writing_checkpoint_keeps_previous(reference_run, data_dir, 
     assert (tmp_path / "latest").read_text().strip() == "iter_0000008"
     losses = read_jsonl_losses(tmp_path / "metrics.jsonl")
     assert {s: losses[s] for s in range(5, 9)} == {s: ref[s] for s in range(5, 9)}
+
+
+def test_resume_after_changing_the_optimizer_or_data_mode(reference_run, data_dir, tmp_path):
+    """use_distributed_optimizer cannot switch at resume: one line with the fix, status 2.
+    dp_invariant_data can: model and optimizer resume, the data stream restarts (logged)."""
+    import shutil
+
+    save, _, _ = reference_run
+    work = tmp_path / "run"
+    shutil.copytree(save, work)
+    sets = tiny_overrides(data_dir, work, model__drop_path_rate=0.1)
+    refused = run_pretrain(sets + ["parallel.use_distributed_optimizer=true"])
+    lines = [x for x in refused.stderr.splitlines() if x.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+    assert "parallel.use_distributed_optimizer=false" in lines[0] and "iter_0000008" in lines[0]
+    out = _ok(run_pretrain(sets + ["training.dp_invariant_data=false", "training.train_steps=10"]))
+    assert "restored" in out and "(step 8)" in out
+    assert "training.dp_invariant_data changed" in out
+    assert sorted(read_jsonl_losses(work / "metrics.jsonl"))[-2:] == [9, 10]
+
+
+def test_fresh_start_over_finished_checkpoints_needs_overwrite(reference_run, data_dir, tmp_path):
+    import shutil
+
+    save, _, _ = reference_run
+    work = tmp_path / "run"
+    shutil.copytree(save, work)
+    sets = tiny_overrides(data_dir, work) + ["checkpoint.resume=false"]
+    refused = run_pretrain(sets)
+    assert refused.returncode == 2 and "checkpoint.overwrite: true" in refused.stderr
+    assert sorted(p.name for p in work.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
+    out = _ok(run_pretrain(sets + ["checkpoint.overwrite=true", "training.train_steps=2"]))
+    assert "checkpoint.overwrite: removing iter_0000004, iter_0000008" in out
+    assert sorted(p.name for p in work.glob("iter_*")) == ["iter_0000002"]
+
+
+def test_converted_weights_as_save_dir_point_to_init_from(reference_run, data_dir, tmp_path):
+    """A from-hf conversion holds weights only: resuming it names training.init_from."""
+    import sys
+
+    from training_helpers import ROOT
+
+    save, _, _ = reference_run
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+    for args in (["to-hf", str(save), str(tmp_path / "hf")],
+                 ["from-hf", str(tmp_path / "hf"), str(tmp_path / "mg")]):
+        done = subprocess.run(tool + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "mg"))
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "training.init_from=" in lines[0] and "from-hf" in lines[0], lines[0]

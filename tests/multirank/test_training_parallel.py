@@ -188,3 +188,30 @@ def test_attention_sink_metric_is_layout_invariant(data_dir):
     for key, value in by_tp.items():
         assert 0.0 < value < 1.0, (key, value)
         assert abs(value - by_pp[key]) < 1e-5, (key, value, by_pp[key])
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("layout", ["dp2", "pp2"])
+def test_run_totals_count_every_data_parallel_rank(layout, data_dir):
+    """The label histogram behind unigram_loss and the consumed counters sum over DP ranks
+    (not only the logging rank's labels): its total equals the global loss-token count."""
+    from megatron.core import parallel_state
+
+    from genlip_megatron.config import load_config
+    from genlip_megatron.training.trainer import Trainer
+
+    cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + LAYOUTS_2[layout] +
+                      ["training.train_steps=3"]).validate(world_size=2)
+    trainer = Trainer(cfg)
+    try:
+        loss_tokens = 0
+        while trainer.state.step < 3:
+            trainer.state.step += 1
+            loss_tokens += trainer.train_step().loss_tokens
+        trainer._sync_totals()
+        extra = trainer.state.extra
+        assert int(extra["label_counts"].sum()) == loss_tokens
+        assert extra["consumed_samples"] > 0 and extra["skipped_steps"] == 0
+    finally:
+        trainer.close()
+        parallel_state.destroy_model_parallel()

@@ -69,6 +69,28 @@ def test_rng_group_tracker_forks_cpu_generator(gloo_world):
         assert not torch.equal(torch.rand(4), inside)          # per-TP-rank streams differ
 
 
+def test_rng_group_silences_the_cpu_fork_false_alarm_only(gloo_world, caplog, monkeypatch):
+    """On CPU the forked state is the CPU generator: a draw inside fork() is not a bug, but
+    megatron's CudaRNGStatesTracker.fork() warns about it on every call."""
+    import logging
+
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(5, tp_rank=0, ep_rank=0, etp_rank=0)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    log = logging.getLogger("megatron.core.tensor_parallel.random")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        with tracker.fork():
+            torch.rand(4)
+        assert "CPU RNG state changed" not in caplog.text
+        log.warning("another warning")                             # other warnings still pass
+        assert "another warning" in caplog.text
+        monkeypatch.setattr(log, "filters", [])                    # without the compat filter
+        with tracker.fork():
+            torch.rand(4)
+        assert "CPU RNG state changed within GPU RNG context" in caplog.text
+
+
 def test_rng_group_recompute_replays_dropout(gloo_world):
     """megatron's CheckpointFunction saves/restores the (CPU) RNG: same masks on recompute."""
     from megatron.core import tensor_parallel

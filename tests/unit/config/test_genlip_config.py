@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def validate(raw: dict, world_size: int = 8, has_cuda: bool = False, has_te: bool = False):
+    # A global batch every data-parallel size of an 8-rank world divides (batch rules apart).
+    raw = {"training": {"global_batch_size": 64}, **raw}
     return config_from_dict(raw).validate(world_size=world_size, has_cuda=has_cuda,
                                           has_te=has_te)
 

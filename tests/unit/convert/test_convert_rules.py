@@ -180,3 +180,23 @@ def test_table_lists_every_rule_and_dropped_key():
     assert "None (dropped" in table and "rotary_emb.inv_freq" in table
     assert table.count("\n") + 1 == 2 + len(mapping_registry(TINY).rules) + \
         len(registry.MEGATRON_EXTRA_STATE) + 2
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qkv_tp_shard_holds_the_per_head_rows_of_its_heads(tp):
+    """Rank r's shard of the registry's fused-qkv rule = [q_h; g_h; k_h; v_h] for exactly the
+    heads r·nh/tp … (r+1)·nh/tp-1, built here from per-head HF row slices (megatron's
+    column-parallel linear_qkv split), for weights and biases."""
+    reg = mapping_registry(TINY)
+    bound = next(b for b in reg.bound if b.megatron.endswith("0.self_attention.linear_qkv.weight"))
+    rule, nh, e = bound.rule, TINY.num_attention_heads, TINY.hidden_size
+    hd, per_rank = e // nh, TINY.num_attention_heads // tp
+    qp, kp, vp = torch.randn(2 * e, e), torch.randn(e, e), torch.randn(e, e)
+    fused = rule.to_megatron((qp, kp, vp))
+    for r in range(tp):
+        rows = []
+        for h in range(r * per_rank, (r + 1) * per_rank):
+            head = slice(h * hd, (h + 1) * hd)
+            rows += [qp[head], qp[e:][head], kp[head], vp[head]]
+        assert torch.equal(rule.shard(fused, r, tp), torch.cat(rows)), f"tp rank {r}/{tp}"
+    assert torch.equal(rule.gather([rule.shard(fused, r, tp) for r in range(tp)]), fused)

@@ -78,7 +78,6 @@ def test_encode_images_matches_reference_ln_post(model_and_ref):
         pos = torch.zeros(1, 3, gh * gw, dtype=torch.long)
         pos[0, 1] = torch.arange(gh).repeat_interleave(gw)
         pos[0, 2] = torch.arange(gw).repeat(gh)
-        mask = torch.ones(1, gh * gw, dtype=torch.bool)
         with torch.no_grad():   # the reference run on one image alone, ln_post output
             h = ref.vision_embeddings(patches.view(-1, 3, 16, 16))[None]
             cos, sin = ref.rotary_emb(pos.transpose(0, 1))
@@ -87,7 +86,14 @@ def test_encode_images_matches_reference_ln_post(model_and_ref):
                 h = layer(h, cos, sin, allowed)
             expected = ref.ln_post(h)[0]
         torch.testing.assert_close(feat, expected, atol=1e-5, rtol=1e-5)
-        assert mask.all()
+    # Images of one call never see each other: changing the second leaves the others unchanged.
+    other = pixels.clone()
+    other[6:22] = torch.rand(16, cfg.patch_dim, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        feats2 = model.encode_images(other, grid)
+    torch.testing.assert_close(feats2[0], feats[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(feats2[2], feats[2], atol=1e-6, rtol=0)
+    assert (feats2[1] - feats[1]).abs().max() > 1e-3
 
 
 def _loss_and_grads(model, b):

@@ -32,3 +32,39 @@ def test_disabled_logger_writes_nothing(tmp_path):
     cfg = LoggingConfig(jsonl_path=str(tmp_path / "m.jsonl"))
     MetricLogger(cfg, enabled=False).log({"loss/global_avg": 1.0}, 1)
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_nan_is_written_as_null_and_skipped_steps_are_marked(tmp_path, caplog):
+    import logging
+
+    cfg = LoggingConfig(jsonl_path=str(tmp_path / "m.jsonl"))
+    logger = MetricLogger(cfg, enabled=True, total_steps=10)
+    with caplog.at_level(logging.INFO):
+        logger.log({"loss/global_avg": float("nan"), "grad_norm": float("inf"),
+                    "train/skipped_step": 1.0, "train/skipped_steps_total": 2.0}, 3,
+                   note="non-finite loss")
+    logger.close()
+    text = (tmp_path / "m.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text)
+    assert row["loss/global_avg"] is None and row["grad_norm"] is None
+    line = caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelname == "WARNING"
+    assert line.startswith("SKIPPED step      3/10") and line.endswith("| non-finite loss")
+    assert "skipped_steps 2" in line
+
+
+def test_console_shows_pace_and_consumption():
+    line = console_line(5, 100, {"time/step(s)": 0.25, "time/eta(s)": 3725.0,
+                                 "consumed/samples": 12345.0, "consumed/tokens": 2.5e9})
+    for part in ("0.250s/step", "eta 1:02:05", "consumed 12.35k samples 2.50G tokens"):
+        assert part in line, line
+
+
+def test_a_partial_record_left_by_a_kill_is_cut_before_appending(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss/global_avg": 2.0}\n{"step": 2, "loss/gl')
+    logger = MetricLogger(LoggingConfig(jsonl_path=str(path)), enabled=True)
+    logger.log({"loss/global_avg": 1.5}, 2)
+    logger.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
