@@ -238,20 +238,23 @@ def varlen_prefix_lm(query: Tensor, key: Tensor, value: Tensor, spans: SampleSpa
     S, B, heads, dim = query.shape
     out_rows = []
     for b, runs in enumerate(spans.rows):
-        q, k, v = (t[:, b].transpose(0, 1) for t in (query, key, value))   # [np, S, hn]
+        # [1, np, S, hn] views: torch's fused CPU (flash) SDPA kernel takes only 4-D inputs;
+        # 3-D ones fall back to the unfused math path (≈ 2× slower, stores the probabilities).
+        q, k, v = (t[:, b].transpose(0, 1)[None] for t in (query, key, value))
         pieces = []
         for start, i, t in runs:
             if i < 0:
-                pieces.append(v[:, start:start + t])
+                pieces.append(v[:, :, start:start + t])
                 continue
             end = start + i + t
             if i:
-                pieces.append(sdpa(q[:, start:start + i], k[:, start:start + i],
-                                   v[:, start:start + i], scale=scale))
+                pieces.append(sdpa(q[:, :, start:start + i], k[:, :, start:start + i],
+                                   v[:, :, start:start + i], scale=scale))
             if t:
-                pieces.append(sdpa(q[:, start + i:end], k[:, start:end], v[:, start:end],
-                                   attn_mask=spans.text_masks[(i, t)], scale=scale))
-        out_rows.append(torch.cat(pieces, dim=1).transpose(0, 1))            # [S, np, hn]
+                pieces.append(sdpa(q[:, :, start + i:end], k[:, :, start:end],
+                                   v[:, :, start:end], attn_mask=spans.text_masks[(i, t)],
+                                   scale=scale))
+        out_rows.append(torch.cat(pieces, dim=2)[0].transpose(0, 1))         # [S, np, hn]
     return torch.stack(out_rows, dim=1).reshape(S, B, heads * dim)
 
 
