@@ -4,7 +4,8 @@
     python benchmarks/throughput.py --quick     # CI-sized, < 5 min on 2 busy cores
     python benchmarks/throughput.py             # L/16 width, 1024 + 2048-token rows, 2 mixes
     python benchmarks/throughput.py --profile   # + torch.profiler top entries of our step
-    python benchmarks/throughput.py --sweep --out-dir /tmp/sweep   # see benchmarks/sweep.py
+    python benchmarks/throughput.py --sweep --out-dir /tmp/sweep   # tiny CPU points, see sweep.py
+    python benchmarks/throughput.py --sweep --gpu-recipe           # the GPU grid (one node)
 
 In ONE process, on the same shapes (L/16 width, a few layers, packed rows, fp32 on CPU) and per
 workload (stage-1 mix: fixed 224² images, ~5 samples per 1024-token row; stage-2-like mix:
@@ -198,22 +199,23 @@ def prefix_lm_per_sample(q: Tensor, k: Tensor, v: Tensor, rows: list, meter: Flo
                          hidden: int) -> Tensor:
     """q, k, v ``[N, heads, d]`` over the flattened rows → ``[N, heads·d]``; per sample two
     SDPA calls (image→image, text→sample, bottom-right causal); padding outputs v."""
-    q, k, v = (t.transpose(0, 1) for t in (q, k, v))              # [heads, N, d]
-    pieces = []
-    for start, i, t, mask in rows:
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))        # [1, heads, N, d]: 4-D
+    pieces = []                                                    # takes the fused CPU kernel
+    for start, i, t, mask, pairs in rows:
         if i < 0:
-            pieces.append(v[:, start:start + t])
+            pieces.append(v[:, :, start:start + t])
             continue
         end = start + i + t
         if i:
-            pieces.append(F.scaled_dot_product_attention(q[:, start:start + i],
-                                                         k[:, start:start + i],
-                                                         v[:, start:start + i]))
+            pieces.append(F.scaled_dot_product_attention(q[:, :, start:start + i],
+                                                         k[:, :, start:start + i],
+                                                         v[:, :, start:start + i]))
         if t:
-            pieces.append(F.scaled_dot_product_attention(q[:, start + i:end], k[:, start:end],
-                                                         v[:, start:end], attn_mask=mask))
-        meter.forward += 4.0 * hidden * (i * i + int(mask.sum()) if t else i * i)
-    return torch.cat(pieces, dim=1).transpose(0, 1).reshape(q.shape[1], -1)
+            pieces.append(F.scaled_dot_product_attention(q[:, :, start + i:end],
+                                                         k[:, :, start:end], v[:, :, start:end],
+                                                         attn_mask=mask))
+        meter.forward += 4.0 * hidden * pairs
+    return torch.cat(pieces, dim=2)[0].transpose(0, 1).reshape(q.shape[2], -1)
 
 
 class PlainGenLIP(nn.Module):
@@ -272,13 +274,14 @@ class PlainGenLIP(nn.Module):
         masks: dict = {}
         for a, z in zip(firsts[:-1], firsts[1:]):
             if int(seg[a]) < 0:
-                rows.append((a, -1, z - a, None))
+                rows.append((a, -1, z - a, None, 0))
                 continue
             i = int(img[a:z].sum())
             t = z - a - i
             if t and (i, t) not in masks:
                 masks[(i, t)] = torch.ones(t, z - a, dtype=torch.bool).tril(i)
-            rows.append((a, i, t, masks.get((i, t))))
+            mask = masks.get((i, t))
+            rows.append((a, i, t, mask, i * i + (int(mask.sum()) if t else 0)))
         pos = b.position_ids[:, 0].reshape(-1).float()   # 1-D rotary on the t/h mix is enough
         pos = pos + b.position_ids[:, 1].reshape(-1) + b.position_ids[:, 2].reshape(-1)
         inv = 1.0 / self.theta ** (torch.arange(0, self.dim, 2).float() / self.dim)
@@ -558,6 +561,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--profile", action="store_true", help="print torch.profiler top entries")
     p.add_argument("--sweep", action="store_true", help="run the sweep (benchmarks/sweep.py)")
     p.add_argument("--out-dir", default="sweep_out", help="--sweep: output folder")
+    p.add_argument("--sweep-limit", type=int, default=None,
+                   help="--sweep: run only the first N points (tests)")
     p.add_argument("--gpu-recipe", action="store_true",
                    help="--sweep: the full GPU grid (needs GPUs); default: tiny CPU points")
     args = p.parse_args(argv)
@@ -567,7 +572,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.sweep:
         from benchmarks.sweep import run_sweep
 
-        return run_sweep(Path(args.out_dir), gpu=args.gpu_recipe)
+        return run_sweep(Path(args.out_dir), gpu=args.gpu_recipe, limit=args.sweep_limit,
+                         data_root=Path(args.data_dir))
     reps = args.reps or (3 if args.quick else 5)
     workers = args.workers if args.workers is not None else (0 if args.quick else 1)
     data_root = Path(args.data_dir)
