@@ -284,6 +284,7 @@ class PlainGenLIP(nn.Module):
             rows.append((a, i, t, mask, i * i + (int(mask.sum()) if t else 0)))
         pos = b.position_ids[:, 0].reshape(-1).float()   # 1-D rotary on the t/h mix is enough
         pos = pos + b.position_ids[:, 1].reshape(-1) + b.position_ids[:, 2].reshape(-1)
+        self.meter.real_rows = int((seg >= 0).sum())
         inv = 1.0 / self.theta ** (torch.arange(0, self.dim, 2).float() / self.dim)
         ang = torch.cat([pos[:, None] * inv[None]] * 2, dim=-1)[:, None, :]
         return {"rows": rows, "cos": ang.cos(), "sin": ang.sin(),
@@ -293,7 +294,6 @@ class PlainGenLIP(nn.Module):
     def step(self, b: PackedBatch) -> float:
         prepared = self.prepare(b)
         self.meter.forward = 0.0
-        self.meter.real_rows = int((b.segment_ids >= 0).sum())
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(b, prepared)
         loss.backward()
@@ -469,6 +469,31 @@ def synthetic_row(samples: list[tuple[int, int, int]], seq: int, vocab: int, pat
         at, n_patches = at + n + t, n_patches + n
     return {"tokens": tokens, "position_ids": pos, "image_mask": img, "segment_ids": seg,
             "pixel_values": torch.randn(n_patches, patch_dim, generator=gen), "labels": labels}
+
+
+def synthetic_batch(rows: list[list[tuple[int, int, int]]], seq: int, vocab: int,
+                    patch_dim: int, seed: int = 0) -> PackedBatch:
+    """A PackedBatch of ``rows`` (each a list of ``(grid_h, grid_w, text_len)``)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [synthetic_row(r, seq, vocab, patch_dim, gen) for r in rows]
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    samples = [s for r in rows for s in r]
+    img = torch.tensor([h * w for h, w, _ in samples], dtype=torch.int32)
+    txt = torch.tensor([t for _, _, t in samples], dtype=torch.int32)
+    offsets, grid = [], torch.tensor([[h, w] for h, w, _ in samples], dtype=torch.int32)
+    for i, r in enumerate(rows):
+        at = i * seq
+        for h, w, t in r:
+            offsets.append(at)
+            at += h * w + t
+
+    def cu(x: Tensor) -> Tensor:
+        return torch.cat([torch.zeros(1, dtype=torch.int32), x.cumsum(0).int()])
+
+    return PackedBatch(cat["tokens"], cat["labels"], cat["position_ids"], cat["image_mask"],
+                       cat["segment_ids"], cat["pixel_values"], grid,
+                       torch.tensor(offsets, dtype=torch.int32), img, txt, cu(img + txt),
+                       cu(img), cu(txt))
 
 
 def _fwd_bwd(model, row: dict) -> float:
