@@ -116,6 +116,7 @@ def load_cfg(w: Workload, data_dir: Path, backend: str, workers: int, extra=()):
             f"data.image={image}", f"data.reader.num_workers={workers}",
             "training.train_steps=100000", "training.micro_batch_size=1",
             "training.global_batch_size=1", "precision.params_dtype=fp32",
+            "parallel.use_distributed_optimizer=false",   # DP = 1: it would only add copies
             "optimizer.lr=1.0e-4", "scheduler.warmup_steps=1", "logging.log_interval=10"]
     if w.hidden:
         sets += [f"model.hidden_size={w.hidden}", f"model.num_attention_heads={w.heads}",
@@ -199,23 +200,21 @@ def prefix_lm_per_sample(q: Tensor, k: Tensor, v: Tensor, rows: list, meter: Flo
                          hidden: int) -> Tensor:
     """q, k, v ``[N, heads, d]`` over the flattened rows → ``[N, heads·d]``; per sample two
     SDPA calls (image→image, text→sample, bottom-right causal); padding outputs v."""
-    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))        # [1, heads, N, d]: 4-D
-    pieces = []                                                    # takes the fused CPU kernel
-    for start, i, t, mask, pairs in rows:
+    sizes = [t if i < 0 else i + t for _, i, t, _, _ in rows]     # [1, heads, L, d] runs:
+    qr, kr, vr = (x.transpose(0, 1)[None].split(sizes, dim=2)     # 4-D takes the fused CPU
+                  for x in (q, k, v))                             # kernel; split, not slices
+    pieces = []
+    for (_, i, t, mask, pairs), qs, ks, vs in zip(rows, qr, kr, vr):
         if i < 0:
-            pieces.append(v[:, :, start:start + t])
+            pieces.append(vs)
             continue
-        end = start + i + t
         if i:
-            pieces.append(F.scaled_dot_product_attention(q[:, :, start:start + i],
-                                                         k[:, :, start:start + i],
-                                                         v[:, :, start:start + i]))
+            pieces.append(F.scaled_dot_product_attention(qs[:, :, :i], ks[:, :, :i],
+                                                         vs[:, :, :i]))
         if t:
-            pieces.append(F.scaled_dot_product_attention(q[:, :, start + i:end],
-                                                         k[:, :, start:end], v[:, :, start:end],
-                                                         attn_mask=mask))
+            pieces.append(F.scaled_dot_product_attention(qs[:, :, i:], ks, vs, attn_mask=mask))
         meter.forward += 4.0 * hidden * pairs
-    return torch.cat(pieces, dim=2)[0].transpose(0, 1).reshape(q.shape[2], -1)
+    return torch.cat(pieces, dim=2)[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
 class PlainGenLIP(nn.Module):
@@ -314,11 +313,11 @@ def gemm_rate(m, tokens: int, reps: int) -> float:
     flops = sum(2.0 * tokens * a * c for a, c in shapes)
     times = []
     for r in range(reps + 1):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for x, w in mats:
             torch.mm(x, w)
         if r:
-            times.append(time.perf_counter() - t0)
+            times.append(CLOCK() - t0)
     return flops / statistics.median(times)
 
 
@@ -360,10 +359,14 @@ def batch_flops(dims: FlopDims, b: PackedBatch) -> float:
                           head_tokens=b.num_loss_tokens)
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+"""Step clock: wall time, or this process's CPU time (``--clock cpu``: robust to other load)."""
+
+
 def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 @dataclass
@@ -581,7 +584,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--backend", default="varlen", choices=["varlen", "dense"],
                    help="our model's attention backend")
     p.add_argument("--workers", type=int, default=None,
-                   help="loader worker processes for (d) (default: 0 quick, 1 full)")
+                   help="loader worker processes for (d) (default: 1; 0 with --quick or "
+                        "--clock cpu)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or process CPU time (robust when other jobs share the "
+                        "cores; use with OMP_NUM_THREADS=1 and --workers 0)")
     p.add_argument("--data-dir", default=str(REPO / ".cache" / "bench_throughput"))
     p.add_argument("--profile", action="store_true", help="print torch.profiler top entries")
     p.add_argument("--sweep", action="store_true", help="run the sweep (benchmarks/sweep.py)")
@@ -592,6 +599,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="--sweep: the full GPU grid (needs GPUs); default: tiny CPU points")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu" and (args.workers or 0) > 0:
+        print("error: --clock cpu cannot see loader worker processes; use --workers 0.",
+              file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     init_single_process()
     if args.sweep:
@@ -600,13 +613,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_sweep(Path(args.out_dir), gpu=args.gpu_recipe, limit=args.sweep_limit,
                          data_root=Path(args.data_dir))
     reps = args.reps or (3 if args.quick else 5)
-    workers = args.workers if args.workers is not None else (0 if args.quick else 1)
+    workers = args.workers if args.workers is not None else \
+        (0 if args.quick or args.clock == "cpu" else 1)
     data_root = Path(args.data_dir)
     t_start = time.time()
-    results = [measure(w, data_root, args.backend, reps, warmup=1, workers=workers)
-               for w in workloads(args.quick)]
+    results = []
+    for w in workloads(args.quick):
+        results.append(measure(w, data_root, args.backend, reps, warmup=1, workers=workers))
+        r = results[-1]
+        print(f"[{time.time() - t_start:5.0f} s] {r.name}: stack/plain {r.stack / r.plain:.3f}, "
+              f"e2e/plain {r.e2e / r.plain:.3f}", flush=True)
     print(f"\nthroughput ({args.backend} attention, fp32, {torch.get_num_threads()} threads, "
-          f"{reps} reps, medians)")
+          f"{reps} reps, medians, {args.clock} clock)")
     print(f"{'workload':14s} {'GFLOP/step':>10s} {'gemm GF/s':>9s} {'plain GF/s':>10s} "
           f"{'stack GF/s':>10s} {'e2e GF/s':>9s} {'stack/plain':>11s} {'e2e/plain':>9s}")
     for r in results:

@@ -236,23 +236,24 @@ def varlen_prefix_lm(query: Tensor, key: Tensor, value: Tensor, spans: SampleSpa
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     S, B, heads, dim = query.shape
+    rows = [t.unbind(1) for t in (query, key, value)]                 # B × [S, np, hn]
     out_rows = []
     for b, runs in enumerate(spans.rows):
-        # [1, np, S, hn] views: torch's fused CPU (flash) SDPA kernel takes only 4-D inputs;
-        # 3-D ones fall back to the unfused math path (≈ 2× slower, stores the probabilities).
-        q, k, v = (t[:, b].transpose(0, 1)[None] for t in (query, key, value))
+        # [1, np, L, hn] views per run: torch's fused CPU (flash) SDPA kernel takes only 4-D
+        # inputs (3-D ones fall back to the unfused math path). split/unbind, not slicing:
+        # their backward is one cat/stack, while every slice's backward would write a
+        # full-row zero gradient (O(samples × S) per layer).
+        sizes = [t if i < 0 else i + t for _, i, t in runs]
+        q, k, v = (r[b].transpose(0, 1)[None].split(sizes, dim=2) for r in rows)
         pieces = []
-        for start, i, t in runs:
+        for (_, i, t), qs, ks, vs in zip(runs, q, k, v):
             if i < 0:
-                pieces.append(v[:, :, start:start + t])
+                pieces.append(vs)
                 continue
-            end = start + i + t
             if i:
-                pieces.append(sdpa(q[:, :, start:start + i], k[:, :, start:start + i],
-                                   v[:, :, start:start + i], scale=scale))
+                pieces.append(sdpa(qs[:, :, :i], ks[:, :, :i], vs[:, :, :i], scale=scale))
             if t:
-                pieces.append(sdpa(q[:, :, start + i:end], k[:, :, start:end],
-                                   v[:, :, start:end], attn_mask=spans.text_masks[(i, t)],
+                pieces.append(sdpa(qs[:, :, i:], ks, vs, attn_mask=spans.text_masks[(i, t)],
                                    scale=scale))
         out_rows.append(torch.cat(pieces, dim=2)[0].transpose(0, 1))         # [S, np, hn]
     return torch.stack(out_rows, dim=1).reshape(S, B, heads * dim)
