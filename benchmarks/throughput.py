@@ -619,7 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_start = time.time()
     results = []
     for w in workloads(args.quick):
-        results.append(measure(w, data_root, args.backend, reps, warmup=1, workers=workers))
+        results.append(measure(w, data_root, args.backend, reps, warmup=2, workers=workers))
         r = results[-1]
         print(f"[{time.time() - t_start:5.0f} s] {r.name}: stack/plain {r.stack / r.plain:.3f}, "
               f"e2e/plain {r.e2e / r.plain:.3f}", flush=True)
