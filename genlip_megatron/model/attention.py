@@ -17,7 +17,7 @@ Backends (``config.prefix_attention_backend``):
   ``AttnMaskType.arbitrary``), O(S²) memory; the numerical oracle and the CPU training path.
 * ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the rule above;
   forward runs on CPU (eager), backward only on GPU (torch raises on CPU, we raise first).
-* ``varlen``: per-sample attention on CPU through ``torch.nn.functional.scaled_dot_product_attention``
+* ``varlen``: per-sample attention on CPU through torch's ``scaled_dot_product_attention``
   (:class:`VarlenPrefixLMAttention`): per sample, image queries over the image keys (no mask)
   and text queries over the whole sample (bottom-right causal mask); no cross-sample work and no
   ``[B, S, S]`` mask, so a packed row costs what its samples cost. The CPU training path for
