@@ -51,7 +51,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        par = f"tp{self.tp}{'sp' if self.sp else ''}pp{self.pp}"
+        par = f"tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp}"
         return f"{self.preset} {par} mb{self.micro_batch} rc-{self.recompute} {self.attention}"
 
     def overrides(self) -> list[str]:
@@ -84,7 +84,7 @@ def cpu_grid() -> list[Point]:
 
 def gpu_grid(gpus: int) -> list[Point]:
     """The GPU recipe: every combination whose TP·PP fits on this node."""
-    points = []
+    points = []   # 1200 points on 8 GPUs (1–2 min each): choose with --sweep-filter/-limit
     for preset, (tp, sp, pp), mbs, rc, prec, attn in itertools.product(
             ("L/16", "So/16", "g/16", "G/16"), ((1, False, 1), (2, True, 1), (4, True, 1),
                                                 (2, True, 2), (1, False, 2)),
@@ -148,8 +148,7 @@ def run_gpu_point(point: Point, gpus: int, config: Path, data_sets: list[str], s
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
            f"--master-port={port}", str(REPO / "pretrain_genlip.py"), "--config", str(config),
            "--set", *point.overrides(), *data_sets, f"training.train_steps={steps}",
-           f"logging.log_interval={max(steps // 2, 1)}", f"logging.jsonl_path={metrics}",
-           "checkpoint.save_dir=null"]
+           f"logging.log_interval={max(steps // 2, 1)}", f"logging.jsonl_path={metrics}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -216,8 +215,15 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def select(points: list[Point], filters: str, limit: Optional[int]) -> list[Point]:
+    """Points whose ``label precision`` contains every comma-separated filter; first ``limit``."""
+    want = [f.strip() for f in filters.split(",") if f.strip()]
+    chosen = [p for p in points if all(w in f"{p.label} {p.precision}" for w in want)]
+    return chosen[:limit]
+
+
 def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int] = None,
-              data_root: Optional[Path] = None) -> int:
+              data_root: Optional[Path] = None, filters: str = "") -> int:
     """Run the grid, write CSV/markdown/PNG, print one BENCH line."""
     t0 = time.time()
     if gpu:
@@ -228,12 +234,13 @@ def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int]
                   "tiny CPU points.", file=sys.stderr)
             return 2
         gpus = torch.cuda.device_count()
-        points = gpu_grid(gpus)[:limit]
+        points = select(gpu_grid(gpus), filters, limit)
         from benchmarks.throughput import ensure_data
 
         data = ensure_data(data_root or REPO / ".cache" / "bench_throughput", 1)
-        config = REPO / "tests" / "assets" / "configs" / "tiny_train.yaml"
-        sets = [f"data.sources=[{{paths: '{data}/train/*.tar'}}]",
+        config = REPO / "examples" / "configs" / "base" / "stage1.yaml"
+        sets = [f"data.sources=[{{paths: '{data}/train/*.tar'}}]", "checkpoint.save_dir=null",
+                "logging.tensorboard_dir=null", "logging.attention_sink_interval=0",
                 f"data.text.tokenizer_path={data}/tokenizer.json", "data.max_seq_len=8192",
                 "data.image={policy: fixed, fixed_size: 224, decoder: dali, device: auto}",
                 f"training.global_batch_size={gpus * 4}", "model.drop_path_rate=0.0"]
@@ -245,13 +252,19 @@ def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int]
         from benchmarks.throughput import ensure_data
 
         data = ensure_data(data_root or REPO / ".cache" / "bench_throughput", 1)
-        points = cpu_grid()[:limit]
+        points = select(cpu_grid(), filters, limit)
+        if not points:
+            print(f"error: --sweep-filter '{filters}' selects no point.", file=sys.stderr)
+            return 2
         for p in points:
             try:
                 run_cpu_point(p, data, steps)
             except Exception as e:  # noqa: BLE001 - a failed point is a row, not the sweep
                 p.status = f"failed: {type(e).__name__}: {str(e)[:100]}"
         title = f"GenLIP tiny CPU sweep ({os.cpu_count()} cores, fp8 emulated)"
+    if not points:
+        print(f"error: --sweep-filter '{filters}' selects no point.", file=sys.stderr)
+        return 2
     files = write_outputs(points, out, title)
     ok = [p for p in points if p.status == "ok"]
     best = max(ok, key=lambda p: p.tokens_per_s) if ok else None

@@ -595,6 +595,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out-dir", default="sweep_out", help="--sweep: output folder")
     p.add_argument("--sweep-limit", type=int, default=None,
                    help="--sweep: run only the first N points (tests)")
+    p.add_argument("--sweep-filter", default="",
+                   help="--sweep: comma-separated substrings a point's label must all contain, "
+                        "e.g. 'L/16,tp2,fp8-mxfp8'")
     p.add_argument("--gpu-recipe", action="store_true",
                    help="--sweep: the full GPU grid (needs GPUs); default: tiny CPU points")
     args = p.parse_args(argv)
@@ -611,7 +614,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from benchmarks.sweep import run_sweep
 
         return run_sweep(Path(args.out_dir), gpu=args.gpu_recipe, limit=args.sweep_limit,
-                         data_root=Path(args.data_dir))
+                         data_root=Path(args.data_dir), filters=args.sweep_filter)
     reps = args.reps or (3 if args.quick else 5)
     workers = args.workers if args.workers is not None else \
         (0 if args.quick or args.clock == "cpu" else 1)
