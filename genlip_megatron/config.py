@@ -81,8 +81,9 @@ class ModelConfig:
     """Dropout on attention probabilities (reference: 0)."""
     init_std: float = 0.02
     """Std of the normal init of linears and embeddings (attention projections use xavier)."""
-    attention_backend: Literal["dense", "flex", "te"] = "dense"
-    """Prefix-LM core attention: dense mask (oracle, CPU), torch flex_attention, or TE two-call."""
+    attention_backend: Literal["dense", "flex", "te", "varlen"] = "dense"
+    """Prefix-LM core attention: dense mask (oracle, CPU), torch flex_attention, TE two-call, or
+    varlen (per-sample torch SDPA: the fast CPU path for packed rows, see model/attention.py)."""
     transformer_impl: Literal["local", "te"] = "local"
     """megatron-core layer implementation: local (torch, CPU-capable) or transformer_engine."""
 

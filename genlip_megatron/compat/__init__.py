@@ -26,6 +26,8 @@ adam_step              DistributedOptimizer + torch Adam resume: a fresh optimiz
                        param (real bugs for any run without Apex/TE)
 checkpoint_queue       in-process result queue for synchronous torch_dist saves (no spawn
                        Manager: ≈5 s per process)
+wgrad                  ``fused_weight_gradient_mlp_cuda`` → ``addmm_`` into ``main_grad``, so the
+                       trainer can use ``gradient_accumulation_fusion`` on CPU (``wgrad.py``)
 =====================  =========================================================================
 
 :func:`apply_torch_adam_fixes` applies only ``adam_step``, on any device: megatron uses torch Adam
@@ -54,7 +56,7 @@ __all__ = ["apply_cpu_compat", "apply_torch_adam_fixes", "cpu_compat_applied",
 def _groups() -> dict[str, Callable[[PatchSet], None]]:
     # Imported lazily: importing this package must not import megatron (triton_stub must run
     # before megatron.core is imported on megatron-core ≥ 0.19 without triton).
-    from genlip_megatron.compat import checkpointing, cuda, jit, optimizer
+    from genlip_megatron.compat import checkpointing, cuda, jit, optimizer, wgrad
 
     return {
         "triton_stub": jit.stub_triton_paged_stash,
@@ -67,11 +69,12 @@ def _groups() -> dict[str, Callable[[PatchSet], None]]:
         "type_strings": cuda.patch_type_strings,
         "adam_step": optimizer.patch_distopt_adam_step,
         "checkpoint_queue": checkpointing.fast_sync_checkpoint_writes,
+        "wgrad": wgrad.install_cpu_wgrad_accumulation,
     }
 
 
 GROUPS = ("triton_stub", "jit", "device", "rng", "sync", "streams", "literals", "type_strings",
-          "adam_step", "checkpoint_queue")
+          "adam_step", "checkpoint_queue", "wgrad")
 """Group names in the order they are applied."""
 
 _STATE: dict[str, PatchSet] = {}

@@ -17,6 +17,11 @@ Backends (``config.prefix_attention_backend``):
   ``AttnMaskType.arbitrary``), O(S²) memory; the numerical oracle and the CPU training path.
 * ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the rule above;
   forward runs on CPU (eager), backward only on GPU (torch raises on CPU, we raise first).
+* ``varlen``: per-sample attention on CPU through torch's ``scaled_dot_product_attention``
+  (:class:`VarlenPrefixLMAttention`): per sample, image queries over the image keys (no mask)
+  and text queries over the whole sample (bottom-right causal mask); no cross-sample work and no
+  ``[B, S, S]`` mask, so a packed row costs what its samples cost. The CPU training path for
+  long or many-sample rows; equal to ``dense`` up to float rounding (tests).
 * ``te``: two Transformer Engine varlen calls per batch (``model/attention_te.py``): image
   queries over image keys (``padding``) and text queries over all keys of their sample
   (``padding_causal_bottom_right``), separate ``cu_seqlens_q``/``cu_seqlens_kv``
@@ -38,6 +43,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 __all__ = ["prefix_lm_allowed", "prefix_lm_mask_mod", "VarlenIndex", "build_varlen_index",
+           "SampleSpans", "build_sample_spans", "VarlenPrefixLMAttention",
            "two_call_prefix_lm", "PrefixLMParams", "build_prefix_lm_params",
            "DensePrefixLMAttention", "FlexPrefixLMAttention", "core_attention_class"]
 
@@ -163,6 +169,97 @@ def two_call_prefix_lm(query: Tensor, key: Tensor, value: Tensor, index: VarlenI
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-sample spans for the CPU ``varlen`` backend
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleSpans:
+    """Per row, the runs of the packed sequence in order: ``(start, n_image, n_text)``.
+
+    A padding run has ``n_image = -1`` and ``n_text`` = its length. ``text_masks`` caches the
+    bool ``[t, i + t]`` text-query masks (True = attend) by ``(i, t)``, shared by all layers.
+    """
+
+    rows: list[list[tuple[int, int, int]]]
+    text_masks: dict[tuple[int, int], Tensor]
+
+
+def build_sample_spans(segment_ids: Tensor, image_mask: Tensor) -> SampleSpans:
+    """Split packed rows into ``[image | text]`` samples and padding runs (one host sync).
+
+    Raises:
+        RuntimeError: a sample is not laid out ``[image | text]``.
+    """
+    B, S = segment_ids.shape
+    seg = segment_ids.long()
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    run_id = starts.reshape(-1).long().cumsum(0) - 1           # runs never cross rows
+    n_runs = int(run_id[-1]) + 1 if run_id.numel() else 0
+    img = image_mask.reshape(-1)
+    n_img = torch.zeros(n_runs, dtype=torch.long).index_add_(0, run_id, img.long())
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    lengths = torch.diff(first, append=torch.tensor([B * S]))
+    # [image | text]: inside a run, an image token never follows a text token
+    later_image = img[1:] & ~img[:-1] & ~starts.reshape(-1)[1:]
+    if bool(later_image.any()):
+        raise RuntimeError("attention backend 'varlen' needs every sample laid out "
+                           "[image | text]; found image tokens after text inside a sample.")
+    rows: list[list[tuple[int, int, int]]] = [[] for _ in range(B)]
+    masks: dict[tuple[int, int], Tensor] = {}
+    for f, n, i, s in zip(first.tolist(), lengths.tolist(), n_img.tolist(),
+                          seg.reshape(-1)[first].tolist()):
+        b, start = divmod(f, S)
+        if s < 0:
+            rows[b].append((start, -1, n))
+            continue
+        t = n - i
+        rows[b].append((start, i, t))
+        if t and (i, t) not in masks:
+            masks[(i, t)] = torch.ones(t, n, dtype=torch.bool,
+                                       device=segment_ids.device).tril(i)
+    return SampleSpans(rows, masks)
+
+
+def varlen_prefix_lm(query: Tensor, key: Tensor, value: Tensor, spans: SampleSpans,
+                     scale: float) -> Tensor:
+    """Prefix-LM attention sample by sample (two SDPA calls per sample, none across samples).
+
+    Args:
+        query, key, value: ``[S, B, np, hn]``.
+        spans: from :func:`build_sample_spans`.
+        scale: softmax scale.
+
+    Returns:
+        ``[S, B, np·hn]``; padding tokens get their own ``v`` (as the dense oracle).
+    """
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    S, B, heads, dim = query.shape
+    rows = [t.unbind(1) for t in (query, key, value)]                 # B × [S, np, hn]
+    out_rows = []
+    for b, runs in enumerate(spans.rows):
+        # [1, np, L, hn] views per run: torch's fused CPU (flash) SDPA kernel takes only 4-D
+        # inputs (3-D ones fall back to the unfused math path). split/unbind, not slicing:
+        # their backward is one cat/stack, while every slice's backward would write a
+        # full-row zero gradient (O(samples × S) per layer).
+        sizes = [t if i < 0 else i + t for _, i, t in runs]
+        q, k, v = (r[b].transpose(0, 1)[None].split(sizes, dim=2) for r in rows)
+        pieces = []
+        for (_, i, t), qs, ks, vs in zip(runs, q, k, v):
+            if i < 0:
+                pieces.append(vs)
+                continue
+            if i:
+                pieces.append(sdpa(qs[:, :, :i], ks[:, :, :i], vs[:, :, :i], scale=scale))
+            if t:
+                pieces.append(sdpa(qs[:, :, i:], ks, vs, attn_mask=spans.text_masks[(i, t)],
+                                   scale=scale))
+        out_rows.append(torch.cat(pieces, dim=2)[0].transpose(0, 1))         # [S, np, hn]
+    return torch.stack(out_rows, dim=1).reshape(S, B, heads * dim)
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-forward parameters
 # ---------------------------------------------------------------------------------------------
 
@@ -170,7 +267,8 @@ def two_call_prefix_lm(query: Tensor, key: Tensor, value: Tensor, index: VarlenI
 class PrefixLMParams(PackedSeqParams):
     """Prefix-LM attention metadata for one forward, handed to every layer.
 
-    Exactly one of ``dense_mask`` / ``block_mask`` / ``varlen`` is set, per ``backend``.
+    Exactly one of ``dense_mask`` / ``block_mask`` / ``varlen`` / ``spans`` is set, per
+    ``backend``.
     """
 
     qkv_format: str = "sbhd"
@@ -178,6 +276,7 @@ class PrefixLMParams(PackedSeqParams):
     dense_mask: Optional[Tensor] = None   # bool [B, 1, S, S], True = masked out
     block_mask: Any = None                # torch.nn.attention.flex_attention.BlockMask
     varlen: Optional[VarlenIndex] = None
+    spans: Optional[SampleSpans] = None
 
 
 def build_prefix_lm_params(backend: str, segment_ids: Tensor, image_mask: Tensor
@@ -185,7 +284,7 @@ def build_prefix_lm_params(backend: str, segment_ids: Tensor, image_mask: Tensor
     """Build the backend's mask representation once per forward.
 
     Args:
-        backend: "dense" | "flex" | "te".
+        backend: "dense" | "flex" | "te" | "varlen".
         segment_ids: int ``[B, S]`` (-1 = padding).
         image_mask: bool ``[B, S]``.
     """
@@ -203,7 +302,10 @@ def build_prefix_lm_params(backend: str, segment_ids: Tensor, image_mask: Tensor
         return PrefixLMParams(backend=backend, block_mask=block_mask)
     if backend == "te":
         return PrefixLMParams(backend=backend, varlen=build_varlen_index(segment_ids, image_mask))
-    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te.")
+    if backend == "varlen":
+        return PrefixLMParams(backend=backend, spans=build_sample_spans(segment_ids, image_mask))
+    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te, "
+                     "varlen.")
 
 
 def _params_from(packed_seq_params: Any, backend: str) -> PrefixLMParams:
@@ -289,6 +391,32 @@ class FlexPrefixLMAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(S, B, heads * dim)
 
 
+class VarlenPrefixLMAttention(MegatronModule):
+    """Per-sample prefix-LM attention on torch SDPA (:func:`varlen_prefix_lm`).
+
+    Same constructor arguments as megatron's ``DotProductAttention``; no attention dropout.
+    Forward: q, k, v ``[S, B, np/tp, hn]`` → ``[S, B, np/tp·hn]``.
+    """
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"model.attention_dropout ({dropout}) must be 0 with the 'varlen' "
+                             "attention backend; use 'dense'.")
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,
+                attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
+                **kwargs: Any) -> Tensor:
+        params = _params_from(packed_seq_params, "varlen")
+        return varlen_prefix_lm(query, key, value, params.spans, self.softmax_scale)
+
+
 def core_attention_class(backend: str) -> type:
     """The core-attention module class for ``config.prefix_attention_backend``.
 
@@ -299,6 +427,8 @@ def core_attention_class(backend: str) -> type:
         return DensePrefixLMAttention
     if backend == "flex":
         return FlexPrefixLMAttention
+    if backend == "varlen":
+        return VarlenPrefixLMAttention
     if backend == "te":
         from genlip_megatron.compat.te import require_transformer_engine
 
@@ -306,4 +436,5 @@ def core_attention_class(backend: str) -> type:
         from genlip_megatron.model.attention_te import TEPrefixLMAttention
 
         return TEPrefixLMAttention
-    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te.")
+    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te, "
+                     "varlen.")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the model package does not import the run config at run tim
 __all__ = ["GenLIPTransformerConfig", "build_transformer_config", "ATTENTION_BACKENDS",
            "gradient_accumulation_fusion_enabled", "local_linear_config"]
 
-ATTENTION_BACKENDS = ("dense", "flex", "te")
+ATTENTION_BACKENDS = ("dense", "flex", "te", "varlen")
 """Prefix-LM core-attention backends (``model.attention_backend``)."""
 
 
@@ -54,7 +54,8 @@ class GenLIPTransformerConfig(TransformerConfig):
     drop_path_rate: float = 0.0
     """Stochastic depth rate, the same in every layer (per packed row, timm semantics)."""
     prefix_attention_backend: str = "dense"
-    """Prefix-LM core attention: "dense" (oracle, CPU), "flex" (torch flex_attention), "te"."""
+    """Prefix-LM core attention: "dense" (oracle, CPU), "flex" (torch flex_attention), "te",
+    "varlen" (per-sample torch SDPA, CPU: packed rows cost what their samples cost)."""
     fp8_emulation_format: Optional[str] = None
     """CPU FP8 emulation of the block linears ("e4m3" | "hybrid"); None disables it."""
     fp8_emulation_layers: Optional[list[int]] = None
@@ -89,10 +90,10 @@ def _validate_genlip_fields(c: GenLIPTransformerConfig) -> None:
         raise ValueError(f"parallel.cp ({c.context_parallel_size}) must be 1: the prefix-LM "
                          "mask needs bottom-right-aligned causal masks, which Transformer Engine "
                          "disables under context parallelism.")
-    if c.prefix_attention_backend == "flex" and c.attention_dropout > 0:
+    if c.prefix_attention_backend in ("flex", "varlen") and c.attention_dropout > 0:
         raise ValueError(f"model.attention_dropout ({c.attention_dropout}) must be 0 with "
-                         "model.attention_backend 'flex' (flex_attention has no dropout); use "
-                         "'dense' or 'te'.")
+                         f"model.attention_backend '{c.prefix_attention_backend}' (no dropout "
+                         "there); use 'dense' or 'te'.")
     if c.prefix_attention_backend == "te" and c.transformer_impl != "transformer_engine":
         raise ValueError("model.attention_backend 'te' needs model.transformer_impl: te.")
     if not 0.0 <= c.drop_path_rate < 1.0:

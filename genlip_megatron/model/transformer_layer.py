@@ -124,6 +124,10 @@ class LayerScaleDropPathAdd(MegatronModule):
         x, bias = x_with_bias
         if bias is not None:
             x = x + bias
+        if prob == 0.0 and not (training and self.drop_path.rate > 0.0) \
+                and residual.dtype == x.dtype:
+            # residual + ls·x in one kernel: saves two passes over [S, B, H] per branch
+            return torch.addcmul(residual, x, self.layer_scale)
         x = x * self.layer_scale
         if prob > 0.0:
             x = torch.nn.functional.dropout(x, p=prob, training=training)

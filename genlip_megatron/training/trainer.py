@@ -36,6 +36,15 @@ from genlip_megatron.training.parallel import Topology, build_model_chunks, buil
 logger = logging.getLogger(__name__)
 
 
+def _cpu_wgrad_fusion() -> bool:
+    """Weight gradients straight into DDP's main_grad on CPU (``compat/wgrad.py``)."""
+    if torch.cuda.is_available():
+        return False
+    from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
+
+    return cpu_wgrad_accumulation_ready()
+
+
 class TrainingAborted(RuntimeError):
     """Raised when too many consecutive steps were skipped as non-finite or spiking."""
 
@@ -110,6 +119,7 @@ class Trainer:
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision,
                                                init_seed=cfg.training.seed)
         self.tconfig.calculate_per_token_loss = True
+        self.tconfig.gradient_accumulation_fusion |= _cpu_wgrad_fusion()   # DDP-wrapped below
         self.model = wrap_with_ddp(build_model_chunks(self.tconfig, self.topo), self.tconfig,
                                    cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.precision, cfg.parallel)

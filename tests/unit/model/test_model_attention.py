@@ -105,6 +105,37 @@ def test_te_two_call_decomposition_equals_dense(mp_state, make_config):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_varlen_equals_dense_forward_and_backward(mp_state, make_config):
+    """Per-sample SDPA (incl. text-only, image-only samples and padding) = the dense oracle."""
+    cfg = make_config()
+    dense, _ = _core_modules(cfg)
+    varlen = attn.VarlenPrefixLMAttention(config=cfg, layer_number=1, attn_mask_type=None,
+                                          attention_type="self")
+    b = make_packed_batch(ROWS, 64, 256)
+    seg, img = b["segment_ids"], b["image_mask"]
+    spans = attn.build_sample_spans(seg, img)
+    assert [(i, t) for i, t in ((i, t) for _, i, t in spans.rows[1]) if i >= 0] == [(8, 9),
+                                                                                     (4, 12)]
+    outs, grads = [], []
+    for module, backend in ((dense, "dense"), (varlen, "varlen")):
+        qkv = [t.requires_grad_() for t in _qkv(64, 2, 4, 16, seed=5)]
+        out = module(*qkv, None, packed_seq_params=attn.build_prefix_lm_params(backend, seg,
+                                                                               img))
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in qkv])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    for g_varlen, g_dense in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_varlen, g_dense, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_varlen_rejects_text_before_image():
+    seg = torch.tensor([[0, 0, 0, -1]], dtype=torch.int32)
+    img = torch.tensor([[False, True, True, False]])
+    with pytest.raises(RuntimeError, match=r"'varlen'.*\[image \| text\]"):
+        attn.build_sample_spans(seg, img)
+
+
 def test_varlen_index_rejects_text_before_image():
     seg = torch.tensor([[0, 0, 0]], dtype=torch.int32)
     img = torch.tensor([[False, True, True]])
@@ -136,23 +167,26 @@ def _logits(model, b):
 
 @pytest.fixture
 def models(mp_state, make_config):
-    """The same weights with the dense and the flex backend."""
+    """The same weights with the dense, the flex and the CPU varlen backend."""
     from genlip_megatron.model.genlip import GenLIPModel
 
     cfg = make_config(init_std=0.2)
     dense = GenLIPModel(cfg).eval()
-    flex = GenLIPModel(dataclasses.replace(cfg, prefix_attention_backend="flex")).eval()
-    assert all(torch.equal(a, b) for a, b in zip(dense.parameters(), flex.parameters()))
-    return dense, flex
+    others = [GenLIPModel(dataclasses.replace(cfg, prefix_attention_backend=name)).eval()
+              for name in ("flex", "varlen")]
+    for other in others:
+        assert all(torch.equal(a, b) for a, b in zip(dense.parameters(), other.parameters()))
+    return dense, *others
 
 
-def test_model_flex_equals_dense(models):
-    dense, flex = models
+@pytest.mark.parametrize("backend", [1, 2], ids=["flex", "varlen"])
+def test_model_backend_equals_dense(models, backend):
     b = make_packed_batch(ROWS, 64, 256, seed=2)
-    torch.testing.assert_close(_logits(flex, b), _logits(dense, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(models[backend], b), _logits(models[0], b), atol=1e-4,
+                               rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", [0, 1], ids=["dense", "flex"])
+@pytest.mark.parametrize("backend", [0, 1, 2], ids=["dense", "flex", "varlen"])
 def test_samples_are_isolated(models, backend):
     model = models[backend]
     b = make_packed_batch(ROWS, 64, 256, seed=4)
