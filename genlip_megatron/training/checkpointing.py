@@ -133,10 +133,17 @@ class TrainingState:
 
 
 def unwrap_model(chunk):
-    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``)."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
 
-    return chunk.module if isinstance(chunk, _BaseDataParallel) else chunk
+    Public API only (``megatron.core.utils.unwrap_model`` and the public wrapper classes, 0.16.1 …
+    0.19.2), not the private ``_BaseDataParallel`` base class.
+    """
+    from megatron.core.distributed import DistributedDataParallel, FullyShardedDataParallel, \
+        TorchFullyShardedDataParallel
+    from megatron.core.utils import unwrap_model as mcore_unwrap_model
+
+    return mcore_unwrap_model(chunk, (DistributedDataParallel, FullyShardedDataParallel,
+                                      TorchFullyShardedDataParallel))
 
 
 def _model_key(i: int, n: int) -> str:

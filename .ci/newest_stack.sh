@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Newest-stack CI lane: the unit + integration suites and one 2-rank torchrun test on the stack our
+# users have (Python 3.13, the newest megatron-core, a recent torch), inside a debootstrapped
+# Debian trixie root.
+#
+#   bash .ci/newest_stack.sh            # from any checkout; builds the root once, then reuses it
+#   GENLIP_CI_CACHE=/path bash .ci/newest_stack.sh
+#   bash .ci/newest_stack.sh --build-only
+#
+# Cache: $GENLIP_CI_CACHE (default /var/cache/genlip-ci, outside the clone, so it survives CI's
+# fresh clones). The root lives in newest-<key>/, <key> = hash of this script's build recipe (the
+# Debian suite and packages) and .ci/newest_stack/requirements.lock (every wheel, pinned). Wheels
+# are downloaded on the host (its pip trusts the machine's certificates; Python 3.13's stricter
+# X.509 checks refuse the proxy's self-signed chain) into wheels-cp313/, shared by all keys, and
+# installed in the root offline. Other keys' roots are removed after a successful build.
+#
+# Output: the pytest logs, then one line per step and a final
+#   NEWEST-STACK <python/torch/megatron versions> unit+integration: N passed, M skipped, ...
+# which is also written to $GENLIP_CI_CACHE/last-summary.txt (.ci/run prints it at the end).
+# Exit status: 0 when every step passed, 1 when a test step failed, 2 on a build error.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${GENLIP_CI_CACHE:-/var/cache/genlip-ci}
+LOCK=$ROOT/.ci/newest_stack/requirements.lock
+SUITE=trixie
+MIRROR=http://deb.debian.org/debian
+DEB_PACKAGES=python3,python3-venv,ca-certificates
+# The lane's single torchrun test: training + distributed-optimizer + torch_dist checkpoint save
+# and a resharded resume (TP/PP change), the paths most exposed to megatron/torch API changes.
+TORCHRUN_TEST=tests/multirank/test_training_parallel.py::test_resume_under_changed_tp_pp_layout
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64
+           manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+           manylinux2010_x86_64 manylinux_2_12_x86_64 linux_x86_64 any)
+
+RECIPE="suite=$SUITE packages=$DEB_PACKAGES python=3.13 recipe=1"
+KEY=$( { echo "$RECIPE"; grep -v '^#' "$LOCK"; } | sha256sum | cut -c1-16)
+ENV_DIR=$CACHE/newest-$KEY
+ROOTFS=$ENV_DIR/rootfs
+WHEELS=$CACHE/wheels-cp313
+SUMMARY=$CACHE/last-summary.txt
+
+log() { echo "[newest-stack] $*" >&2; }
+die() { echo "error: newest-stack lane: $*" >&2; exit 2; }
+
+# ------------------------------------------------------------------------------------------------
+# build (once per key; serialised with flock so two CI runs never build the same root)
+# ------------------------------------------------------------------------------------------------
+
+download_wheels() {
+  local plat=() p
+  for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
+  mkdir -p "$WHEELS"
+  # --no-deps: the lock is complete; host pip only fetches files not yet in $WHEELS.
+  PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.13 --implementation cp --abi cp313 --abi abi3 --abi none "${plat[@]}" \
+    -d "$WHEELS" -r "$LOCK" 2>&1 | grep -v "^WARNING: Location" || true
+}
+
+build_root() {
+  local tmp=$ENV_DIR.partial t0=$SECONDS
+  command -v debootstrap >/dev/null || { log "installing debootstrap (Debian apt)";
+    apt-get install -y -q debootstrap >/dev/null || die "apt-get install debootstrap failed"; }
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  log "debootstrap $SUITE into $tmp/rootfs"
+  debootstrap --variant=minbase --include="$DEB_PACKAGES" "$SUITE" "$tmp/rootfs" "$MIRROR" \
+    > "$tmp/debootstrap.log" 2>&1 || { tail -20 "$tmp/debootstrap.log" >&2; die "debootstrap failed"; }
+  local t1=$SECONDS
+  log "downloading wheels into $WHEELS"
+  download_wheels
+  local t2=$SECONDS
+  log "installing $(grep -vc '^#' "$LOCK") pinned wheels into /opt/venv (offline)"
+  mkdir -p "$tmp/rootfs/wheels"
+  cp "$LOCK" "$tmp/rootfs/requirements.lock"
+  unshare --mount --propagation private bash -c '
+    set -e
+    mount --bind -o ro "$1" "$2/rootfs/wheels"
+    chroot "$2/rootfs" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 sh -c "
+      python3 -m venv /opt/venv &&
+      /opt/venv/bin/pip install -q --disable-pip-version-check --no-index --no-deps \
+        --find-links /wheels -r /requirements.lock &&
+      /opt/venv/bin/pip check --disable-pip-version-check"
+  ' _ "$WHEELS" "$tmp" > "$tmp/install.log" 2>&1 || { tail -20 "$tmp/install.log" >&2;
+    die "pip install into the root failed (log: $tmp/install.log)"; }
+  rmdir "$tmp/rootfs/wheels"
+  echo "debootstrap_s=$((t1 - t0)) download_s=$((t2 - t1)) install_s=$((SECONDS - t2))" \
+    > "$tmp/build-times.txt"
+  rm -rf "$ENV_DIR"; mv "$tmp" "$ENV_DIR"; touch "$ENV_DIR/ready"
+  local old
+  for old in "$CACHE"/newest-*; do
+    [[ "$old" == "$ENV_DIR" || ! -d "$old" ]] && continue
+    log "removing the root of another lock: $old"; rm -rf "$old"
+  done
+  log "built in $((SECONDS - t0)) s ($(cat "$ENV_DIR/build-times.txt"))"
+}
+
+ensure_root() {
+  mkdir -p "$CACHE"
+  exec 9> "$CACHE/.lock"
+  flock 9
+  if [[ -f "$ENV_DIR/ready" ]]; then
+    log "cached root $ENV_DIR"
+    BUILD_NOTE="warm cache"
+  else
+    local t0=$SECONDS
+    build_root
+    BUILD_NOTE="cold build $((SECONDS - t0)) s"
+  fi
+  flock -u 9
+}
+
+# ------------------------------------------------------------------------------------------------
+# run (inside a private mount namespace: every mount disappears with it; the trap unmounts too)
+# ------------------------------------------------------------------------------------------------
+
+# Runs as `unshare --mount ... newest_stack.sh __in_namespace`: mounts the clone at /src and runs
+# the steps; prints one "STEP <name> <rc> <pytest summary>" line per step on fd 3.
+in_namespace() {
+  local run_tmp mounts=()
+  run_tmp=$(mktemp -d "$CACHE/run-tmp.XXXXXX")
+  cleanup() {
+    local i
+    for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[i]}" 2>/dev/null || true; done
+    rm -rf "$run_tmp"
+  }
+  trap cleanup EXIT
+  mnt() { mount "$@"; mounts+=("${@: -1}"); }
+  mkdir -p "$ROOTFS/src"
+  mnt --bind "$ROOT" "$ROOTFS/src"
+  mnt -t proc proc "$ROOTFS/proc"
+  mnt -t tmpfs -o size=4g tmpfs "$ROOTFS/dev/shm"
+  mnt --bind "$run_tmp" "$ROOTFS/tmp"
+  # A checkout whose .cache is a symlink (git worktrees): make its target visible at the same path.
+  if [[ -L "$ROOT/.cache" ]]; then
+    local target; target=$(readlink -f "$ROOT/.cache")
+    mkdir -p "$ROOTFS$target"; mnt --bind "$target" "$ROOTFS$target"
+  fi
+  run_step() {  # name, then the command run in /src
+    local name=$1 rc=0; shift
+    log "step $name: $*"
+    chroot "$ROOTFS" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 \
+      PYTHONPATH=/src OMP_NUM_THREADS=1 GENLIP_CI_LANE=newest-stack PYTHONDONTWRITEBYTECODE=1 \
+      sh -c 'cd /src && exec "$@"' _ "$@" 2>&1 | tee "$run_tmp/$name.log" || rc=$?
+    echo "STEP $name $rc $(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)' "$run_tmp/$name.log" \
+      | tail -1 | sed -E 's/=+//g; s/^ +| +$//g')" >&3
+  }
+  chroot "$ROOTFS" /opt/venv/bin/python -c "import sys, torch, megatron.core as m
+print('STEP versions 0 python', sys.version.split()[0], 'torch', torch.__version__,
+      'megatron-core', m.__version__)" >&3 || true
+  run_step unit+integration python -m pytest tests/unit tests/integration -q -p no:cacheprovider
+  run_step torchrun-2rank python -m torch.distributed.run --standalone --nproc-per-node 2 \
+    -m pytest -q -x -p no:cacheprovider "$TORCHRUN_TEST"
+}
+
+if [[ "${1:-}" == "__in_namespace" ]]; then
+  in_namespace
+  exit 0
+fi
+
+[[ $(id -u) == 0 ]] || die "needs root (debootstrap, chroot, mounts)"
+[[ -f "$LOCK" ]] || die "missing $LOCK"
+T0=$SECONDS
+ensure_root
+[[ "${1:-}" == "--build-only" ]] && exit 0
+# The tokenizer tests read .cache/qwen3/tokenizer.json (make setup fetches it; idempotent).
+python3 "$ROOT/tools/fetch_qwen3_tokenizer.py" >/dev/null || log "note: Qwen3 tokenizer not fetched"
+
+STEPS=$(mktemp)
+trap 'rm -f "$STEPS"' EXIT
+GENLIP_CI_CACHE=$CACHE unshare --mount --propagation private \
+  bash "${BASH_SOURCE[0]}" __in_namespace 3> "$STEPS" || true
+
+status=0
+versions=$(sed -n 's/^STEP versions 0 //p' "$STEPS")
+parts=()
+for step in unit+integration torchrun-2rank; do
+  line=$(grep "^STEP $step " "$STEPS" || true)
+  rc=$(awk '{print $3}' <<< "$line"); counts=$(cut -d' ' -f4- <<< "$line")
+  [[ -z "$line" ]] && { rc=1; counts="did not run"; }
+  [[ "$rc" == 0 && "$counts" == *passed* && "$counts" != *failed* && "$counts" != *error* ]] \
+    || status=1
+  parts+=("$step: ${counts:-no pytest summary} (exit $rc)")
+done
+summary="NEWEST-STACK ${versions:-versions unknown}; $(IFS=';'; echo "${parts[*]}" | sed 's/;/; /g'); \
+${BUILD_NOTE}; lane $((SECONDS - T0)) s; $([[ $status == 0 ]] && echo PASS || echo FAIL)"
+echo "$summary" | tee "$SUMMARY"
+exit $status
