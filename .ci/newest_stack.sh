@@ -16,7 +16,8 @@
 #
 # Output: the pytest logs, then one line per step and a final
 #   NEWEST-STACK <python/torch/megatron versions> unit+integration: N passed, M skipped, ...
-# which is also written to $GENLIP_CI_CACHE/last-summary.txt (.ci/run prints it at the end).
+# which is also written to $GENLIP_CI_SUMMARY (default $GENLIP_CI_CACHE/last-summary.txt; .ci/run
+# prints it at the end).
 # Exit status: 0 when every step passed, 1 when a test step failed, 2 on a build error.
 set -euo pipefail
 
@@ -38,7 +39,7 @@ KEY=$( { echo "$RECIPE"; grep -v '^#' "$LOCK"; } | sha256sum | cut -c1-16)
 ENV_DIR=$CACHE/newest-$KEY
 ROOTFS=$ENV_DIR/rootfs
 WHEELS=$CACHE/wheels-cp313
-SUMMARY=$CACHE/last-summary.txt
+SUMMARY=${GENLIP_CI_SUMMARY:-$CACHE/last-summary.txt}
 
 log() { echo "[newest-stack] $*" >&2; }
 die() { echo "error: newest-stack lane: $*" >&2; exit 2; }

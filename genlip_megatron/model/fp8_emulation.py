@@ -26,7 +26,7 @@ Which matmul path runs where (probed once per device type and dtype pair, see
 :func:`scaled_mm_supported`): with torch 2.13 ``torch._scaled_mm`` runs on CPU for every
 E4M3/E5M2 pairing with singleton FP32 scales, any shape and either operand layout, accumulating
 in FP32; it is used there and on CUDA GPUs that support it (sm_89+, dims multiples of 16). Where
-it is missing or fails (CPU before torch 2.7, :data:`CPU_SCALED_MM_TORCH`), the operands are
+it is missing or fails (CPU before torch 2.8, :data:`CPU_SCALED_MM_TORCH`), the operands are
 dequantised to FP32 and multiplied with ``torch.matmul``, which gives the same numbers up to FP32
 summation order; a warning says so once per device type.
 
@@ -149,8 +149,9 @@ def dequantize_fp8(x_fp8: torch.Tensor, scale_inv: torch.Tensor,
 # Scaled GEMM
 # ---------------------------------------------------------------------------------------------
 
-CPU_SCALED_MM_TORCH = "2.7"
-"""First torch release with a CPU kernel for FP8 ``torch._scaled_mm`` (2.6 has none)."""
+CPU_SCALED_MM_TORCH = "2.8"
+"""First torch release with a CPU kernel for FP8 ``torch._scaled_mm`` (checked in the wheels: 2.7.0
+has only ``_scaled_mm_cuda``, 2.8.0 adds ``_scaled_mm_cpu``)."""
 
 _WARNED_FALLBACK: set[str] = set()
 

@@ -123,7 +123,7 @@ def test_scaled_mm_runs_on_cpu():
 
 
 def test_missing_scaled_mm_degrades_with_one_clear_warning(monkeypatch, caplog):
-    """Where CPU _scaled_mm is missing (torch < 2.7) the emulation warns once and still matches
+    """Where CPU _scaled_mm is missing (torch < 2.8) the emulation warns once and still matches
     the float64 reference through the dequantise path."""
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("Could not run 'aten::_scaled_mm' with arguments from the "
