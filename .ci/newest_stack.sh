@@ -8,11 +8,12 @@
 #   bash .ci/newest_stack.sh --build-only
 #
 # Cache: $GENLIP_CI_CACHE (default /var/cache/genlip-ci, outside the clone, so it survives CI's
-# fresh clones). The root lives in newest-<key>/, <key> = hash of this script's build recipe (the
-# Debian suite and packages) and .ci/newest_stack/requirements.lock (every wheel, pinned). Wheels
-# are downloaded on the host (its pip trusts the machine's certificates; Python 3.13's stricter
-# X.509 checks refuse the proxy's self-signed chain) into wheels-cp313/, shared by all keys, and
-# installed in the root offline. Other keys' roots are removed after a successful build.
+# fresh clones), three layers: base-<key>/rootfs (debootstrap; key = Debian suite + packages),
+# venv-<key>/venv (bind-mounted read-only at /opt/venv; key = base key + .ci/newest_stack/
+# requirements.lock, every wheel pinned) and wheels-cp313/ (downloaded wheels, shared by all keys).
+# Wheels are downloaded on the host (its pip trusts the machine's certificates; Python 3.13's
+# stricter X.509 checks refuse the proxy's self-signed chain) and installed in the root offline.
+# Changing the lock rebuilds only the venv; other keys' layers are removed after a build.
 #
 # Output: the pytest logs, then one line per step and a final
 #   NEWEST-STACK <python/torch/megatron versions> unit+integration: N passed, M skipped, ...
@@ -34,10 +35,12 @@ PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64
            manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
            manylinux2010_x86_64 manylinux_2_12_x86_64 linux_x86_64 any)
 
-RECIPE="suite=$SUITE packages=$DEB_PACKAGES python=3.13 recipe=1"
-KEY=$( { echo "$RECIPE"; grep -v '^#' "$LOCK"; } | sha256sum | cut -c1-16)
-ENV_DIR=$CACHE/newest-$KEY
-ROOTFS=$ENV_DIR/rootfs
+BASE_RECIPE="suite=$SUITE packages=$DEB_PACKAGES variant=minbase"
+BASE_KEY=$(echo "$BASE_RECIPE" | sha256sum | cut -c1-12)
+VENV_KEY=$( { echo "$BASE_KEY venv=1"; grep -v '^#' "$LOCK"; } | sha256sum | cut -c1-12)
+BASE_DIR=$CACHE/base-$BASE_KEY           # the debootstrapped root (rootfs/)
+VENV_DIR=$CACHE/venv-$VENV_KEY           # the venv, bind-mounted at /opt/venv in the root
+ROOTFS=$BASE_DIR/rootfs
 WHEELS=$CACHE/wheels-cp313
 SUMMARY=${GENLIP_CI_SUMMARY:-$CACHE/last-summary.txt}
 
@@ -45,7 +48,7 @@ log() { echo "[newest-stack] $*" >&2; }
 die() { echo "error: newest-stack lane: $*" >&2; exit 2; }
 
 # ------------------------------------------------------------------------------------------------
-# build (once per key; serialised with flock so two CI runs never build the same root)
+# build (each layer once per key; serialised with flock so two CI runs never build the same one)
 # ------------------------------------------------------------------------------------------------
 
 download_wheels() {
@@ -58,56 +61,64 @@ download_wheels() {
     -d "$WHEELS" -r "$LOCK" 2>&1 | grep -v "^WARNING: Location" || true
 }
 
-build_root() {
-  local tmp=$ENV_DIR.partial t0=$SECONDS
+prune() {  # remove other keys' layers of the given kind (disk: a venv is ~8 GB)
+  local kind=$1 keep=$2 old
+  for old in "$CACHE/$kind"-*; do
+    [[ "$old" == "$keep" || ! -d "$old" ]] && continue
+    log "removing $old (another key)"; rm -rf "$old"
+  done
+}
+
+build_base() {
+  local tmp=$BASE_DIR.partial
   command -v debootstrap >/dev/null || { log "installing debootstrap (Debian apt)";
     apt-get install -y -q debootstrap >/dev/null || die "apt-get install debootstrap failed"; }
   rm -rf "$tmp"; mkdir -p "$tmp"
   log "debootstrap $SUITE into $tmp/rootfs"
   debootstrap --variant=minbase --include="$DEB_PACKAGES" "$SUITE" "$tmp/rootfs" "$MIRROR" \
     > "$tmp/debootstrap.log" 2>&1 || { tail -20 "$tmp/debootstrap.log" >&2; die "debootstrap failed"; }
-  local t1=$SECONDS
-  log "downloading wheels into $WHEELS"
-  download_wheels
-  local t2=$SECONDS
-  log "installing $(grep -vc '^#' "$LOCK") pinned wheels into /opt/venv (offline)"
-  mkdir -p "$tmp/rootfs/wheels"
-  cp "$LOCK" "$tmp/rootfs/requirements.lock"
-  unshare --mount --propagation private bash -c '
-    set -e
-    mount --bind -o ro "$1" "$2/rootfs/wheels"
-    chroot "$2/rootfs" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 sh -c "
-      python3 -m venv /opt/venv &&
-      /opt/venv/bin/pip install -q --disable-pip-version-check --no-index --no-deps \
-        --find-links /wheels -r /requirements.lock &&
-      /opt/venv/bin/pip check --disable-pip-version-check"
-  ' _ "$WHEELS" "$tmp" > "$tmp/install.log" 2>&1 || { tail -20 "$tmp/install.log" >&2;
-    die "pip install into the root failed (log: $tmp/install.log)"; }
-  rmdir "$tmp/rootfs/wheels"
-  echo "debootstrap_s=$((t1 - t0)) download_s=$((t2 - t1)) install_s=$((SECONDS - t2))" \
-    > "$tmp/build-times.txt"
-  rm -rf "$ENV_DIR"; mv "$tmp" "$ENV_DIR"; touch "$ENV_DIR/ready"
-  local old
-  for old in "$CACHE"/newest-*; do
-    [[ "$old" == "$ENV_DIR" || ! -d "$old" ]] && continue
-    log "removing the root of another lock: $old"; rm -rf "$old"
-  done
-  log "built in $((SECONDS - t0)) s ($(cat "$ENV_DIR/build-times.txt"))"
+  mkdir -p "$tmp/rootfs/opt/venv" "$tmp/rootfs/wheels" "$tmp/rootfs/src"
+  rm -rf "$BASE_DIR"; mv "$tmp" "$BASE_DIR"; touch "$BASE_DIR/ready"
+  prune base "$BASE_DIR"
 }
 
-ensure_root() {
+build_venv() {
+  local tmp=$VENV_DIR.partial t0=$SECONDS
+  log "downloading wheels into $WHEELS"
+  download_wheels
+  local t1=$SECONDS
+  rm -rf "$tmp"; mkdir -p "$tmp/venv"
+  cp "$LOCK" "$tmp/venv/requirements.lock"
+  log "installing $(grep -vc '^#' "$LOCK") pinned wheels into /opt/venv (offline)"
+  unshare --mount --propagation private bash -c '
+    set -e
+    mount --bind -o ro "$1" "$2/wheels"
+    mount --bind "$3/venv" "$2/opt/venv"
+    chroot "$2" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 sh -c "
+      python3 -m venv /opt/venv &&
+      /opt/venv/bin/pip install -q --disable-pip-version-check --no-index --no-deps \
+        --find-links /wheels -r /opt/venv/requirements.lock &&
+      /opt/venv/bin/pip check --disable-pip-version-check"
+  ' _ "$WHEELS" "$ROOTFS" "$tmp" > "$tmp/install.log" 2>&1 || { tail -20 "$tmp/install.log" >&2;
+    die "pip install into the root failed (log: $tmp/install.log)"; }
+  echo "download_s=$((t1 - t0)) install_s=$((SECONDS - t1))" > "$tmp/build-times.txt"
+  rm -rf "$VENV_DIR"; mv "$tmp" "$VENV_DIR"; touch "$VENV_DIR/ready"
+  prune venv "$VENV_DIR"
+}
+
+ensure_env() {
   mkdir -p "$CACHE"
   exec 9> "$CACHE/.lock"
   flock 9
-  if [[ -f "$ENV_DIR/ready" ]]; then
-    log "cached root $ENV_DIR"
-    BUILD_NOTE="warm cache"
-  else
-    local t0=$SECONDS
-    build_root
-    BUILD_NOTE="cold build $((SECONDS - t0)) s"
-  fi
+  local t0=$SECONDS notes=()
+  if [[ -f "$BASE_DIR/ready" ]]; then notes+=("root cached"); else
+    build_base; notes+=("root built $((SECONDS - t0)) s"); fi
+  local t1=$SECONDS
+  if [[ -f "$VENV_DIR/ready" ]]; then notes+=("venv cached"); else
+    build_venv; notes+=("venv built $((SECONDS - t1)) s ($(cat "$VENV_DIR/build-times.txt"))"); fi
   flock -u 9
+  BUILD_NOTE=$(IFS=,; echo "${notes[*]}" | sed 's/,/, /g')
+  log "$BUILD_NOTE: $ROOTFS + $VENV_DIR"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -126,8 +137,8 @@ in_namespace() {
   }
   trap cleanup EXIT
   mnt() { mount "$@"; mounts+=("${@: -1}"); }
-  mkdir -p "$ROOTFS/src"
   mnt --bind "$ROOT" "$ROOTFS/src"
+  mnt --bind -o ro "$VENV_DIR/venv" "$ROOTFS/opt/venv"
   mnt -t proc proc "$ROOTFS/proc"
   mnt -t tmpfs -o size=4g tmpfs "$ROOTFS/dev/shm"
   mnt --bind "$run_tmp" "$ROOTFS/tmp"
@@ -161,7 +172,7 @@ fi
 [[ $(id -u) == 0 ]] || die "needs root (debootstrap, chroot, mounts)"
 [[ -f "$LOCK" ]] || die "missing $LOCK"
 T0=$SECONDS
-ensure_root
+ensure_env
 [[ "${1:-}" == "--build-only" ]] && exit 0
 # The tokenizer tests read .cache/qwen3/tokenizer.json (make setup fetches it; idempotent).
 python3 "$ROOT/tools/fetch_qwen3_tokenizer.py" >/dev/null || log "note: Qwen3 tokenizer not fetched"
