@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from packaging.version import Version
 from genlip_megatron import compat
 from genlip_megatron.compat import GROUPS, SCOPES, apply_cpu_compat, compat_report, \
     cpu_compat_disabled
-from genlip_megatron.compat.versions import Scope, _release, megatron_version, torch_version
+from genlip_megatron.compat.versions import TESTED, Scope, _release, megatron_version, \
+    torch_version
 
 CUDA_ERRORS = (AssertionError, RuntimeError, TypeError)
 
@@ -71,3 +73,18 @@ def test_triton_stub_only_where_megatron_imports_triton(gloo_world):
     assert all(compat_report()[name] == "applied" for name in GROUPS
                if name != "triton_stub"), compat_report()
     assert compat._SKIPPED.keys() <= {"triton_stub"}
+
+
+def _pins(path) -> dict[str, str]:
+    lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+    return {ln.split("==")[0].lower(): ln.split("==")[1] for ln in lines if "==" in ln}
+
+
+def test_tested_versions_match_the_ci_pins():
+    """compat.versions.TESTED (what the README and scopes claim) is what the two lanes install."""
+    root = Path(__file__).resolve().parents[3]
+    for lane, pin_file in (("main", root / "requirements/ci.txt"),
+                           ("newest-stack", root / ".ci/newest_stack/requirements.lock")):
+        pins = _pins(pin_file)
+        assert pins["torch"] == TESTED[lane]["torch"], lane
+        assert pins["megatron-core"] == TESTED[lane]["megatron-core"], lane
