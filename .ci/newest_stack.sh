@@ -142,6 +142,7 @@ in_namespace() {
   mnt -t proc proc "$ROOTFS/proc"
   mnt -t tmpfs -o size=4g tmpfs "$ROOTFS/dev/shm"
   mnt --bind "$run_tmp" "$ROOTFS/tmp"
+  mnt --bind -o ro /etc/hosts "$ROOTFS/etc/hosts"   # torchrun resolves this machine's name
   # A checkout whose .cache is a symlink (git worktrees): make its target visible at the same path.
   if [[ -L "$ROOT/.cache" ]]; then
     local target; target=$(readlink -f "$ROOT/.cache")

@@ -2,8 +2,10 @@
 
 Layout written by ``megatron.core.dist_checkpointing`` (torch_dist backend, checked on 0.16.1 and
 0.19.2):
-``<dir>/metadata.json`` (backend names), ``common.pt`` (non-tensor state: ``config``, ``layout``,
-``training_state``, …) and a ``torch.distributed.checkpoint`` directory (``.metadata`` +
+``<dir>/metadata.json`` (backend names), the non-tensor state (``config``, ``layout``,
+``training_state``, …: ``common.pt`` in 0.16.1, a ``common_state`` object inside the DCP files in
+0.19.2, which still reads ``common.pt``; both read through megatron's public
+``load_common_state_dict``) and a ``torch.distributed.checkpoint`` directory (``.metadata`` +
 ``__<rank>_<i>.distcp``). Tensors are stored as GLOBAL tensors cut into the chunks each rank
 saved, so a reader needs no process group of the saving size:
 
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from megatron.core.dist_checkpointing import load_common_state_dict
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -175,8 +178,9 @@ class DistCheckpointReader:
         if meta.get("sharded_backend") != "torch_dist":
             raise ConversionError(f"{self.path} uses the {meta.get('sharded_backend')!r} backend; "
                                   "only torch_dist checkpoints are supported.")
-        self.common: dict = torch.load(self.path / "common.pt", map_location="cpu",
-                                       weights_only=False)
+        # megatron's public reader: common.pt (0.16.1 saves, and ours) or the "common_state"
+        # object inside the torch_dist files (0.19.2 saves).
+        self.common: dict = load_common_state_dict(str(self.path))
         self._reader = _CachedReader(str(self.path))
         md = self._reader.read_metadata()
         self._index: dict[str, tuple[str, Optional[int]]] = {}
