@@ -165,36 +165,42 @@ print('STEP versions 0 python', sys.version.split()[0], 'torch', torch.__version
     -m pytest -q -x -p no:cacheprovider "$TORCHRUN_TEST"
 }
 
+main() {
+  [[ $(id -u) == 0 ]] || die "needs root (debootstrap, chroot, mounts)"
+  [[ -f "$LOCK" ]] || die "missing $LOCK"
+  T0=$SECONDS
+  ensure_env
+  [[ "${1:-}" == "--build-only" ]] && return 0
+  # The tokenizer tests read .cache/qwen3/tokenizer.json (make setup fetches it; idempotent).
+  python3 "$ROOT/tools/fetch_qwen3_tokenizer.py" >/dev/null || log "note: Qwen3 tokenizer not fetched"
+
+  local status versions parts step line rc counts summary
+  STEPS=$(mktemp)
+  trap 'rm -f "$STEPS"' EXIT
+  GENLIP_CI_CACHE=$CACHE unshare --mount --propagation private \
+    bash "${BASH_SOURCE[0]}" __in_namespace 3> "$STEPS" || true
+
+  status=0
+  versions=$(sed -n 's/^STEP versions 0 //p' "$STEPS")
+  parts=()
+  for step in unit+integration torchrun-2rank; do
+    line=$(grep "^STEP $step " "$STEPS" || true)
+    rc=$(awk '{print $3}' <<< "$line"); counts=$(cut -d' ' -f4- <<< "$line")
+    [[ -z "$line" ]] && { rc=1; counts="did not run"; }
+    [[ "$rc" == 0 && "$counts" == *passed* && "$counts" != *failed* && "$counts" != *error* ]] \
+      || status=1
+    parts+=("$step: ${counts:-no pytest summary} (exit $rc)")
+  done
+  summary="NEWEST-STACK ${versions:-versions unknown}; $(IFS=';'; echo "${parts[*]}" | sed 's/;/; /g'); \
+  ${BUILD_NOTE}; lane $((SECONDS - T0)) s; $([[ $status == 0 ]] && echo PASS || echo FAIL)"
+  echo "$summary" | tee "$SUMMARY"
+  return $status
+}
+
+# Everything runs inside functions that bash parsed before running them, so editing this file
+# during a run cannot change that run.
 if [[ "${1:-}" == "__in_namespace" ]]; then
   in_namespace
   exit 0
 fi
-
-[[ $(id -u) == 0 ]] || die "needs root (debootstrap, chroot, mounts)"
-[[ -f "$LOCK" ]] || die "missing $LOCK"
-T0=$SECONDS
-ensure_env
-[[ "${1:-}" == "--build-only" ]] && exit 0
-# The tokenizer tests read .cache/qwen3/tokenizer.json (make setup fetches it; idempotent).
-python3 "$ROOT/tools/fetch_qwen3_tokenizer.py" >/dev/null || log "note: Qwen3 tokenizer not fetched"
-
-STEPS=$(mktemp)
-trap 'rm -f "$STEPS"' EXIT
-GENLIP_CI_CACHE=$CACHE unshare --mount --propagation private \
-  bash "${BASH_SOURCE[0]}" __in_namespace 3> "$STEPS" || true
-
-status=0
-versions=$(sed -n 's/^STEP versions 0 //p' "$STEPS")
-parts=()
-for step in unit+integration torchrun-2rank; do
-  line=$(grep "^STEP $step " "$STEPS" || true)
-  rc=$(awk '{print $3}' <<< "$line"); counts=$(cut -d' ' -f4- <<< "$line")
-  [[ -z "$line" ]] && { rc=1; counts="did not run"; }
-  [[ "$rc" == 0 && "$counts" == *passed* && "$counts" != *failed* && "$counts" != *error* ]] \
-    || status=1
-  parts+=("$step: ${counts:-no pytest summary} (exit $rc)")
-done
-summary="NEWEST-STACK ${versions:-versions unknown}; $(IFS=';'; echo "${parts[*]}" | sed 's/;/; /g'); \
-${BUILD_NOTE}; lane $((SECONDS - T0)) s; $([[ $status == 0 ]] && echo PASS || echo FAIL)"
-echo "$summary" | tee "$SUMMARY"
-exit $status
+main "$@"; exit $?   # one line: bash has read it before main runs
