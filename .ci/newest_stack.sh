@@ -125,7 +125,7 @@ ensure_env() {
 # run (inside a private mount namespace: every mount disappears with it; the trap unmounts too)
 # ------------------------------------------------------------------------------------------------
 
-# Runs as `unshare --mount ... newest_stack.sh __in_namespace`: mounts the clone at /src and runs
+# Runs as `unshare --mount --net ... newest_stack.sh __in_namespace`: mounts the clone at /src, runs
 # the steps; prints one "STEP <name> <rc> <pytest summary>" line per step on fd 3.
 in_namespace() {
   local run_tmp mounts=()
@@ -136,6 +136,7 @@ in_namespace() {
     rm -rf "$run_tmp"
   }
   trap cleanup EXIT
+  ip link set lo up
   mnt() { mount "$@"; mounts+=("${@: -1}"); }
   mnt --bind "$ROOT" "$ROOTFS/src"
   mnt --bind -o ro "$VENV_DIR/venv" "$ROOTFS/opt/venv"
@@ -177,7 +178,9 @@ main() {
   local status versions parts step line rc counts summary
   STEPS=$(mktemp)
   trap 'rm -f "$STEPS"' EXIT
-  GENLIP_CI_CACHE=$CACHE unshare --mount --propagation private \
+  # Private mount namespace (mounts vanish with it) and private network namespace (loopback
+  # only: the tests' fixed ports cannot collide with other jobs on this machine).
+  GENLIP_CI_CACHE=$CACHE unshare --mount --propagation private --net \
     bash "${BASH_SOURCE[0]}" __in_namespace 3> "$STEPS" || true
 
   status=0
@@ -191,8 +194,8 @@ main() {
       || status=1
     parts+=("$step: ${counts:-no pytest summary} (exit $rc)")
   done
-  summary="NEWEST-STACK ${versions:-versions unknown}; $(IFS=';'; echo "${parts[*]}" | sed 's/;/; /g'); \
-  ${BUILD_NOTE}; lane $((SECONDS - T0)) s; $([[ $status == 0 ]] && echo PASS || echo FAIL)"
+  summary="NEWEST-STACK ${versions:-versions unknown}; $(IFS=';'; echo "${parts[*]}" | sed 's/;/; /g')"
+  summary+="; ${BUILD_NOTE}; lane $((SECONDS - T0)) s; $([[ $status == 0 ]] && echo PASS || echo FAIL)"
   echo "$summary" | tee "$SUMMARY"
   return $status
 }
