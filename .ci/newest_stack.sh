@@ -56,9 +56,11 @@ download_wheels() {
   for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
   mkdir -p "$WHEELS"
   # --no-deps: the lock is complete; host pip only fetches files not yet in $WHEELS.
+  local rc=0
   PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.13 --implementation cp --abi cp313 --abi abi3 --abi none "${plat[@]}" \
-    -d "$WHEELS" -r "$LOCK" 2>&1 | grep -v "^WARNING: Location" || true
+    -d "$WHEELS" -r "$LOCK" || rc=$?
+  return $rc
 }
 
 prune() {  # remove other keys' layers of the given kind (disk: a venv is ~8 GB)
@@ -82,11 +84,8 @@ build_base() {
   prune base "$BASE_DIR"
 }
 
-build_venv() {
-  local tmp=$VENV_DIR.partial t0=$SECONDS
-  log "downloading wheels into $WHEELS"
-  download_wheels
-  local t1=$SECONDS
+build_venv() {  # after download_wheels
+  local tmp=$VENV_DIR.partial t1=$SECONDS
   rm -rf "$tmp"; mkdir -p "$tmp/venv"
   cp "$LOCK" "$tmp/venv/requirements.lock"
   log "installing $(grep -vc '^#' "$LOCK") pinned wheels into /opt/venv (offline)"
@@ -101,7 +100,7 @@ build_venv() {
       /opt/venv/bin/pip check --disable-pip-version-check"
   ' _ "$WHEELS" "$ROOTFS" "$tmp" > "$tmp/install.log" 2>&1 || { tail -20 "$tmp/install.log" >&2;
     die "pip install into the root failed (log: $tmp/install.log)"; }
-  echo "download_s=$((t1 - t0)) install_s=$((SECONDS - t1))" > "$tmp/build-times.txt"
+  echo "install_s=$((SECONDS - t1))" > "$tmp/build-times.txt"
   rm -rf "$VENV_DIR"; mv "$tmp" "$VENV_DIR"; touch "$VENV_DIR/ready"
   prune venv "$VENV_DIR"
 }
@@ -110,12 +109,23 @@ ensure_env() {
   mkdir -p "$CACHE"
   exec 9> "$CACHE/.lock"
   flock 9
-  local t0=$SECONDS notes=()
+  local t0=$SECONDS notes=() dl_pid=""
+  if [[ ! -f "$VENV_DIR/ready" ]]; then  # download (network) while debootstrap runs (disk, CPU)
+    log "downloading wheels into $WHEELS"
+    download_wheels > "$CACHE/download.log" 2>&1 &
+    dl_pid=$!
+  fi
   if [[ -f "$BASE_DIR/ready" ]]; then notes+=("root cached"); else
     build_base; notes+=("root built $((SECONDS - t0)) s"); fi
-  local t1=$SECONDS
-  if [[ -f "$VENV_DIR/ready" ]]; then notes+=("venv cached"); else
-    build_venv; notes+=("venv built $((SECONDS - t1)) s ($(cat "$VENV_DIR/build-times.txt"))"); fi
+  if [[ -n "$dl_pid" ]]; then
+    wait "$dl_pid" || { grep -v "^WARNING: Location" "$CACHE/download.log" >&2;
+      die "wheel download failed (log: $CACHE/download.log)"; }
+    notes+=("wheels ready after $((SECONDS - t0)) s")
+    local t1=$SECONDS
+    build_venv; notes+=("venv installed in $((SECONDS - t1)) s")
+  else
+    notes+=("venv cached")
+  fi
   flock -u 9
   BUILD_NOTE=$(IFS=,; echo "${notes[*]}" | sed 's/,/, /g')
   log "$BUILD_NOTE: $ROOTFS + $VENV_DIR"
