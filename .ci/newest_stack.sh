@@ -6,6 +6,7 @@
 #   bash .ci/newest_stack.sh            # from any checkout; builds the root once, then reuses it
 #   GENLIP_CI_CACHE=/path bash .ci/newest_stack.sh
 #   bash .ci/newest_stack.sh --build-only
+#   bash .ci/newest_stack.sh --relock   # rewrite the lock from requirements/ci.txt (see relock())
 #
 # Cache: $GENLIP_CI_CACHE (default /var/cache/genlip-ci, outside the clone, so it survives CI's
 # fresh clones), three layers: base-<key>/rootfs (debootstrap; key = Debian suite + packages),
@@ -28,6 +29,8 @@ LOCK=$ROOT/.ci/newest_stack/requirements.lock
 SUITE=trixie
 MIRROR=http://deb.debian.org/debian
 DEB_PACKAGES=python3,python3-venv,ca-certificates
+# The lane's own top-level pins; everything else comes from requirements/ci.txt (--relock).
+LANE_PINS=(torch==2.10.0 megatron-core==0.19.2)
 # The lane's single torchrun test: training + distributed-optimizer + torch_dist checkpoint save
 # and a resharded resume (TP/PP change), the paths most exposed to megatron/torch API changes.
 TORCHRUN_TEST=tests/multirank/test_training_parallel.py::test_resume_under_changed_tp_pp_layout
@@ -131,6 +134,40 @@ ensure_env() {
   log "$BUILD_NOTE: $ROOTFS + $VENV_DIR"
 }
 
+# Rewrites the lock: requirements/ci.txt with torch/megatron-core replaced by LANE_PINS, resolved
+# for Python 3.13 (host pip downloads with dependencies; a throwaway venv in the root resolves
+# offline). Run it after adding a pin to requirements/ci.txt, then commit the lock.
+relock() {
+  local plat=() p top=$CACHE/relock-top.txt
+  for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
+  { printf '%s\n' "${LANE_PINS[@]}"
+    grep -E '^[A-Za-z]' "$ROOT/requirements/ci.txt" | grep -viE '^(torch|megatron-core)=='; } > "$top"
+  log "downloading the top-level pins and their dependencies for Python 3.13"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download -q --only-binary=:all: \
+    --python-version 3.13 --implementation cp --abi cp313 --abi abi3 --abi none "${plat[@]}" \
+    -d "$WHEELS" -r "$top" || die "pip download for the lock failed"
+  local header; header=$(grep '^#' "$LOCK")
+  cat > "$CACHE/relock.py" <<'PY'
+import json
+report = json.load(open("/tmp/r.json"))
+for item in sorted(report["install"], key=lambda i: i["metadata"]["name"].lower()):
+    print(item["metadata"]["name"] + "==" + item["metadata"]["version"])
+PY
+  unshare --mount --propagation private bash -c '
+    set -e
+    mount --bind -o ro "$1" "$2/wheels"
+    mount -t tmpfs tmpfs "$2/tmp"
+    cp "$3" "$2/tmp/top.txt"; cp "$4" "$2/tmp/relock.py"
+    chroot "$2" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 sh -c "
+      python3 -m venv /tmp/v && /tmp/v/bin/pip install -q --disable-pip-version-check \
+        --no-index --find-links /wheels --dry-run --ignore-installed --report /tmp/r.json \
+        -r /tmp/top.txt >&2 && /tmp/v/bin/python /tmp/relock.py"
+  ' _ "$WHEELS" "$ROOTFS" "$top" "$CACHE/relock.py" > "$CACHE/relock.txt" \
+    || die "resolving the lock failed"
+  { echo "$header"; cat "$CACHE/relock.txt"; } > "$LOCK"
+  log "wrote $LOCK ($(wc -l < "$CACHE/relock.txt") pins); commit it"
+}
+
 # ------------------------------------------------------------------------------------------------
 # run (inside a private mount namespace: every mount disappears with it; the trap unmounts too)
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +217,11 @@ main() {
   [[ $(id -u) == 0 ]] || die "needs root (debootstrap, chroot, mounts)"
   [[ -f "$LOCK" ]] || die "missing $LOCK"
   T0=$SECONDS
+  if [[ "${1:-}" == "--relock" ]]; then
+    mkdir -p "$CACHE"; exec 9> "$CACHE/.lock"; flock 9
+    [[ -f "$BASE_DIR/ready" ]] || build_base
+    relock; return 0
+  fi
   ensure_env
   [[ "${1:-}" == "--build-only" ]] && return 0
   # The tokenizer tests read .cache/qwen3/tokenizer.json (make setup fetches it; idempotent).
