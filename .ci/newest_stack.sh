@@ -175,21 +175,22 @@ PY
 # Runs as `unshare --mount --net ... newest_stack.sh __in_namespace`: mounts the clone at /src, runs
 # the steps; prints one "STEP <name> <rc> <pytest summary>" line per step on fd 3.
 in_namespace() {
-  local run_tmp mounts=()
-  run_tmp=$(mktemp -d "$CACHE/run-tmp.XXXXXX")
+  # Globals, not locals: the EXIT trap runs after this function has returned.
+  RUN_TMP=$(mktemp -d "$CACHE/run-tmp.XXXXXX")
+  MOUNTS=()
   cleanup() {
     local i
-    for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[i]}" 2>/dev/null || true; done
-    rm -rf "$run_tmp"
+    for ((i=${#MOUNTS[@]}-1; i>=0; i--)); do umount -l "${MOUNTS[i]}" 2>/dev/null || true; done
+    rm -rf "$RUN_TMP"
   }
   trap cleanup EXIT
   ip link set lo up
-  mnt() { mount "$@"; mounts+=("${@: -1}"); }
+  mnt() { mount "$@"; MOUNTS+=("${@: -1}"); }
   mnt --bind "$ROOT" "$ROOTFS/src"
   mnt --bind -o ro "$VENV_DIR/venv" "$ROOTFS/opt/venv"
   mnt -t proc proc "$ROOTFS/proc"
   mnt -t tmpfs -o size=4g tmpfs "$ROOTFS/dev/shm"
-  mnt --bind "$run_tmp" "$ROOTFS/tmp"
+  mnt --bind "$RUN_TMP" "$ROOTFS/tmp"
   mnt --bind -o ro /etc/hosts "$ROOTFS/etc/hosts"   # torchrun resolves this machine's name
   # A checkout whose .cache is a symlink (git worktrees): make its target visible at the same path.
   if [[ -L "$ROOT/.cache" ]]; then
@@ -201,8 +202,8 @@ in_namespace() {
     log "step $name: $*"
     chroot "$ROOTFS" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 \
       PYTHONPATH=/src OMP_NUM_THREADS=1 GENLIP_CI_LANE=newest-stack PYTHONDONTWRITEBYTECODE=1 \
-      sh -c 'cd /src && exec "$@"' _ "$@" 2>&1 | tee "$run_tmp/$name.log" || rc=$?
-    echo "STEP $name $rc $(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)' "$run_tmp/$name.log" \
+      sh -c 'cd /src && exec "$@"' _ "$@" 2>&1 | tee "$RUN_TMP/$name.log" || rc=$?
+    echo "STEP $name $rc $(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)' "$RUN_TMP/$name.log" \
       | tail -1 | sed -E 's/=+//g; s/^ +| +$//g')" >&3
   }
   chroot "$ROOTFS" /opt/venv/bin/python -c "import sys, torch, megatron.core as m
