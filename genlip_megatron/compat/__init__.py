@@ -30,6 +30,10 @@ wgrad                  ``fused_weight_gradient_mlp_cuda`` → ``addmm_`` into ``
                        trainer can use ``gradient_accumulation_fusion`` on CPU (``wgrad.py``)
 =====================  =========================================================================
 
+Each group applies only to the megatron-core/torch releases in :data:`SCOPES` (compat/versions.py):
+outside them it is skipped, and :func:`compat_report` says why. Tested on megatron-core 0.16.1
+(torch 2.13, Python 3.11) and 0.19.2 (torch 2.10, Python 3.13; .ci/newest_stack.sh).
+
 :func:`apply_torch_adam_fixes` applies only ``adam_step``, on any device: megatron uses torch Adam
 whenever Apex and TE are both missing, GPU included (``build_optimizer`` calls it then).
 
@@ -46,11 +50,12 @@ from typing import Callable, Iterator
 import torch
 
 from genlip_megatron.compat._patching import PatchSet
+from genlip_megatron.compat.versions import Scope
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_cpu_compat", "apply_torch_adam_fixes", "cpu_compat_applied",
-           "cpu_compat_disabled", "GROUPS"]
+__all__ = ["apply_cpu_compat", "apply_torch_adam_fixes", "compat_report", "cpu_compat_applied",
+           "cpu_compat_disabled", "GROUPS", "SCOPES"]
 
 
 def _groups() -> dict[str, Callable[[PatchSet], None]]:
@@ -77,7 +82,34 @@ GROUPS = ("triton_stub", "jit", "device", "rng", "sync", "streams", "literals", 
           "adam_step", "checkpoint_queue", "wgrad")
 """Group names in the order they are applied."""
 
+_BOTH = "0.16.1 and 0.19.2 sources"
+SCOPES: dict[str, Scope] = {
+    # megatron 0.19 added the unconditional triton import; the group also skips itself when
+    # triton is installed (CUDA torch wheels ship it).
+    "triton_stub": Scope(megatron=">=0.19", checked="0.19.2 (transformer/moe/ops/paged_stash.py)"),
+    # jit_fuser is torch.compile on torch >= 2.2 (megatron core/jit.py); torch.jit.script before.
+    "jit": Scope(megatron=">=0.16.1", torch=">=2.2", checked=_BOTH),
+    "device": Scope(megatron=">=0.16.1", checked=_BOTH + " (199 current_device() calls in 0.19.2)"),
+    "rng": Scope(megatron=">=0.16.1", checked=_BOTH + " (tensor_parallel/random.py)"),
+    "sync": Scope(megatron=">=0.16.1", checked=_BOTH),
+    "streams": Scope(megatron=">=0.16.1", checked=_BOTH + " (0.16.1: only with overlap enabled)"),
+    "literals": Scope(megatron=">=0.16.1",
+                      checked=_BOTH + " (modules in cuda.LITERAL_CUDA_MODULES)"),
+    "type_strings": Scope(megatron=">=0.16.1", checked=_BOTH + " (optimizer type-string checks)"),
+    "adam_step": Scope(megatron=">=0.16.1", checked=_BOTH + " (distrib_optimizer 'step' blocks)"),
+    "checkpoint_queue": Scope(megatron=">=0.16.1", checked=_BOTH + " (filesystem_async queue)"),
+    # compat/wgrad.py: fused_weight_gradient_mlp_cuda and
+    # _grad_accum_fusion_available in tensor_parallel/layers.py.
+    "wgrad": Scope(megatron=">=0.16.1", checked=_BOTH + " (tensor_parallel/layers.py)"),
+}
+"""Upstream releases each group applies to (:class:`~genlip_megatron.compat.versions.Scope`).
+
+No group has an upper bound yet: every bug is still present in megatron-core 0.19.2, the newest
+release (checked 2026-11-29). When upstream fixes one, bound its scope (``<0.20``) rather than
+deleting the group, so older supported releases keep the workaround."""
+
 _STATE: dict[str, PatchSet] = {}
+_SKIPPED: dict[str, str] = {}
 
 
 def apply_cpu_compat() -> bool:
@@ -91,11 +123,31 @@ def apply_cpu_compat() -> bool:
     groups = _groups()
     for name in GROUPS:
         patches = _STATE.setdefault(name, PatchSet(name))
+        scope = SCOPES.get(name)  # a group without a scope applies (its unit test fails)
+        reason = scope.skip_reason() if scope is not None else None
+        if reason is not None:
+            _SKIPPED[name] = reason
+            continue
+        _SKIPPED.pop(name, None)
         if not patches.applied:
             groups[name](patches)
-    logger.debug("genlip_megatron CPU compat applied: %s",
-                 [n for n in GROUPS if _STATE[n].applied])
+    logger.debug("genlip_megatron CPU compat applied: %s; skipped: %s",
+                 [n for n in GROUPS if _STATE[n].applied], _SKIPPED)
     return True
+
+
+def compat_report() -> dict[str, str]:
+    """Group → ``"applied"``, ``"not needed"`` (in scope, nothing to patch on this install) or
+    ``"skipped: <reason>"`` (outside its :data:`SCOPES`), for logs and the CI lanes."""
+    out = {}
+    for name in GROUPS:
+        if name in _SKIPPED:
+            out[name] = f"skipped: {_SKIPPED[name]}"
+        elif name in _STATE and _STATE[name].applied:
+            out[name] = "applied"
+        else:
+            out[name] = "not needed"
+    return out
 
 
 def apply_torch_adam_fixes() -> None:
@@ -108,7 +160,7 @@ def apply_torch_adam_fixes() -> None:
     Adam, on any device.
     """
     patches = _STATE.setdefault("adam_step", PatchSet("adam_step"))
-    if not patches.applied:
+    if SCOPES["adam_step"].skip_reason() is None and not patches.applied:
         _groups()["adam_step"](patches)
 
 

@@ -1,8 +1,11 @@
 """Megatron torch_dist checkpoints on one CPU process: read tensors by key, write lazily.
 
-Layout written by ``megatron.core.dist_checkpointing`` (torch_dist backend, checked on 0.16.1):
-``<dir>/metadata.json`` (backend names), ``common.pt`` (non-tensor state: ``config``, ``layout``,
-``training_state``, …) and a ``torch.distributed.checkpoint`` directory (``.metadata`` +
+Layout written by ``megatron.core.dist_checkpointing`` (torch_dist backend, checked on 0.16.1 and
+0.19.2):
+``<dir>/metadata.json`` (backend names), the non-tensor state (``config``, ``layout``,
+``training_state``, …: ``common.pt`` in 0.16.1, a ``common_state`` object inside the DCP files in
+0.19.2, which still reads ``common.pt``; both read through megatron's public
+``load_common_state_dict``) and a ``torch.distributed.checkpoint`` directory (``.metadata`` +
 ``__<rank>_<i>.distcp``). Tensors are stored as GLOBAL tensors cut into the chunks each rank
 saved, so a reader needs no process group of the saving size:
 
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from megatron.core.dist_checkpointing import load_common_state_dict
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -43,6 +47,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from genlip_megatron.compat.versions import torch_at_least
 from genlip_megatron.convert.registry import ConversionError
 
 __all__ = ["DistCheckpointReader", "TensorLayout", "write_dist_checkpoint",
@@ -51,6 +56,29 @@ __all__ = ["DistCheckpointReader", "TensorLayout", "write_dist_checkpoint",
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
 _STACKED_RE = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
+
+
+DCP_NO_DIST_TORCH = "2.7"
+"""First torch release whose public ``dcp.save``/``dcp.load`` take ``no_dist`` (2.6 does not)."""
+
+
+def _one_process_dcp_kwargs() -> dict:
+    """Keyword arguments that make a DCP save/load run in this process alone.
+
+    torch >= 2.7: ``no_dist=True`` (also inside a running process group, e.g. a conversion
+    called from a torchrun job). torch 2.6 has no such argument; its DCP runs without collectives
+    only when no process group exists, so a call inside one would wait for the other ranks:
+    refused with a clear error instead. megatron-core 0.19 itself passes ``no_dist`` (so it needs
+    torch >= 2.7 whatever it declares).
+    """
+    if torch_at_least(DCP_NO_DIST_TORCH):
+        return {"no_dist": True}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ConversionError(
+            f"reading/writing a Megatron checkpoint in one process inside a running process group "
+            f"needs torch >= {DCP_NO_DIST_TORCH} (torch.distributed.checkpoint no_dist); this is "
+            f"torch {torch.__version__}: upgrade torch or run the conversion outside torchrun.")
+    return {}
 
 
 @contextlib.contextmanager
@@ -150,8 +178,9 @@ class DistCheckpointReader:
         if meta.get("sharded_backend") != "torch_dist":
             raise ConversionError(f"{self.path} uses the {meta.get('sharded_backend')!r} backend; "
                                   "only torch_dist checkpoints are supported.")
-        self.common: dict = torch.load(self.path / "common.pt", map_location="cpu",
-                                       weights_only=False)
+        # megatron's public reader: common.pt (0.16.1 saves, and ours) or the "common_state"
+        # object inside the torch_dist files (0.19.2 saves).
+        self.common: dict = load_common_state_dict(str(self.path))
         self._reader = _CachedReader(str(self.path))
         md = self._reader.read_metadata()
         self._index: dict[str, tuple[str, Optional[int]]] = {}
@@ -200,7 +229,8 @@ class DistCheckpointReader:
         with warnings.catch_warnings(), _unwrapped_dcp_errors():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
             dcp_load({}, storage_reader=self._reader,
-                     planner=_SliceLoadPlanner({fqn: (dest, offsets)}), no_dist=True)
+                     planner=_SliceLoadPlanner({fqn: (dest, offsets)}),
+                     **_one_process_dcp_kwargs())
         return dest[0] if layer is not None else dest
 
 
@@ -336,6 +366,6 @@ def write_dist_checkpoint(path: str | Path, layouts: list[TensorLayout], num_lay
     with warnings.catch_warnings(), _unwrapped_dcp_errors():
         warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
         dcp_save({}, storage_writer=FileSystemWriter(str(path), thread_count=1),
-                 planner=planner, no_dist=True)
+                 planner=planner, **_one_process_dcp_kwargs())
     torch.save(common, path / "common.pt")
     (path / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))

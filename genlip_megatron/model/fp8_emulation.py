@@ -26,8 +26,9 @@ Which matmul path runs where (probed once per device type and dtype pair, see
 :func:`scaled_mm_supported`): with torch 2.13 ``torch._scaled_mm`` runs on CPU for every
 E4M3/E5M2 pairing with singleton FP32 scales, any shape and either operand layout, accumulating
 in FP32; it is used there and on CUDA GPUs that support it (sm_89+, dims multiples of 16). Where
-it is missing or fails, the operands are dequantised to FP32 and multiplied with ``torch.matmul``,
-which gives the same numbers up to FP32 summation order.
+it is missing or fails (CPU before torch 2.8, :data:`CPU_SCALED_MM_TORCH`), the operands are
+dequantised to FP32 and multiplied with ``torch.matmul``, which gives the same numbers up to FP32
+summation order; a warning says so once per device type.
 
 The layer classes are drop-in ``ModuleSpec`` classes for megatron-core's
 ``ColumnParallelLinear``/``RowParallelLinear``: same constructor, parameters, state-dict keys and
@@ -148,11 +149,35 @@ def dequantize_fp8(x_fp8: torch.Tensor, scale_inv: torch.Tensor,
 # Scaled GEMM
 # ---------------------------------------------------------------------------------------------
 
+CPU_SCALED_MM_TORCH = "2.8"
+"""First torch release with a CPU kernel for FP8 ``torch._scaled_mm`` (checked in the wheels: 2.7.0
+has only ``_scaled_mm_cuda``, 2.8.0 adds ``_scaled_mm_cpu``)."""
+
+_WARNED_FALLBACK: set[str] = set()
+
+
+def _warn_fallback(device_type: str, a_dtype: torch.dtype, b_dtype: torch.dtype,
+                   why: str) -> None:
+    """Say once per device type that the emulation takes the slower dequantise path, and why."""
+    if device_type in _WARNED_FALLBACK:
+        logger.debug("torch._scaled_mm unusable on %s for %s x %s: %s", device_type, a_dtype,
+                     b_dtype, why)
+        return
+    _WARNED_FALLBACK.add(device_type)
+    hint = (f" (CPU FP8 _scaled_mm needs torch >= {CPU_SCALED_MM_TORCH})"
+            if device_type == "cpu" else "")
+    logger.warning("FP8 emulation: torch %s cannot run torch._scaled_mm on %s for %s x %s (%s)%s;"
+                   " using dequantise-then-matmul instead: the same numbers up to FP32 summation"
+                   " order, only slower.", torch.__version__, device_type, a_dtype, b_dtype, why,
+                   hint)
+
+
 @functools.cache
 def scaled_mm_supported(device_type: str, a_dtype: torch.dtype, b_dtype: torch.dtype) -> bool:
     """True when ``torch._scaled_mm`` runs for these FP8 dtypes on this device type and agrees
     with a dequantise-then-matmul on a 16x16 probe (cached)."""
     if not hasattr(torch, "_scaled_mm"):
+        _warn_fallback(device_type, a_dtype, b_dtype, "torch has no _scaled_mm")
         return False
     try:
         gen = torch.Generator().manual_seed(0)
@@ -164,8 +189,8 @@ def scaled_mm_supported(device_type: str, a_dtype: torch.dtype, b_dtype: torch.d
         want = (a.float() * sa) @ (b.float() * sb).t()
         ok = torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     except Exception as exc:  # noqa: BLE001 - unsupported device/dtype raises RuntimeError
-        logger.debug("torch._scaled_mm unusable on %s for %s x %s: %s", device_type, a_dtype,
-                     b_dtype, exc)
+        _warn_fallback(device_type, a_dtype, b_dtype, f"{type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
         return False
     if not ok:
         logger.warning("torch._scaled_mm on %s gives wrong results for %s x %s; using the "

@@ -245,12 +245,15 @@ def diagnose_checkpoint(ckpt: Path) -> str:
         json.loads((ckpt / "metadata.json").read_text())
     except (OSError, ValueError) as exc:
         return f"metadata.json is unreadable ({type(exc).__name__})"
-    if not (ckpt / "common.pt").is_file():
-        return "common.pt is missing"
     try:
         index = FileSystemReader(str(ckpt)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - any failure means the index is damaged
         return f".metadata (the shard index) is unreadable ({type(exc).__name__})"
+    # megatron-core ≤ 0.18 writes the common state to common.pt; 0.19 stores it inside the
+    # torch_dist files under "common_state/…" keys.
+    if not (ckpt / "common.pt").is_file() and not any(
+            key.split("/")[0] == "common_state" for key in index.state_dict_metadata):
+        return "common.pt (the common state) is missing"
     needed: dict[str, int] = {}
     for info in index.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0),
@@ -374,10 +377,17 @@ class TrainingState:
 
 
 def unwrap_model(chunk):
-    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``)."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
 
-    return chunk.module if isinstance(chunk, _BaseDataParallel) else chunk
+    Public API only (``megatron.core.utils.unwrap_model`` and the public wrapper classes, 0.16.1 …
+    0.19.2), not the private ``_BaseDataParallel`` base class.
+    """
+    from megatron.core.distributed import DistributedDataParallel, FullyShardedDataParallel, \
+        TorchFullyShardedDataParallel
+    from megatron.core.utils import unwrap_model as mcore_unwrap_model
+
+    return mcore_unwrap_model(chunk, (DistributedDataParallel, FullyShardedDataParallel,
+                                      TorchFullyShardedDataParallel))
 
 
 def _model_key(i: int, n: int) -> str:

@@ -9,8 +9,10 @@ import time
 
 import pytest
 import torch
+from packaging.version import Version
 
 from genlip_megatron.compat import _patching, cpu_compat_disabled, jit
+from genlip_megatron.compat.versions import megatron_version, torch_at_least
 
 
 def test_checkpoint_queue_avoids_spawn_manager(gloo_world, monkeypatch):
@@ -31,6 +33,10 @@ def test_checkpoint_queue_avoids_spawn_manager(gloo_world, monkeypatch):
     assert isinstance(getter(), queue.Queue)      # ours: an in-process queue, no spawn
 
 
+@pytest.mark.skipif(megatron_version() is not None and megatron_version() >= Version("0.19")
+                    and not torch_at_least("2.7"),
+                    reason=f"megatron-core {megatron_version()} saves/loads torch_dist through "
+                           f"DCP's no_dist, which torch {torch.__version__} lacks (needs >= 2.7)")
 def test_torch_dist_save_is_fast_and_loads(gloo_world, tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor

@@ -20,6 +20,7 @@ from megatron.core.fp8_utils import is_first_last_bf16_layer
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from genlip_megatron.compat.versions import torch_at_least
 from genlip_megatron.config import Fp8Config
 from genlip_megatron.model import fp8_emulation as fe
 from genlip_megatron.model.fp8_emulation import (
@@ -112,10 +113,41 @@ def test_quantize_matches_float64_grid(dtype, margin):
     assert x_q.double().abs().max().item() == GRID[dtype][2] / 2 ** margin
 
 
+@pytest.mark.skipif(not torch_at_least(fe.CPU_SCALED_MM_TORCH),
+                    reason=f"CPU FP8 torch._scaled_mm needs torch >= {fe.CPU_SCALED_MM_TORCH}, "
+                           f"have {torch.__version__} (the emulation dequantises instead)")
 def test_scaled_mm_runs_on_cpu():
-    """The module docstring's claim for torch 2.13: CPU torch._scaled_mm works for all pairs."""
+    """The module docstring's claim (torch 2.10, 2.13): CPU torch._scaled_mm works for all pairs."""
     for a, b in [(E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2), (E5M2, E5M2)]:
         assert fe.scaled_mm_supported("cpu", a, b), (a, b)
+
+
+def test_missing_scaled_mm_degrades_with_one_clear_warning(monkeypatch, caplog):
+    """Where CPU _scaled_mm is missing (torch < 2.8) the emulation warns once and still matches
+    the float64 reference through the dequantise path."""
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_scaled_mm' with arguments from the "
+                                  "'CPU' backend.")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    monkeypatch.setattr(fe, "_WARNED_FALLBACK", set())
+    fe.scaled_mm_supported.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=fe.__name__):
+            assert not fe.scaled_mm_supported("cpu", E4M3, E4M3)
+            assert not fe.scaled_mm_supported("cpu", E5M2, E4M3)
+            a, b = _test_tensor(2, (8, 16)), _test_tensor(3, (4, 16))
+            got = fp8_matmul(a, b)
+    finally:
+        fe.scaled_mm_supported.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "dequantise-then-matmul" in warnings[0] and "NotImplementedError" in warnings[0]
+    assert f"torch >= {fe.CPU_SCALED_MM_TORCH}" in warnings[0]
+    qa, sa = ref_quantize(a, E4M3)
+    qb, sb = ref_quantize(b, E4M3)
+    # exact float64 product vs FP32 accumulation of K=16 terms: a few FP32 ulps
+    torch.testing.assert_close(got.double(), (qa * sa) @ (qb * sb).T, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("path", ["scaled_mm", "dequantise"])
