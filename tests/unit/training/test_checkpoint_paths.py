@@ -131,7 +131,11 @@ def test_diagnose_names_the_damaged_file(tmp_path):
     shard.unlink()
     assert diagnose_checkpoint(ckpt) == f"{shard.name} is missing"
     (ckpt / "common.pt").unlink()
-    assert diagnose_checkpoint(ckpt) == "common.pt is missing"
+    assert diagnose_checkpoint(ckpt) == "common.pt (the common state) is missing"
+    # megatron-core 0.19 keeps the common state inside the DCP files instead of common.pt
+    save({"common_state/config": torch.zeros(1)}, storage_writer=FileSystemWriter(str(ckpt)),
+         no_dist=True)
+    assert diagnose_checkpoint(ckpt) == ""
 
 
 def test_converted_and_optimizer_switch_resumes_are_refused_in_one_line(tmp_path):
