@@ -26,6 +26,7 @@ from genlip_megatron.training.config import CheckpointConfig, DemoConfig, EvalCo
 __all__ = [
     "ConfigError", "ModelConfig", "ParallelConfig", "RecomputeConfig", "Fp8Config",
     "PrecisionConfig", "GenLIPConfig", "decode_variant", "VARIANTS", "load_config",
+    "microbatch_count",
 ]
 
 QWEN3_VOCAB = 151936
@@ -364,15 +365,22 @@ def _validate_backends(m: ModelConfig, p: ParallelConfig, has_cuda: bool, has_te
 def _validate_batch(t: TrainingConfig, p: ParallelConfig, world_size: Optional[int]) -> None:
     if world_size is None or world_size % (p.tp * p.pp):
         return
-    per_step = t.micro_batch_size * (world_size // (p.tp * p.pp))
+    microbatch_count(t, p, world_size // (p.tp * p.pp))
+
+
+def microbatch_count(t: TrainingConfig, p: ParallelConfig, dp: int) -> int:
+    """Micro-batches per step: global_batch_size / (micro_batch_size × dp), refusing remainders
+    (and, under interleaved pipelining, counts that are not a multiple of parallel.pp)."""
+    per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError(f"training.global_batch_size ({t.global_batch_size}) is not divisible by"
                           f" training.micro_batch_size × data-parallel size ({t.micro_batch_size}"
-                          f" × {world_size // (p.tp * p.pp)}); pick a multiple of {per_step}.")
+                          f" × {dp}); pick a multiple of {per_step}.")
     n = t.global_batch_size // per_step
     if p.vpp and n % p.pp:
         raise ConfigError(f"interleaved pipelining needs the number of microbatches ({n}) to be "
                           f"a multiple of parallel.pp ({p.pp}); raise training.global_batch_size.")
+    return n
 
 
 def _validate_data_vs_model(c: "GenLIPConfig") -> None:

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from genlip_megatron.config import GenLIPConfig, ParallelConfig, PrecisionConfig
+from genlip_megatron.config import GenLIPConfig, ParallelConfig, PrecisionConfig, \
+    microbatch_count
 from genlip_megatron.training.config import OptimizerConfig, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -161,14 +162,4 @@ def configure_schedule_hooks(tconfig, ddp_chunks: list, optimizer, p: ParallelCo
 
 def num_microbatches(cfg: GenLIPConfig, topo: Topology) -> int:
     """global_batch_size / (micro_batch_size × dp), refusing remainders."""
-    t = cfg.training
-    per_step = t.micro_batch_size * topo.dp
-    if t.global_batch_size % per_step:
-        raise ValueError(f"training.global_batch_size ({t.global_batch_size}) is not divisible by "
-                         f"training.micro_batch_size × data-parallel size ({t.micro_batch_size} × "
-                         f"{topo.dp}); pick a multiple of {per_step}.")
-    n = t.global_batch_size // per_step
-    if topo.vpp and n % topo.pp:
-        raise ValueError(f"interleaved pipelining needs the number of microbatches ({n}) to be a "
-                         f"multiple of parallel.pp ({topo.pp}); raise training.global_batch_size.")
-    return n
+    return microbatch_count(cfg.training, cfg.parallel, topo.dp)

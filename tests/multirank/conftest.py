@@ -8,9 +8,12 @@ paid once); each test sets up and tears down megatron's parallel_state itself.
 import faulthandler
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+
+from training_helpers import make_tiny_data
 
 
 def pytest_configure(config):
@@ -38,3 +41,13 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The tiny training shards, written once by rank 0 where every rank can read them."""
+    root = Path(os.environ.get("GENLIP_TEST_TMP", "/tmp/genlip_test")) / "tiny_data"
+    if dist.get_rank() == 0:
+        make_tiny_data(root)
+    dist.barrier()
+    return root

@@ -8,13 +8,10 @@ mix. Each layout must agree within 15 % on every rank.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
 
-from training_helpers import TINY_CONFIG, make_tiny_data, tiny_overrides
+from training_helpers import TINY_CONFIG, tiny_overrides
 
 TOLERANCE = 0.15
 
@@ -28,15 +25,6 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2"],
     "pp2_recompute_selective": ["parallel.pp=2", "parallel.recompute.granularity=selective"],
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    root = Path(os.environ.get("GENLIP_TEST_TMP", "/tmp/genlip_test")) / "tiny_data"
-    if dist.get_rank() == 0:
-        make_tiny_data(root)
-    dist.barrier()
-    return root
 
 
 class _Prebuilt:

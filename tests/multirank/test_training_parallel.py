@@ -15,17 +15,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from training_helpers import TINY_CONFIG, assert_losses_close, make_tiny_data, \
-    read_golden, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    root = Path(os.environ.get("GENLIP_TEST_TMP", "/tmp/genlip_test")) / "tiny_data"
-    if dist.get_rank() == 0:
-        make_tiny_data(root)
-    dist.barrier()
-    return root
+from training_helpers import TINY_CONFIG, assert_losses_close, read_golden, \
+    tiny_overrides
 
 
 def shared_dir(name: str) -> Path:
