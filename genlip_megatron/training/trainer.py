@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
 from genlip_megatron.config import GenLIPConfig
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.training.data_stream import build_microbatch_source
@@ -38,11 +39,7 @@ logger = logging.getLogger(__name__)
 
 def _cpu_wgrad_fusion() -> bool:
     """Weight gradients straight into DDP's main_grad on CPU (``compat/wgrad.py``)."""
-    if torch.cuda.is_available():
-        return False
-    from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
-
-    return cpu_wgrad_accumulation_ready()
+    return not torch.cuda.is_available() and cpu_wgrad_accumulation_ready()
 
 
 class TrainingAborted(RuntimeError):
