@@ -68,10 +68,14 @@ def _attempt(cfg: ImageConfig, device: str, datas: list[bytes], sizes: list[tupl
             os._exit(code)
     os.close(w)
     chunks, deadline = [], time.monotonic() + timeout_s
+    # poll, not select: select() refuses descriptors ≥ FD_SETSIZE (1024), which a long-lived
+    # trainer with many shards, workers and sockets reaches.
+    poller = select.poll()
     with os.fdopen(r, "rb", buffering=0) as f:
+        poller.register(f, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([f], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000.0):
                 os.kill(pid, signal.SIGKILL)
                 break
             chunk = f.read(1 << 20)

@@ -35,3 +35,9 @@ def silence_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) "
                             "not installed.*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
+    # megatron-core ≥ 0.19 warns on import about an experimental model family we do not use;
+    # torch DCP warns when a single process reads or writes a checkpoint (our converter and
+    # pre-load checks do so on purpose).
+    warnings.filterwarnings("ignore", message="MimoModelConfig is experimental")
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                            "uninitialized")
