@@ -308,6 +308,15 @@ def build_prefix_lm_params(backend: str, segment_ids: Tensor, image_mask: Tensor
                      "varlen.")
 
 
+def _refuse_dropout(config: Any, attention_dropout: Optional[float], backend: str,
+                    fix: str) -> None:
+    """Backends built on fused kernels without a dropout mask refuse attention dropout."""
+    dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+    if dropout:
+        raise ValueError(f"model.attention_dropout ({dropout}) must be 0 with the '{backend}' "
+                         f"attention backend; {fix}.")
+
+
 def _params_from(packed_seq_params: Any, backend: str) -> PrefixLMParams:
     if not isinstance(packed_seq_params, PrefixLMParams) or packed_seq_params.backend != backend:
         raise RuntimeError(f"the {backend!r} prefix-LM attention needs the PrefixLMParams built "
@@ -362,10 +371,7 @@ class FlexPrefixLMAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
         super().__init__(config=config)
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise ValueError(f"model.attention_dropout ({dropout}) must be 0 with the 'flex' "
-                             "attention backend; use 'dense' or 'te'.")
+        _refuse_dropout(config, attention_dropout, "flex", "use 'dense' or 'te'")
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.padded_dim = max(16, 1 << (self.head_dim - 1).bit_length())
@@ -403,10 +409,7 @@ class VarlenPrefixLMAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
         super().__init__(config=config)
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise ValueError(f"model.attention_dropout ({dropout}) must be 0 with the 'varlen' "
-                             "attention backend; use 'dense'.")
+        _refuse_dropout(config, attention_dropout, "varlen", "use 'dense'")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
