@@ -65,9 +65,10 @@ def model_dims(args: argparse.Namespace) -> ModelDims:
 
 
 def hardware(args: argparse.Namespace):
-    if args.gpu not in GPUS:
+    gpu = args.gpu.upper()  # 'h100' and 'H100' name the same part
+    if gpu not in GPUS:
         raise ConfigError(f"--gpu '{args.gpu}' is unknown; choose one of {list(GPUS)}.")
-    hw = replace(GPUS[args.gpu], gpus_per_node=args.gpus_per_node)
+    hw = replace(GPUS[gpu], gpus_per_node=args.gpus_per_node)
     if args.intra_bw:
         hw = replace(hw, intra_bw=args.intra_bw * 1e9)
     if args.inter_bw:
