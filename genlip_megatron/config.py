@@ -223,7 +223,7 @@ class GenLIPConfig:
         self.data.validate()
         _validate_data_vs_model(self)
         for section in (self.optimizer, self.scheduler, self.training, self.checkpoint,
-                        self.logging):
+                        self.logging, self.evaluation):
             section.validate()
         _validate_batch(self.training, self.parallel, world_size)
         return self
@@ -393,6 +393,9 @@ def _validate_data_vs_model(c: "GenLIPConfig") -> None:
     if c.evaluation.caption_accuracy and not c.data.eval_sources and c.demo is None:
         raise ConfigError("evaluation.caption_accuracy is true but data.eval_sources is empty; "
                           "list held-out shards or disable the evaluation.")
+    if c.evaluation.interval and not c.data.eval_sources and c.demo is None:
+        raise ConfigError(f"evaluation.interval ({c.evaluation.interval}) is set but "
+                          "data.eval_sources is empty; list held-out shards or set it to 0.")
 
 
 def _merge_model_section(raw: dict) -> dict:

@@ -165,7 +165,7 @@ def iter_eval_samples(cfg: DataConfig, tokenizer: Optional[TextTokenizer] = None
     formats = [s.format for s in cfg.eval_sources]
     processor = SampleProcessor(cfg, tokenizer, decode=True, formats=formats, device="cpu")
     count = 0
-    for raws in _eval_raw_batches(cfg, dp_rank, dp_size):
+    for raws in eval_raw_batches(cfg, dp_rank, dp_size):
         for (_, raw), item in zip(raws, processor.process(raws)):
             if not isinstance(item, ProcessedSample):
                 continue
@@ -180,8 +180,10 @@ def iter_eval_samples(cfg: DataConfig, tokenizer: Optional[TextTokenizer] = None
                 return
 
 
-def _eval_raw_batches(cfg: DataConfig, dp_rank: int, dp_size: int
-                      ) -> Iterator[list[tuple[int, RawSample]]]:
+def eval_raw_batches(cfg: DataConfig, dp_rank: int, dp_size: int
+                     ) -> Iterator[list[tuple[int, RawSample]]]:
+    """Raw samples of ``cfg.eval_sources`` in file order (this rank's shards), in decode-batch
+    sized lists of ``(logical index, raw)``; an unreadable shard ends with a log line."""
     batch: list[tuple[int, RawSample]] = []
     n = 0
     for s, src in enumerate(cfg.eval_sources):
@@ -206,4 +208,4 @@ def _eval_raw_batches(cfg: DataConfig, dp_rank: int, dp_size: int
 
 
 __all__ = ["encode_prompt", "extend_batch", "prompt_batch", "image_to_patches", "EvalSample",
-           "iter_eval_samples", "SampleError"]
+           "iter_eval_samples", "eval_raw_batches", "SampleError"]

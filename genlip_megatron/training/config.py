@@ -176,7 +176,15 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Held-out caption evaluation (greedy decoding on data.eval_sources)."""
+    """Held-out evaluation on data.eval_sources: validation loss in the loop, greedy captions at
+    the end."""
+
+    interval: int = 0
+    """Validation loss every N optimizer steps, and after the last step (0 disables); the
+    held-out rows are the same at every evaluation (data/heldout.py)."""
+    iters: int = 10
+    """Global batches (training.global_batch_size rows each) per validation-loss evaluation,
+    as Megatron's eval_iters; fewer when the held-out set is smaller (logged)."""
 
     caption_accuracy: bool = False
     """At the end of training, greedy-caption the held-out images and report the exact-match
@@ -187,6 +195,13 @@ class EvalConfig:
     """Generation budget per caption."""
     batch_size: int = 16
     """Images decoded together."""
+
+    def validate(self) -> "EvalConfig":
+        """Intervals and counts; raises ConfigError."""
+        _require(self.interval >= 0, f"evaluation.interval ({self.interval}) must be ≥ 0 (0 "
+                 "disables the validation loss).")
+        _require(self.iters >= 1, f"evaluation.iters ({self.iters}) must be ≥ 1.")
+        return self
 
 
 @dataclass(kw_only=True)

@@ -41,6 +41,7 @@ class RunReport:
     stopped_early: str = ""
     caption_accuracy: Optional[float] = None
     eval_samples: int = 0
+    val_loss: float = float("nan")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -122,7 +123,7 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
     finally:
         trainer.close()
     report = RunReport(summary.steps, summary.final_loss, unigram_loss(summary.label_counts),
-                       summary.checkpoint, summary.stopped_early)
+                       summary.checkpoint, summary.stopped_early, val_loss=summary.val_loss)
     if report.stopped_early:  # preempted: checkpoint written, the requeued job evaluates
         dist.barrier()
         return report
@@ -145,7 +146,8 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
                          for p in ([s.paths] if isinstance(s.paths, str) else s.paths))
     acc = "nan" if report.caption_accuracy is None else f"{report.caption_accuracy:.4f}"
     print(f"{tag} steps={report.steps} final_loss={report.final_loss:.4f} "
-          f"unigram_loss={report.unigram_loss:.4f} caption_accuracy={acc} "
+          f"unigram_loss={report.unigram_loss:.4f} val_loss={report.val_loss:.4f} "
+          f"caption_accuracy={acc} "
           f"checkpoint={report.checkpoint} eval_data={eval_glob or 'none'} "
           f"tokenizer={cfg.data.text.tokenizer_path}", flush=True)
 

@@ -88,6 +88,8 @@ class RunSummary:
     """(step, global loss, skipped) of every step run by this process."""
     stopped_early: str = ""
     """Why training stopped before train_steps (exit signal, time budget); "" when it did not."""
+    val_loss: float = float("nan")
+    """The last validation loss (``loss/val``; NaN when evaluation.interval is 0)."""
 
 
 class Trainer:
@@ -145,6 +147,7 @@ class Trainer:
         self._window = Counter()
         self._window_start = time.perf_counter()
         self.totals = RunTotals(self.state.extra, cfg.model.vocab_size)
+        self.held_out = self._build_held_out()
         self._log_startup_summary(config_path, overrides or [])
 
     # ------------------------------------------------------------------------ restore
@@ -181,6 +184,8 @@ class Trainer:
                 self.summary.final_loss = self.state.extra["final_loss"] = result.loss
             if c.save_dir and c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
+            if self._validation_due():
+                self.summary.val_loss = self.validate()["loss/val"]
             self.ckpt.poll_async()  # publish a finished async save now, not at the next save
             maybe_inject(f"after_step:{self.state.step}")
             if self.preemption.should_stop(self.device) and self.state.step < t.train_steps:
@@ -255,6 +260,64 @@ class Trainer:
             self.metrics.log(self.attention_sink(), step, console=False)
         return StepResult(loss, tokens, grad_norm, bool(reason), reason)
 
+    # ------------------------------------------------------------------------ evaluation
+    def _build_held_out(self):
+        """This rank's fixed held-out micro-batches (None when evaluation.interval is 0)."""
+        e, t = self.cfg.evaluation, self.cfg.training
+        if not e.interval:
+            return None
+        from genlip_megatron.data.heldout import build_held_out_batches
+
+        held = build_held_out_batches(self.cfg.data, micro_batch_size=t.micro_batch_size,
+                                      microbatches_per_rank=self.n_micro, iters=e.iters,
+                                      dp_rank=self.topo.dp_rank, dp_size=self.topo.dp)
+        if not held.iterations:
+            raise ValueError(f"data.eval_sources cannot fill one global batch of "
+                             f"{t.global_batch_size} rows of {self.cfg.data.max_seq_len} "
+                             "tokens; add held-out shards or set evaluation.interval to 0.")
+        return held
+
+    def _validation_due(self) -> bool:
+        every, step = self.cfg.evaluation.interval, self.state.step
+        return bool(every) and (step % every == 0 or step == self.cfg.training.train_steps)
+
+    def _forward_only(self, batches: list[PackedBatch]) -> list:
+        """megatron's schedule with forward_only=True over ``batches`` (no grad, eval mode:
+        no dropout or DropPath); the loss reports exist on the last pipeline stage only."""
+        seq_len = batches[0].tokens.shape[1]
+        multi = len(self.model) > 1
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                return self.forward_backward(
+                    forward_step_func=partial(forward_step, device=self.device),
+                    data_iterator=[iter(batches) for _ in self.model] if multi
+                    else iter(batches), model=self.model if multi else self.model[0],
+                    num_microbatches=len(batches), seq_length=seq_len,
+                    micro_batch_size=batches[0].tokens.shape[0], decoder_seq_length=seq_len,
+                    forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss on the held-out micro-batches: global loss sum / global loss tokens
+        over every iteration and data-parallel rank, exactly as the training loss (collective:
+        every rank calls it). Logged as ``loss/val`` and returned."""
+        start = time.perf_counter()
+        reports = [r for batches in self.held_out.iterations
+                   for r in self._forward_only(batches)]
+        loss, tokens = self._global_loss(reports)  # host sync: evaluation steps only
+        m = {"loss/val": loss, "tokens/val": float(tokens),
+             "time/val(s)": time.perf_counter() - start}
+        if self.log_rank:
+            logger.info("validation step %d | loss/val %.4f | %d loss tokens, %d rows | %.1fs",
+                        self.state.step, loss, tokens, self.held_out.rows_total,
+                        m["time/val(s)"])
+        self.metrics.log(m, self.state.step, console=False)
+        return m
+
     def attention_sink(self) -> dict[str, float]:
         """Attention mass on each sample's first image token, per layer, on the probe batch."""
         from megatron.core import parallel_state as ps
@@ -262,19 +325,9 @@ class Trainer:
         from genlip_megatron.model.attention_probe import capture_attention_sink
 
         probe, layers = self._probe_batch, self.cfg.model.num_layers
-        seq_len = probe.tokens.shape[1]
-        for chunk in self.model:
-            chunk.eval()
-        with torch.no_grad(), capture_attention_sink(self.model, probe.segment_ids,
-                                                     probe.image_mask, layers) as stats:
-            self.forward_backward(
-                forward_step_func=partial(forward_step, device=self.device),
-                data_iterator=[iter([probe]) for _ in self.model] if len(self.model) > 1
-                else iter([probe]), model=self.model if len(self.model) > 1 else self.model[0],
-                num_microbatches=1, seq_length=seq_len, micro_batch_size=probe.tokens.shape[0],
-                decoder_seq_length=seq_len, forward_only=True)
-        for chunk in self.model:
-            chunk.train()
+        with capture_attention_sink(self.model, probe.segment_ids, probe.image_mask,
+                                    layers) as stats:
+            self._forward_only([probe])
         stats = stats.to(self.device)
         dist.all_reduce(stats, group=ps.get_tensor_model_parallel_group())    # heads
         dist.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())  # layers

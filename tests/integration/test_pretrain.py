@@ -133,3 +133,19 @@ def test_converted_weights_as_save_dir_point_to_init_from(reference_run, data_di
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "training.init_from=" in lines[0] and "from-hf" in lines[0], lines[0]
+
+
+@pytest.mark.slow  # ~20 s idle, ~70 s on the loaded 2-core machine
+def test_validation_loss_reaches_jsonl_and_the_final_line(data_dir, tmp_path):
+    import json
+    import re
+
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path, evaluation__interval=4,
+                                       evaluation__iters=1))
+    out = _ok(proc)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["loss/val"] for r in recs if "loss/val" in r}
+    assert sorted(val) == [4, 8] and val[8] < val[4], val
+    final = re.search(r"val_loss=(\S+)", proc.stdout.splitlines()[-1]).group(1)
+    assert float(final) == pytest.approx(val[8], abs=1e-4)
+    assert "validation step 8 | loss/val" in out
