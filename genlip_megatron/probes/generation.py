@@ -21,7 +21,7 @@ from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.data.config import DEFAULT_PROMPT
 from genlip_megatron.data.tokenizer import TextTokenizer
 
-__all__ = ["ImageInput", "GenerationConfig", "generate_ids", "generate_captions",
+__all__ = ["ImageInput", "GenerationConfig", "generate_ids", "generate_captions", "prefix_batch",
            "caption_exact_match"]
 
 ImageInput = tuple[Union[Tensor, np.ndarray], tuple[int, int]]
@@ -71,7 +71,7 @@ def _as_pixels(pixels, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
 
 
-def _prefix_batch(items: Sequence[ImageInput], prompt_ids: Sequence[int], dtype, device):
+def prefix_batch(items: Sequence[ImageInput], prompt_ids: Sequence[int], dtype, device):
     """Left-padded ``[IMG×N] prompt`` rows: ids, image mask, attention mask, positions, pixels."""
     lens = [int(g[0]) * int(g[1]) + len(prompt_ids) for _, g in items]
     length = max(lens)
@@ -121,7 +121,7 @@ def _generate_batch(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids:
                     gen: Optional[torch.Generator]) -> list[list[int]]:
     device = model.ln_post.weight.device
     dtype = model.ln_post.weight.dtype
-    ids, image_mask, attn, pos, pixels, nxt = _prefix_batch(items, prompt_ids, dtype, device)
+    ids, image_mask, attn, pos, pixels, nxt = prefix_batch(items, prompt_ids, dtype, device)
     out = model(input_ids=ids, pixel_values=pixels, image_mask=image_mask, position_ids=pos,
                 attention_mask=attn, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1]

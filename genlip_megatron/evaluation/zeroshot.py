@@ -1,0 +1,204 @@
+"""Generative zero-shot classification: score class captions by log P(caption | image).
+
+GenLIP has no text tower: a class is scored by how likely the model finds a caption naming it
+after the image (open_clip's GenLIP "generative zero-shot"). For every image and every
+candidate caption (class name × template) the score is the length-normalised log-likelihood
+
+    s(image, c) = 1/|c| · Σ_t log P(c_t | image, prompt, c_<t),
+
+a class's score is the mean over its templates, and the prediction is the best class.
+
+The image prefix ``[IMG×N] prompt`` is the expensive part (N ≫ |c|). open_clip's scorer
+recomputes it for every batch of candidates because it has no KV cache; here it runs ONCE per
+image: its keys/values are cached (``GenLIPKVCache``) and repeated for every candidate row, and
+only the candidate tokens run through the model (batched over images × candidates). The text
+tokens attend causally to the cached prefix, exactly as in the full forward, so the scores are
+those of recomputing the prefix (``use_cache=False``, kept as the reference; the benchmark
+``benchmarks/zeroshot.py`` and the tests compare both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
+from genlip_megatron.data.tokenizer import TextTokenizer
+from genlip_megatron.probes.generation import ImageInput, prefix_batch
+
+__all__ = ["ZeroShotTask", "build_task", "score_candidates", "classify", "zero_shot_accuracy"]
+
+
+@dataclass
+class ZeroShotTask:
+    """Class names × templates as token ids.
+
+    Attributes:
+        class_names: one name per class.
+        templates: format strings with one ``{}`` for the class name.
+        candidates: token ids of each (class, template) caption, class-major.
+    """
+
+    class_names: list[str]
+    templates: list[str]
+    candidates: list[list[int]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def build_task(tokenizer: TextTokenizer, class_names: Sequence[str],
+               templates: Sequence[str] = ("{}",)) -> ZeroShotTask:
+    """Tokenise every class × template caption (stripped, as the template encodes captions).
+
+    Raises:
+        ValueError: no classes or templates, or a caption that tokenises to nothing.
+    """
+    if not class_names or not templates:
+        raise ValueError("zero-shot needs at least one class name and one template.")
+    cands = []
+    for name in class_names:
+        for tpl in templates:
+            ids = tokenizer.encode(tpl.format(name).strip())
+            if not ids:
+                raise ValueError(f"zero-shot caption {tpl.format(name)!r} has no tokens.")
+            cands.append(ids)
+    return ZeroShotTask(list(class_names), list(templates), cands)
+
+
+def _padded(candidates: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
+    """Right-padded ids ``[K, Lc]`` and their validity mask."""
+    lc = max(len(c) for c in candidates)
+    ids = torch.zeros(len(candidates), lc, dtype=torch.long)
+    valid = torch.zeros(len(candidates), lc, dtype=torch.bool)
+    for k, c in enumerate(candidates):
+        ids[k, :len(c)] = torch.as_tensor(list(c))
+        valid[k, :len(c)] = True
+    return ids.to(device), valid.to(device)
+
+
+def _normalised(first_logp: Tensor, rest_logits: Optional[Tensor], ids: Tensor,
+                valid: Tensor) -> Tensor:
+    """Length-normalised log-likelihood per row.
+
+    Args:
+        first_logp: ``[R, V]`` log-probs of the first caption token (from the prefix).
+        rest_logits: ``[R, Lc-1, V]`` logits predicting tokens 1.. (None when Lc = 1).
+        ids / valid: ``[R, Lc]`` caption ids and mask.
+    """
+    lp = first_logp.gather(1, ids[:, :1])
+    if rest_logits is not None:
+        rest = torch.log_softmax(rest_logits.float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        lp = torch.cat([lp, rest], dim=1)
+    lp = lp.masked_fill(~valid, 0.0)
+    return lp.sum(1) / valid.sum(1)
+
+
+@torch.no_grad()
+def _scores_cached(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids, ids: Tensor,
+                   valid: Tensor, rows_per_pass: int) -> Tensor:
+    """``[B, K]`` scores: one prefix pass for the B images, then candidate rows on the cache."""
+    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
+    p_ids, p_img, p_attn, p_pos, pixels, nxt = prefix_batch(items, prompt_ids, dtype, device)
+    out = model(input_ids=p_ids, pixel_values=pixels, image_mask=p_img, position_ids=p_pos,
+                attention_mask=p_attn, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)      # [B, V]
+    cache = out.past_key_values
+    b, k = len(items), ids.shape[0]
+    pairs = torch.arange(b * k, device=device)
+    scores = torch.empty(b * k, device=device)
+    for chunk in pairs.split(rows_per_pass):
+        img, cand = chunk // k, chunk % k
+        c_ids, c_valid = ids[cand], valid[cand]
+        rest = None
+        if ids.shape[1] > 1:
+            feed = c_ids[:, :-1]                                       # predicts tokens 1..
+            attn = torch.cat([p_attn[img], torch.ones_like(feed)], dim=1)
+            pos = (nxt[img, None] + torch.arange(feed.shape[1], device=device))[:, None]
+            step = model(input_ids=feed, position_ids=pos.expand(-1, 3, -1),
+                         attention_mask=attn, past_key_values=cache.select(img),
+                         image_mask=torch.zeros_like(feed, dtype=torch.bool), use_cache=True)
+            rest = step.logits
+        scores[chunk] = _normalised(first[img], rest, c_ids, c_valid)
+    return scores.reshape(b, k)
+
+
+@torch.no_grad()
+def _scores_recomputed(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids,
+                       ids: Tensor, valid: Tensor, rows_per_pass: int) -> Tensor:
+    """``[B, K]`` scores with the prefix recomputed for every candidate row (no cache)."""
+    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
+    b, k, lc = len(items), ids.shape[0], ids.shape[1]
+    scores = torch.empty(b * k, device=device)
+    for chunk in torch.arange(b * k).split(rows_per_pass):
+        img, cand = (chunk // k).tolist(), chunk % k
+        # prompt + a placeholder caption: the same layout and positions as the cached path
+        row_ids, img_mask, attn, pos, pixels, _ = prefix_batch(
+            [items[i] for i in img], list(prompt_ids) + [0] * lc, dtype, device)
+        c_ids, c_valid = ids[cand.to(device)], valid[cand.to(device)]
+        row_ids[:, -lc:] = c_ids
+        attn[:, -lc:] = c_valid.long()
+        out = model(input_ids=row_ids, pixel_values=pixels, image_mask=img_mask,
+                    position_ids=pos, attention_mask=attn, logits_to_keep=lc + 1)
+        logits = out.logits[:, :-1]                                    # predicts tokens 0..
+        first = torch.log_softmax(logits[:, 0].float(), dim=-1)
+        rest = logits[:, 1:] if lc > 1 else None
+        scores[chunk.to(device)] = _normalised(first, rest, c_ids, c_valid)
+    return scores.reshape(b, k)
+
+
+def score_candidates(model: GenLIPModel, images: Sequence[ImageInput],
+                     prompt_ids: Sequence[int], candidates: Sequence[Sequence[int]], *,
+                     use_cache: bool = True, image_batch: int = 8,
+                     rows_per_pass: int = 256) -> Tensor:
+    """Length-normalised log P(candidate | image, prompt) for every image × candidate.
+
+    Args:
+        model: HF-format GenLIP (``load_genlip_for_inference``), eval mode.
+        images: ``(pixel_values [N, C*p*p], (gh, gw))`` per image (uint8 patches or normalised
+            floats, as for :func:`generate_ids`).
+        prompt_ids: the user prompt's ids (the training prompt; ``EvalSample.prompt_ids``).
+        candidates: token ids of each candidate caption (no end token: a class caption is
+            usually a prefix of a full caption).
+        use_cache: compute each image prefix once and reuse it through the KV cache; False
+            recomputes it for every candidate row (the reference the cache must match).
+        image_batch: images whose prefixes run together.
+        rows_per_pass: image × candidate rows per forward of the candidate tokens.
+
+    Returns:
+        float32 ``[num_images, num_candidates]`` on the model's device.
+    """
+    if not candidates or any(len(c) == 0 for c in candidates):
+        raise ValueError("score_candidates needs non-empty candidate captions.")
+    device = model.ln_post.weight.device
+    ids, valid = _padded(candidates, device)
+    fn = _scores_cached if use_cache else _scores_recomputed
+    out = [fn(model, images[i:i + image_batch], prompt_ids, ids, valid, rows_per_pass)
+           for i in range(0, len(images), image_batch)]
+    return torch.cat(out) if out else torch.empty(0, len(candidates), device=device)
+
+
+def classify(scores: Tensor, task: ZeroShotTask) -> Tensor:
+    """Predicted class per image from ``[B, classes × templates]`` scores (template mean)."""
+    per_class = scores.reshape(scores.shape[0], task.num_classes, len(task.templates))
+    return per_class.mean(dim=2).argmax(dim=1)
+
+
+def zero_shot_accuracy(model: GenLIPModel, images: Sequence[ImageInput],
+                       labels: Sequence[int], prompt_ids: Sequence[int], task: ZeroShotTask,
+                       **kwargs) -> tuple[float, Tensor]:
+    """(top-1 accuracy, predictions) of generative zero-shot classification.
+
+    ``kwargs`` go to :func:`score_candidates`.
+    """
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"zero-shot needs one label per image ({len(images)} images, "
+                         f"{len(labels)} labels) and at least one image.")
+    pred = classify(score_candidates(model, images, prompt_ids, task.candidates, **kwargs),
+                    task).cpu()
+    acc = float((pred == torch.as_tensor(list(labels))).float().mean())
+    return acc, pred

@@ -1,0 +1,85 @@
+"""Generative zero-shot: KV-cache scores equal the recomputed-prefix scores and a naive
+full-sequence log-likelihood; batching does not change them; classes are template means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from convert_testlib import TINY, random_hf_state_dict
+
+from genlip_megatron.evaluation.zeroshot import ZeroShotTask, classify, score_candidates, \
+    zero_shot_accuracy
+from genlip_megatron.probes.loading import build_hf_model
+
+PROMPT = [5, 9, 11]
+CANDIDATES = [[7], [3, 8, 2], [4, 4, 12, 6, 1], [30, 2]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_hf_model(TINY, random_hf_state_dict(TINY, seed=5, scale=0.3))
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(h * w, 768, generator=g) * 2 - 1, (h, w))
+            for h, w in ((2, 3), (4, 4), (1, 5))]
+
+
+@torch.no_grad()
+def _naive_score(model, px, grid, cand) -> float:
+    """Mean log P(cand_t | ...) from one unpadded full sequence, positions built by the model."""
+    gh, gw = grid
+    n = gh * gw
+    x = torch.zeros(1, n + len(PROMPT) + len(cand), dtype=torch.long)
+    x[0, n:] = torch.tensor(PROMPT + cand)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[0, :n] = True
+    logits = model(input_ids=x, pixel_values=px, image_mask=mask,
+                   image_grid_thw=torch.tensor([[1, gh, gw]])).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    start = n + len(PROMPT) - 1
+    return sum(float(logp[start + t, c]) for t, c in enumerate(cand)) / len(cand)
+
+
+def test_cached_scores_equal_recomputed_and_naive(model, images):
+    cached = score_candidates(model, images, PROMPT, CANDIDATES, use_cache=True)
+    recomputed = score_candidates(model, images, PROMPT, CANDIDATES, use_cache=False)
+    assert cached.shape == (3, 4)
+    assert torch.allclose(cached, recomputed, atol=1e-5), (cached - recomputed).abs().max()
+    for i, (px, grid) in enumerate(images):
+        for k, cand in enumerate(CANDIDATES):
+            assert cached[i, k].item() == pytest.approx(_naive_score(model, px, grid, cand),
+                                                        abs=1e-5)
+    # scores differ between candidates (the test would pass on a constant otherwise)
+    assert cached.std() > 0.05
+
+
+def test_batching_does_not_change_scores(model, images):
+    ref = score_candidates(model, images, PROMPT, CANDIDATES)
+    for kw in ({"image_batch": 1}, {"rows_per_pass": 3}, {"image_batch": 2, "rows_per_pass": 1}):
+        for cache in (True, False):
+            got = score_candidates(model, images, PROMPT, CANDIDATES, use_cache=cache, **kw)
+            assert torch.allclose(got, ref, atol=1e-5), kw
+
+
+def test_classify_averages_templates_per_class():
+    task = ZeroShotTask(["a", "b"], ["{}", "the {}"], [[1], [2], [3], [4]])
+    # image 0: class b wins on the mean (0.5 > 0.45) though class a has the best single template
+    scores = torch.tensor([[0.9, 0.0, 0.5, 0.5], [0.1, 0.1, 0.0, 0.0]])
+    assert classify(scores, task).tolist() == [1, 0]
+
+
+def test_accuracy_and_errors(model, images):
+    task = ZeroShotTask(["x", "y"], ["{}"], [[7], [3, 8, 2]])
+    scores = score_candidates(model, images, PROMPT, task.candidates)
+    labels = scores.argmax(1).tolist()
+    acc, pred = zero_shot_accuracy(model, images, labels, PROMPT, task)
+    assert acc == 1.0 and pred.tolist() == labels
+    acc, _ = zero_shot_accuracy(model, images, [1 - v for v in labels], PROMPT, task)
+    assert acc == 0.0
+    with pytest.raises(ValueError, match="one label per image"):
+        zero_shot_accuracy(model, images, labels[:1], PROMPT, task)
+    with pytest.raises(ValueError, match="non-empty"):
+        score_candidates(model, images, PROMPT, [[1], []])
