@@ -393,6 +393,12 @@ def _validate_data_vs_model(c: "GenLIPConfig") -> None:
     if c.evaluation.caption_accuracy and not c.data.eval_sources and c.demo is None:
         raise ConfigError("evaluation.caption_accuracy is true but data.eval_sources is empty; "
                           "list held-out shards or disable the evaluation.")
+    if c.evaluation.suite and not c.checkpoint.save_dir:
+        raise ConfigError("evaluation.suite evaluates saved checkpoints but checkpoint.save_dir "
+                          "is not set; set it or disable the suite.")
+    if c.evaluation.suite and not c.data.eval_sources and c.demo is None:
+        raise ConfigError("evaluation.suite is true but data.eval_sources is empty; list "
+                          "held-out shards or disable it.")
     if c.evaluation.interval and not c.data.eval_sources and c.demo is None:
         raise ConfigError(f"evaluation.interval ({c.evaluation.interval}) is set but "
                           "data.eval_sources is empty; list held-out shards or set it to 0.")

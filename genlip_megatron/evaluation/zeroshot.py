@@ -29,7 +29,8 @@ from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.data.tokenizer import TextTokenizer
 from genlip_megatron.probes.generation import ImageInput, prefix_batch
 
-__all__ = ["ZeroShotTask", "build_task", "score_candidates", "classify", "zero_shot_accuracy"]
+__all__ = ["ZeroShotTask", "build_task", "score_candidates", "classify", "zero_shot_accuracy",
+           "row_log_probs", "padded_ids"]
 
 
 @dataclass
@@ -70,7 +71,7 @@ def build_task(tokenizer: TextTokenizer, class_names: Sequence[str],
     return ZeroShotTask(list(class_names), list(templates), cands)
 
 
-def _padded(candidates: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
+def padded_ids(candidates: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
     """Right-padded ids ``[K, Lc]`` and their validity mask."""
     lc = max(len(c) for c in candidates)
     ids = torch.zeros(len(candidates), lc, dtype=torch.long)
@@ -128,26 +129,37 @@ def _scores_cached(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids, 
 
 
 @torch.no_grad()
+def row_log_probs(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids, ids: Tensor,
+                  valid: Tensor) -> Tensor:
+    """``[R, Lc]`` log P(ids[r, t] | image r, prompt, ids[r, <t]) from ONE full forward of
+    ``[IMG×N] prompt ids`` rows (no cache; right padding masked out, zeros there).
+
+    Args:
+        items: the image of each row (R of them).
+        ids / valid: ``[R, Lc]`` right-padded caption ids and their mask.
+    """
+    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
+    lc = ids.shape[1]
+    # prompt + a placeholder caption: the same layout and positions as the cached path
+    row_ids, img_mask, attn, pos, pixels, _ = prefix_batch(items, list(prompt_ids) + [0] * lc,
+                                                           dtype, device)
+    row_ids[:, -lc:] = ids
+    attn[:, -lc:] = valid.long()
+    out = model(input_ids=row_ids, pixel_values=pixels, image_mask=img_mask,
+                position_ids=pos, attention_mask=attn, logits_to_keep=lc + 1)
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)     # predicts tokens 0..
+    return logp.gather(2, ids[..., None])[..., 0].masked_fill(~valid, 0.0)
+
+
 def _scores_recomputed(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids,
                        ids: Tensor, valid: Tensor, rows_per_pass: int) -> Tensor:
     """``[B, K]`` scores with the prefix recomputed for every candidate row (no cache)."""
-    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
-    b, k, lc = len(items), ids.shape[0], ids.shape[1]
-    scores = torch.empty(b * k, device=device)
+    b, k = len(items), ids.shape[0]
+    scores = torch.empty(b * k, device=ids.device)
     for chunk in torch.arange(b * k).split(rows_per_pass):
-        img, cand = (chunk // k).tolist(), chunk % k
-        # prompt + a placeholder caption: the same layout and positions as the cached path
-        row_ids, img_mask, attn, pos, pixels, _ = prefix_batch(
-            [items[i] for i in img], list(prompt_ids) + [0] * lc, dtype, device)
-        c_ids, c_valid = ids[cand.to(device)], valid[cand.to(device)]
-        row_ids[:, -lc:] = c_ids
-        attn[:, -lc:] = c_valid.long()
-        out = model(input_ids=row_ids, pixel_values=pixels, image_mask=img_mask,
-                    position_ids=pos, attention_mask=attn, logits_to_keep=lc + 1)
-        logits = out.logits[:, :-1]                                    # predicts tokens 0..
-        first = torch.log_softmax(logits[:, 0].float(), dim=-1)
-        rest = logits[:, 1:] if lc > 1 else None
-        scores[chunk.to(device)] = _normalised(first, rest, c_ids, c_valid)
+        img, cand = (chunk // k).tolist(), (chunk % k).to(ids.device)
+        lp = row_log_probs(model, [items[i] for i in img], prompt_ids, ids[cand], valid[cand])
+        scores[chunk.to(ids.device)] = lp.sum(1) / valid[cand].sum(1)
     return scores.reshape(b, k)
 
 
@@ -175,7 +187,7 @@ def score_candidates(model: GenLIPModel, images: Sequence[ImageInput],
     if not candidates or any(len(c) == 0 for c in candidates):
         raise ValueError("score_candidates needs non-empty candidate captions.")
     device = model.ln_post.weight.device
-    ids, valid = _padded(candidates, device)
+    ids, valid = padded_ids(candidates, device)
     fn = _scores_cached if use_cache else _scores_recomputed
     out = [fn(model, images[i:i + image_batch], prompt_ids, ids, valid, rows_per_pass)
            for i in range(0, len(images), image_batch)]

@@ -195,12 +195,21 @@ class EvalConfig:
     """Generation budget per caption."""
     batch_size: int = 16
     """Images decoded together."""
+    suite: bool = False
+    """Run the evaluator suite (caption loss/perplexity, greedy exact match, CIDEr-D; on the
+    demo also zero-shot) on saved checkpoints: every suite_interval steps and the last one, on
+    the logging rank (docs/evaluation.md); the same numbers as tools/evaluate.py."""
+    suite_interval: int = 0
+    """Evaluate the checkpoints saved at multiples of this step (0: only the final one); a
+    step without a save is not evaluated."""
 
     def validate(self) -> "EvalConfig":
         """Intervals and counts; raises ConfigError."""
         _require(self.interval >= 0, f"evaluation.interval ({self.interval}) must be ≥ 0 (0 "
                  "disables the validation loss).")
         _require(self.iters >= 1, f"evaluation.iters ({self.iters}) must be ≥ 1.")
+        _require(self.suite_interval >= 0, f"evaluation.suite_interval ({self.suite_interval})"
+                 " must be ≥ 0 (0: the final checkpoint only).")
         return self
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +42,10 @@ class RunReport:
     caption_accuracy: Optional[float] = None
     eval_samples: int = 0
     val_loss: float = float("nan")
+    eval_metrics: dict = field(default_factory=dict)
+    """Evaluator-suite metrics of the final checkpoint (evaluation.suite)."""
+    init_metrics: dict = field(default_factory=dict)
+    """The same for the untrained model, and its ``loss/val`` (demo only)."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -117,17 +121,24 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
     from genlip_megatron.training.evaluation import caption_accuracy, unigram_loss
     from genlip_megatron.training.trainer import Trainer
 
-    trainer = Trainer(cfg, config_path=config_path, overrides=overrides)
+    hook = build_suite_hook(cfg)
+    trainer = Trainer(cfg, config_path=config_path, overrides=overrides,
+                      checkpoint_evaluators=[hook] if hook is not None else [])
     try:
+        init = init_baseline(cfg, trainer, hook) if cfg.demo is not None else {}
         summary = trainer.train()
     finally:
         trainer.close()
     report = RunReport(summary.steps, summary.final_loss, unigram_loss(summary.label_counts),
-                       summary.checkpoint, summary.stopped_early, val_loss=summary.val_loss)
+                       summary.checkpoint, summary.stopped_early, val_loss=summary.val_loss,
+                       eval_metrics=summary.eval_metrics, init_metrics=init)
     if report.stopped_early:  # preempted: checkpoint written, the requeued job evaluates
         dist.barrier()
         return report
-    if cfg.evaluation.caption_accuracy and summary.checkpoint and trainer.log_rank:
+    if "caption/exact_match" in report.eval_metrics:  # the suite captioned the same images
+        report.caption_accuracy = report.eval_metrics["caption/exact_match"]
+        report.eval_samples = len(hook.suite.evaluators[0].samples)
+    elif cfg.evaluation.caption_accuracy and summary.checkpoint and trainer.log_rank:
         report.caption_accuracy, report.eval_samples = caption_accuracy(
             summary.checkpoint, cfg.data, cfg.evaluation)
         logger.info("caption accuracy %.3f on %d held-out images", report.caption_accuracy,
@@ -135,6 +146,53 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
     _print_summary(cfg, report, trainer.log_rank)
     dist.barrier()
     return report
+
+
+def build_suite_hook(cfg):
+    """The checkpoint evaluator suite (evaluation.suite), or None."""
+    e = cfg.evaluation
+    if not e.suite:
+        return None
+    from genlip_megatron.evaluation.suite import CheckpointSuiteHook
+
+    return CheckpointSuiteHook(cfg.data, cfg.data.text.tokenizer_path,
+                               final_step=cfg.training.train_steps, interval=e.suite_interval,
+                               max_samples=e.max_samples, max_new_tokens=e.max_new_tokens,
+                               batch_size=e.batch_size, demo_tasks=cfg.demo is not None)
+
+
+def init_baseline(cfg, trainer, hook) -> dict:
+    """The untrained model's numbers (the demo's ``<key>_init``): validation loss at step 0
+    (every rank) and, on a single-chunk TP=1 run, the suite on the live weights."""
+    out = {}
+    if cfg.evaluation.interval and trainer.state.step == 0:
+        out["loss/val"] = trainer.validate()["loss/val"]
+    if hook is not None and trainer.log_rank and trainer.state.step == 0 and \
+            trainer.topo.tp == trainer.topo.pp == 1:
+        from genlip_megatron.probes.loading import from_megatron_state_dict
+        from genlip_megatron.training.checkpointing import unwrap_model
+
+        live = unwrap_model(trainer.model[0]).state_dict()
+        out.update(hook.suite(from_megatron_state_dict(live, cfg.model)))
+        logger.info("untrained model: %s", " | ".join(f"{k} {v:.4f}" for k, v in
+                                                     sorted(out.items())))
+    return out
+
+
+def _eval_fields(report: RunReport, with_init: bool) -> str:
+    """``val_loss=`` and the suite's headline numbers, each with ``<key>_init=`` (the untrained
+    model) on the demo line; suite numbers that were not measured are left out of a RUN line."""
+    keys = {"val_loss": "loss/val", "zeroshot_accuracy": "zeroshot/accuracy",
+            "cider": "caption/cider", "caption_loss": "caption/loss"}
+    final = {**report.eval_metrics, "loss/val": report.val_loss}
+    parts = []
+    for name, key in keys.items():
+        if not with_init and key not in report.eval_metrics and name != "val_loss":
+            continue
+        parts.append(f"{name}={final.get(key, float('nan')):.4f}")
+        if with_init:
+            parts.append(f"{name}_init={report.init_metrics.get(key, float('nan')):.4f}")
+    return " ".join(parts)
 
 
 def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
@@ -145,9 +203,9 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
     eval_glob = ",".join(str(p) for s in cfg.data.eval_sources
                          for p in ([s.paths] if isinstance(s.paths, str) else s.paths))
     acc = "nan" if report.caption_accuracy is None else f"{report.caption_accuracy:.4f}"
+    evals = _eval_fields(report, with_init=tag == "DEMO")
     print(f"{tag} steps={report.steps} final_loss={report.final_loss:.4f} "
-          f"unigram_loss={report.unigram_loss:.4f} val_loss={report.val_loss:.4f} "
-          f"caption_accuracy={acc} "
+          f"unigram_loss={report.unigram_loss:.4f} {evals} caption_accuracy={acc} "
           f"checkpoint={report.checkpoint} eval_data={eval_glob or 'none'} "
           f"tokenizer={cfg.data.text.tokenizer_path}", flush=True)
 

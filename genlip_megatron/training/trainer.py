@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,14 +90,24 @@ class RunSummary:
     """Why training stopped before train_steps (exit signal, time budget); "" when it did not."""
     val_loss: float = float("nan")
     """The last validation loss (``loss/val``; NaN when evaluation.interval is 0)."""
+    eval_metrics: dict = field(default_factory=dict)
+    """The checkpoint evaluators' metrics on the last saved checkpoint (logging rank)."""
+
+
+CheckpointEvaluator = Callable[[int, str], dict]
+"""``evaluator(step, checkpoint_path) -> {metric: value}`` ({} when it skips this step), run on
+the logging rank after each save (built by ``run`` from ``genlip_megatron.evaluation``; the
+trainer never imports that)."""
 
 
 class Trainer:
     """Builds everything from a validated GenLIPConfig and runs the loop."""
 
     def __init__(self, cfg: GenLIPConfig, config_path: Optional[str] = None,
-                 overrides: Optional[list[str]] = None):
+                 overrides: Optional[list[str]] = None,
+                 checkpoint_evaluators: Sequence[CheckpointEvaluator] = ()):
         self.cfg = cfg
+        self.checkpoint_evaluators = list(checkpoint_evaluators)
         self.config_dict = cfg.to_dict()
         self.preemption = PreemptionGuard(cfg.training.exit_signals,
                                           cfg.training.exit_duration_mins)
@@ -218,6 +228,27 @@ class Trainer:
         path = self.ckpt.save(self.model, self.optimizer, self.scheduler, self.state,
                               self.loader.state_dict(), self.config_dict)
         self.summary.checkpoint = str(path)
+        self._evaluate_checkpoint(str(path))
+
+    def _evaluate_checkpoint(self, path: str) -> None:
+        """Run the checkpoint evaluators on the checkpoint just saved (logging rank only; the
+        other ranks go on and wait for it in the next step's collectives)."""
+        if not self.checkpoint_evaluators:
+            return
+        self.ckpt.finalize_pending(blocking=True)  # the evaluators read the finished files
+        if not self.log_rank:
+            return
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for evaluate in self.checkpoint_evaluators:
+            metrics.update(evaluate(self.state.step, path))
+        if not metrics:
+            return
+        metrics["time/eval(s)"] = time.perf_counter() - start
+        logger.info("evaluation step %d | %s", self.state.step, " | ".join(
+            f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        self.metrics.log(metrics, self.state.step, console=False)
+        self.summary.eval_metrics = metrics
 
     def train_step(self) -> StepResult:
         """fetch micro-batches → forward/backward → finite check → optimizer/LR step → log."""
