@@ -15,7 +15,7 @@ import re
 from typing import Sequence
 
 from genlip_megatron.data.inference import EvalSample
-from genlip_megatron.data.synthetic import COLORS, SHAPES
+from genlip_megatron.data.synthetic import COLORS, POSITIONS, SHAPES
 from genlip_megatron.data.tokenizer import TextTokenizer
 from genlip_megatron.evaluation.zeroshot import ZeroShotTask, build_task
 
@@ -24,7 +24,7 @@ __all__ = ["DEMO_CLASSES", "demo_class", "demo_zero_shot_task"]
 DEMO_CLASSES = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c in COLORS for s in SHAPES]
 """Class names, colour-major: the caption prefix that names the class."""
 
-_SINGLE = re.compile(r"^(an? \w+ \w+) at the [a-z ]+\.$")
+_SINGLE = re.compile(r"^(an? \w+ \w+) at the (?:%s)\.$" % "|".join(POSITIONS))
 
 
 def demo_class(caption: str) -> int:
