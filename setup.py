@@ -51,7 +51,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
-            "genlip-pretrain=genlip_megatron.training.run:main",
+            "genlip-pretrain=genlip_megatron.run:main",
         ],
     },
 )

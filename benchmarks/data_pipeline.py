@@ -55,7 +55,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch  # noqa: E402
-from genlip_megatron.data.config import DataConfig, ImageConfig, PackingConfig, \
+from genlip_megatron.config.data import DataConfig, ImageConfig, PackingConfig, \
     ReaderConfig, SourceConfig, TextConfig  # noqa: E402
 from genlip_megatron.data.image import smart_resize  # noqa: E402
 from genlip_megatron.data.loader import build_train_loader  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genlip_megatron.config import VARIANTS, decode_variant  # noqa: E402
-from genlip_megatron.config_loader import ConfigError  # noqa: E402
+from genlip_megatron.config.loader import ConfigError  # noqa: E402
 from genlip_megatron.training.planner import GPUS, ModelDims, plan  # noqa: E402
 
 

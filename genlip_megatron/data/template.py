@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from genlip_megatron.data.batch import IGNORE_INDEX
-from genlip_megatron.data.config import DEFAULT_PROMPT, TextConfig
+from genlip_megatron.config.data import DEFAULT_PROMPT, TextConfig
 from genlip_megatron.data.tokenizer import TextTokenizer
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

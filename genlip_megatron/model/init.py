@@ -133,7 +133,7 @@ def init_genlip_weights(model: torch.nn.Module, tp_rank: int, tp_size: int,
     """Overwrite every parameter of ``model`` (one model chunk) with the reference init.
 
     Args:
-        model: a ``GenLIPModel`` chunk (its ``config`` is read).
+        model: a ``GenLIPMegatronModel`` chunk (its ``config`` is read).
         tp_rank, tp_size: this rank's tensor-parallel coordinates.
         layer_numbers: 1-based global layer number of each local decoder layer.
     """

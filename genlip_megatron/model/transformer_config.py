@@ -12,16 +12,16 @@ import copy
 import functools
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from genlip_megatron.compat.te import te_provides_wgrad_accumulation_fusion
-
-if TYPE_CHECKING:  # the model package does not import the run config at run time
-    from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+from genlip_megatron.model.fp8 import te_transformer_config_kwargs
+from genlip_megatron.model.fp8_emulation import emulation_config_kwargs, fp8_layer_numbers
 
 __all__ = ["GenLIPTransformerConfig", "build_transformer_config", "ATTENTION_BACKENDS",
            "gradient_accumulation_fusion_enabled", "local_linear_config"]
@@ -133,7 +133,7 @@ def local_linear_config(config: TransformerConfig) -> TransformerConfig:
     return local
 
 
-def _recompute_kwargs(parallel: "ParallelConfig") -> dict:
+def _recompute_kwargs(parallel: ParallelConfig) -> dict:
     r = parallel.recompute
     if r.granularity is None:
         return {}
@@ -143,26 +143,22 @@ def _recompute_kwargs(parallel: "ParallelConfig") -> dict:
             "recompute_num_layers": r.num_layers}
 
 
-def _precision_kwargs(model: "ModelConfig", precision: "PrecisionConfig") -> dict:
+def _precision_kwargs(model: ModelConfig, precision: PrecisionConfig) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision.params_dtype]
     out = {"params_dtype": dtype, "pipeline_dtype": dtype, "bf16": dtype == torch.bfloat16}
     fp8 = precision.fp8
     if fp8 is None:
         return out
     if fp8.emulate:
-        from genlip_megatron.model.fp8_emulation import emulation_config_kwargs, fp8_layer_numbers
-
         out.update(emulation_config_kwargs(fp8))
         out["fp8_emulation_layers"] = sorted(fp8_layer_numbers(model.num_layers, fp8))
     else:
-        from genlip_megatron.training.fp8 import te_transformer_config_kwargs
-
         out.update(te_transformer_config_kwargs(fp8))
     return out
 
 
-def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
-                             precision: "PrecisionConfig", *, init_seed: int = 1234,
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                             precision: PrecisionConfig, *, init_seed: int = 1234,
                              has_cuda: Optional[bool] = None) -> GenLIPTransformerConfig:
     """Translate the run config into the model's ``GenLIPTransformerConfig``.
 

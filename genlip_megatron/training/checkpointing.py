@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.config.training import CheckpointConfig
 from genlip_megatron.training.faults import maybe_inject
 
 logger = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ class TrainingState:
 
 
 def unwrap_model(chunk):
-    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
+    """The GenLIPMegatronModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
 
     Public API only (``megatron.core.utils.unwrap_model`` and the public wrapper classes, 0.16.1 …
     0.19.2), not the private ``_BaseDataParallel`` base class.

@@ -18,7 +18,7 @@ from torch import nn
 from genlip_megatron.convert.hf.image_processing_genlip import GenLIPImageProcessor, \
     smart_resize
 from genlip_megatron.convert.hf_config import image_settings
-from genlip_megatron.data.config import DataConfig, ImageConfig
+from genlip_megatron.config.data import DataConfig, ImageConfig
 from genlip_megatron.data.image import normalize_patches
 from genlip_megatron.data.image import smart_resize as training_smart_resize
 from genlip_megatron.data.inference import image_to_patches

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from genlip_megatron.data import image as image_mod
-from genlip_megatron.data.config import ImageConfig
+from genlip_megatron.config.data import ImageConfig
 from genlip_megatron.data.image import DaliDecoder, PillowDecoder, build_decoder, \
     normalize_patches, patchify, resize_uint8, smart_resize, target_size
 from genlip_megatron.data.synthetic import bad_sample, encode_image, render_sample

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from genlip_megatron.data.config import TextConfig
+from genlip_megatron.config.data import TextConfig
 from genlip_megatron.data.template import SampleError, TextEncoder, conversation_from_json, \
     parse_json_bytes
 

@@ -37,14 +37,14 @@ def reference_counts(H: int, F: int, L: int, T: int, V: int = 151936) -> dict:
     ("g/16", 30.70, 1229.1, 314.3),
 ])
 def test_param_counts_match_reference_shapes(mp_state, variant, per_layer_m, trunk_m, text_m):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     m = decode_variant(variant)
     cfg = build_transformer_config(m, ParallelConfig(), PrecisionConfig(params_dtype="bf16"),
                                    has_cuda=False)
     cfg = dataclasses.replace(cfg, perform_initialization=False)
     with torch.device("meta"):
-        model = GenLIPModel(cfg)
+        model = GenLIPMegatronModel(cfg)
     assert all(p.device.type == "meta" for p in model.parameters())
 
     def count(prefixes):

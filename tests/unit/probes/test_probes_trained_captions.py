@@ -22,7 +22,7 @@ from convert_testlib import TINY, save_megatron, transformer_config
 from test_probes_cli import _cli
 
 from genlip_megatron.convert import megatron_to_hf
-from genlip_megatron.data.config import DEFAULT_PROMPT, DataConfig, ImageConfig, TextConfig
+from genlip_megatron.config.data import DEFAULT_PROMPT, DataConfig, ImageConfig, TextConfig
 from genlip_megatron.data.synthetic import caption_corpus, render_sample
 from genlip_megatron.data.tokenizer import train_tiny_bpe
 from genlip_megatron.probes import caption_exact_match, generate_captions, load_image
@@ -92,12 +92,12 @@ def _megatron_greedy(model, im, prompt, tok, max_new=24):
 def test_trained_tiny_model_captions_as_well_after_export(mp_state, tmp_path):
     from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
 
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     tok = train_tiny_bpe(caption_corpus(), TINY.vocab_size, tmp_path / "tok.json")
     prompt = tok.encode(DEFAULT_PROMPT)
     samples = _data(tok)
-    model = GenLIPModel(transformer_config(TINY))
+    model = GenLIPMegatronModel(transformer_config(TINY))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     *inputs, labels = _batch(samples, prompt, tok)
     for _ in range(STEPS):
