@@ -28,10 +28,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["hf_config_dict", "read_hf_config", "match_variant", "model_config_from_dict",
            "image_settings", "image_section_from_export", "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
 
-AUTO_MAP = {"AutoConfig": "configuration_genlip.RunConfig",
+AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
             "AutoModel": "modeling_genlip.GenLIPModel",
             "AutoModelForCausalLM": "modeling_genlip.GenLIPForCausalLM"}
-VISION_AUTO_MAP = {"AutoConfig": "configuration_genlip.RunConfig",
+VISION_AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
                    "AutoModel": "modeling_genlip.GenLIPVisionModel"}
 PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_genlip.GenLIPImageProcessor",
                       "AutoProcessor": "processing_genlip.GenLIPProcessor"}
