@@ -2,7 +2,7 @@
 
 Reference: ``Qwen2VLPretrainTemplate.encode_messages(..., no_special_tokens=True)`` with
 ``recap_datacomp_1b_preprocess`` (stage 1) and ``mmpretrain_mixed_preprocess`` (stage 2),
-reference notes §4. A sample is ``[IMG×N] prompt caption <|im_end|>\\n``:
+docs/reference-architecture.md. A sample is ``[IMG×N] prompt caption <|im_end|>\\n``:
 
 - no BOS, no ``<|vision_start|>``/``<|vision_end|>``, no ``<|im_start|>``;
 - each message is ``.strip()``-ed and encoded on its own (the image pads lead the first user
