@@ -26,7 +26,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RefRotary(nn.Module):
-    """GenLIPRotaryEmbeddings with interleaved MRoPE (notes §2.4)."""
+    """GenLIPRotaryEmbeddings with interleaved MRoPE (docs/reference-architecture.md)."""
 
     def __init__(self, head_dim: int, theta: float, mrope_section: Sequence[int]):
         super().__init__()

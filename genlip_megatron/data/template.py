@@ -12,9 +12,10 @@ docs/reference-architecture.md. A sample is ``[IMG×N] prompt caption <|im_end|>
 - stage-2 conversations concatenate their turns with no separator; every assistant turn is
   labelled.
 
-Deliberate differences from the reference (both are reference bugs, see notes §7): json bytes are
-decoded, and the README's ``conversation`` key is accepted besides ``conversations``. The image
-always leads the sample (our packed layout and MRoPE ids assume it); the reference drops a
+Deliberate differences from the reference (both are reference bugs, see
+docs/reference-architecture.md, "Problems in the released training code"): json bytes are
+decoded, and the reference README's ``conversation`` key is accepted besides ``conversations``.
+The image always leads the sample (our packed layout and MRoPE ids assume it); the reference drops a
 conversation whose first user turn lacks ``<image>``, we keep it with the image in front.
 """
 

@@ -28,6 +28,8 @@ FORBIDDEN = {
                         "docs/reference-architecture.md",
     r"megatron-core-on-cpu\.md": "not in the repository: cite docs/design.md or "
                                  "genlip_megatron/compat/",
+    r"§": "a numbered section of some document: cite a file in the repository (and a docs/ "
+          "section by its title)",
 }
 
 
@@ -82,10 +84,11 @@ def test_every_cited_path_exists_and_nothing_cites_outside_the_repository():
     ("# the layout is in docs/no-such-page.md\n", "cites docs/no-such-page.md"),
     ('"""Moved: see genlip_megatron/training/gone.py."""\n',
      "cites genlip_megatron/training/gone.py"),
-    ("def f():\n    \"\"\"As in DESIGN §5.\"\"\"\n", "DESIGN"),
-    ("# see reference notes §2.4\n", "reference notes"),
-    ("# (megatron-core-on-cpu.md §3.3)\n", "megatron-core-on-cpu"),
+    ("def f():\n    \"\"\"As in DESIGN 5.\"\"\"\n", "DESIGN"),
+    ("# see reference notes 2.4\n", "reference notes"),
+    ("# (megatron-core-on-cpu.md 3.3)\n", "megatron-core-on-cpu"),
     ("# ../shared/STYLE.md\n", "shared"),
+    ("# the init rules (notes §2.7)\n", "§"),
 ])
 def test_scanner_finds_a_planted_bad_citation(tmp_path, planted, found):
     (tmp_path / "docs").mkdir()

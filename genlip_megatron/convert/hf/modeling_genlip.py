@@ -116,7 +116,8 @@ def _runs(flags: torch.Tensor, keys: torch.Tensor) -> list[tuple[int, int]]:
 
 def build_position_ids(image_mask: torch.Tensor, segment_ids: torch.Tensor,
                        image_grids: Optional[torch.Tensor]) -> torch.Tensor:
-    """MRoPE ids ``[B, 3, L]`` as the reference data pipeline builds them (notes §2.4).
+    """MRoPE ids ``[B, 3, L]`` as the reference data pipeline builds them
+    (docs/reference-architecture.md).
 
     Per sample (a run of equal ``segment_ids`` >= 0): an image run with grid (gh, gw) gets
     (0, r, c) in raster order; text continues at t = h = w = max(gh, gw) of the latest image
@@ -425,7 +426,8 @@ def _grid_list(grids: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class GenLIPPreTrainedModel(PreTrainedModel):
-    """Init rules of the reference ``_init_weights`` (notes §2.7); guarded in transformers 5.
+    """Init rules of the reference ``_init_weights`` (docs/reference-architecture.md); guarded
+    in transformers 5.
 
     Also the image-only pass shared by :class:`GenLIPVisionModel` and :class:`GenLIPModel`
     (both own ``vision_embeddings``, ``visual``, ``rotary_emb`` and ``ln_post``).
