@@ -1,7 +1,9 @@
 """Every path a comment or docstring cites exists in the repository; nothing cites outside it.
 
 A maintainer follows a citation such as ``docs/design.md`` or ``genlip_megatron/compat/cuda.py``;
-a citation of a file that moved, or of a document that never was in the repository (the outside notes the code was first written from), leaves them with nothing to read.
+a citation of a file that moved, or of a document that never was in the repository (the notes
+the code was first written from), leaves them with nothing to read. Sections of documents are
+cited by title, never by number ("§4" names no file).
 The scanner reads comments (``tokenize``) and docstrings (``ast``) only: string literals in code
 are data (temporary paths in tests, user-facing examples), not citations.
 """
