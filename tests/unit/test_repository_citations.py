@@ -3,7 +3,7 @@
 A maintainer follows a citation such as ``docs/design.md`` or ``genlip_megatron/compat/cuda.py``;
 a citation of a file that moved, or of a document that never was in the repository (the notes
 the code was first written from), leaves them with nothing to read. Sections of documents are
-cited by title, never by number ("§4" names no file).
+cited by title, never by a section number (a number names no file).
 The scanner reads comments (``tokenize``) and docstrings (``ast``) only: string literals in code
 are data (temporary paths in tests, user-facing examples), not citations.
 """
@@ -109,3 +109,39 @@ def test_scanner_accepts_good_citations_and_ignores_code_strings(tmp_path):
                     'OUT = "docs/not-a-citation.md"  # written at run time; see docs/design.md\n'
                     "site = 'lib/site-packages/tools/x.py'\n")
     assert citation_problems(good, root=tmp_path) == []
+
+
+MD_LINK_RE = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def markdown_link_problems(page: Path, root: Path = ROOT) -> list[str]:
+    """``page:line: problem`` for each relative link of a Markdown page whose target is missing,
+    and each citation of a document outside the repository."""
+    rel = page.relative_to(root) if page.is_relative_to(root) else page
+    problems = []
+    for line, text in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        for match in MD_LINK_RE.finditer(text):
+            target = match.group(1)
+            if "://" not in target and not (page.parent / target).exists():
+                problems.append(f"{rel}:{line}: links {target}, which does not exist")
+        for pattern, why in FORBIDDEN.items():
+            if pattern != r"§" and re.search(pattern, text):
+                problems.append(f"{rel}:{line}: matches {pattern!r}: {why}")
+    return problems
+
+
+def test_readme_and_docs_links_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 5, "docs/ pages missing"
+    problems = [p for page in pages for p in markdown_link_problems(page)]
+    assert not problems, "\n".join(problems)
+
+
+def test_link_check_finds_a_planted_dead_link(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "design.md").write_text("# design\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("See [design](design.md#layers), [gone](gone.md) and "
+                    "[upstream](https://example.org/x.md).\n")
+    problems = markdown_link_problems(page, root=tmp_path)
+    assert len(problems) == 1 and "links gone.md" in problems[0], problems
