@@ -30,6 +30,7 @@ import logging
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from convert_testlib import TINY, save_megatron, transformer_config
 from test_probes_cli import _cli
@@ -187,6 +188,7 @@ def _check_cli(tmp_path, samples, caplog, hf_fp32, tok):
                                          batch_size=5), side
 
 
+@pytest.mark.slow   # 30 s at 1 thread, 40-60 s at 2 threads on the 2-core machine
 def test_trained_tiny_model_decodes_the_same_after_export(mp_state, tmp_path, caplog):
     from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
 
