@@ -2,7 +2,7 @@
 """Data pipeline benchmark: samples/s and packing efficiency vs a reference-style baseline.
 
     python benchmarks/data_pipeline.py --quick     # smoke check, ~2 min on 2 cores
-    python benchmarks/data_pipeline.py             # the figures in README, ~6 min on 2 cores
+    python benchmarks/data_pipeline.py             # docs/benchmarks.md figures, ~6 min on 2 cores
     python benchmarks/data_pipeline.py --workers 4 --data-dir /tmp/bench_data   # keep the data
 
 Generates its own synthetic webdataset shards (in --data-dir, reused when present):
@@ -354,7 +354,7 @@ def run_ours(root: Path, tok: TextTokenizer, stage: int, workers: int,
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="short windows (12 rows or 8 s): a smoke check, not the README figures")
+                   help="short windows (12 rows or 8 s): a smoke check, not the documented figures")
     p.add_argument("--workers", type=int, default=2, help="worker processes for both pipelines")
     p.add_argument("--rounds", type=int, default=None, help="alternating measurement rounds")
     p.add_argument("--data-dir", type=Path, default=None, help="where to generate/reuse data")

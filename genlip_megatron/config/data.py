@@ -49,7 +49,7 @@ class SourceConfig:
 
 @dataclass(kw_only=True)
 class ImageConfig:
-    """Decoding, resizing and patching of images (reference notes §4, image processor)."""
+    """Decoding, resizing and patching of images (docs/reference-architecture.md, Image processor)."""
 
     policy: Literal["fixed", "native"] = "fixed"
     """fixed: resize to fixed_size × fixed_size, no crop (stage 1); native: keep the aspect ratio

@@ -18,7 +18,7 @@ QWEN3_VOCAB = 151936
 
 # One row per size: hidden, layers, heads, SwiGLU width, text width, mrope sections, drop path.
 # Sources: reference repo YanFangCS/GenLIP@db2c226 configs/model_configs/genlip/genlip_*_224.json
-# (text width 1024 as in the released checkpoints; So/16 says 1152 at HEAD, see reference notes §1).
+# (text width 1024 as in the released checkpoints; So/16 says 1152 at HEAD, see docs/reference-architecture.md).
 VARIANTS: dict[str, tuple[int, int, int, int, int, tuple[int, int, int], float]] = {
     "tiny": (64, 2, 4, 176, 48, (2, 3, 3), 0.0),          # ours: unit tests (text ≠ hidden)
     "demo": (192, 4, 4, 512, 128, (8, 8, 8), 0.0),        # ours: CPU demo
@@ -33,7 +33,7 @@ _SMALL_VOCAB = {"tiny": 256, "demo": 1024}
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Architecture of one GenLIP transformer (reference notes §1–§2)."""
+    """Architecture of one GenLIP transformer (docs/reference-architecture.md)."""
 
     variant: str = "tiny"
     """Size name, e.g. "L/16", "So/16", "g/16", "G/16", "tiny", "demo"; fills every field below."""

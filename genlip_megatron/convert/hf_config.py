@@ -1,6 +1,7 @@
 """``config.json`` of the released GenLIP format: writing it, and reading it with its quirks.
 
-Written configs carry every key of the reference configs (reference notes §1, in that order),
+Written configs carry every key of the reference configs (docs/reference-architecture.md, in that
+order),
 ``architectures: ["GenLIPModel"]``, the text width ``text_embed_dim`` (which the released configs
 omit) and an ``auto_map`` to the self-contained modeling file copied next to the weights.
 

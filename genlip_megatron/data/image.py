@@ -1,6 +1,6 @@
 """Images: size policies, header probe, DALI / Pillow decoding, resize, patchify, normalise.
 
-Pixel path (reference notes §4, image processor):
+Pixel path (docs/reference-architecture.md, Image processor):
   encoded bytes → decode to RGB (P → RGBA → RGB; no EXIF rotation, like PIL) → resize bilinear
   with antialiasing to the policy's size → uint8 patches ``[N, C*p*p]`` in raster (row, col)
   order, each flattened (C, ph, pw) → float32 ``x/127.5 - 1`` (= (x/255 - 0.5)/0.5) when rows

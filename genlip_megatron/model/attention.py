@@ -1,4 +1,4 @@
-"""Prefix-LM core attention for packed rows: one interface, three backends (DESIGN §5).
+"""Prefix-LM core attention for packed rows: one interface, three backends (docs/design.md).
 
 Mask rule for a packed row (segment id = sample index in the row, -1 on padding): query q may
 see key k iff both are in the same sample (segment ≥ 0) and either both are image tokens

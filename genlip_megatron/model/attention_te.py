@@ -1,4 +1,4 @@
-"""Transformer Engine prefix-LM attention: two fused varlen calls per batch (DESIGN §5).
+"""Transformer Engine prefix-LM attention: two fused varlen calls per batch (docs/design.md).
 
 Imported only when ``model.attention_backend`` is "te" (``layer_spec.core_attention_class``
 checks TE first). Incompatible with context parallelism (refused by the config).

@@ -217,7 +217,8 @@ class GenLIPMegatronModel(MegatronModule):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, grid_hw: Tensor) -> list[Tensor]:
-        """Vision-encoder use: ln_post features of images alone (MLLM encoder, DESIGN §4).
+        """Vision-encoder use: ln_post features of images alone (the MLLM encoder;
+        docs/reference-architecture.md).
 
         Each image attends bidirectionally to itself only, with positions (0, r, c).
 

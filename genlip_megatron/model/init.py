@@ -1,4 +1,6 @@
-"""Reference initialisation of GenLIP (notes §2.7), identical under any TP/PP/VPP layout.
+"""Reference initialisation of GenLIP, identical under any TP/PP/VPP layout.
+
+The rules: docs/reference-architecture.md, Initialization.
 
 =====================================  ===========================================================
 tensor                                 init

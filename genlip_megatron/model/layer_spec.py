@@ -1,6 +1,7 @@
 """The GenLIP TransformerLayer ``ModuleSpec`` for the local and Transformer Engine backends.
 
-One block (notes §2.2): pre-norm LayerNorm → gated self-attention (fused ``linear_qkv`` with
+One block (docs/reference-architecture.md):
+pre-norm LayerNorm → gated self-attention (fused ``linear_qkv`` with
 per-head ``[q, gate, k, v]`` rows, prefix-LM core attention, ``linear_proj``) → LayerScale +
 DropPath residual → LayerNorm → SwiGLU MLP (``linear_fc1`` = ``[gate_fc; fc1]``, ``linear_fc2``)
 → LayerScale + DropPath residual.

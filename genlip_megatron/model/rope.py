@@ -1,4 +1,4 @@
-"""Interleaved MRoPE of GenLIP (reference notes §2.4).
+"""Interleaved MRoPE of GenLIP (docs/reference-architecture.md, MRoPE).
 
 Frequency channel ``i`` (of ``head_dim / 2``) rotates by the H position when ``i % 3 == 1`` and
 ``i < 3·section[1]``, by the W position when ``i % 3 == 2`` and ``i < 3·section[2]``, and by the T

@@ -32,7 +32,7 @@ ATTENTION_BACKENDS = ("dense", "flex", "te", "varlen")
 
 @dataclass
 class GenLIPTransformerConfig(TransformerConfig):
-    """megatron ``TransformerConfig`` plus the GenLIP fields (reference notes §1–§2).
+    """megatron ``TransformerConfig`` plus the GenLIP fields (docs/reference-architecture.md).
 
     megatron fields GenLIP relies on: ``hidden_size`` H, ``num_layers``, ``num_attention_heads``
     (= ``num_query_groups``, MHA), ``kv_channels`` (head dim), ``ffn_hidden_size`` (SwiGLU width),
@@ -187,7 +187,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         init_method_std=model.init_std, init_method=normal, output_layer_init_method=normal,
         mrope_section=list(model.mrope_section),
         # Machine-dependent: CPU init builds full master weights and slices them (TP-invariant);
-        # fused kernels only where they exist (apex is not on PyPI, see DESIGN §6).
+        # fused kernels only where they exist (apex is not on PyPI, see docs/design.md).
         use_cpu_initialization=not has_cuda,
         bias_activation_fusion=has_cuda, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False,
@@ -198,8 +198,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         virtual_pipeline_model_parallel_size=parallel.vpp, sequence_parallel=parallel.sp,
         context_parallel_size=parallel.cp,
         # gloo matches batched p2p ops by posting order: with PP=2 interleaved, forward
-        # activations and backward grads of the same shape get swapped (megatron-core-on-cpu.md
-        # §3.3 item 1).
+        # activations and backward grads of the same shape get swapped (docs/design.md,
+        # CPU workarounds).
         batch_p2p_comm=has_cuda or parallel.vpp is None,
         deallocate_pipeline_outputs=True,
         transformer_impl="transformer_engine" if model.transformer_impl == "te" else "local",

@@ -17,7 +17,7 @@ missing or damaged; a damaged checkpoint is refused naming the file, offering th
 What is sharded how:
 - model / optimizer: megatron ShardedTensors; the distributed optimizer uses the
   ``fully_reshardable`` format, the one that reshards across TP/PP/DP and keeps Adam's ``step``
-  (megatron-core-on-cpu.md §3.3). Loading under another TP/PP/DP layout works for both.
+  (genlip_megatron/compat/optimizer.py). Loading under another TP/PP/DP layout works for both.
 - RNG: one ShardedObject per (pp, tp, dp) rank; restored only when the layout is unchanged.
 - data-loader state: one ShardedObject per data-parallel rank (TP/PP replicas hold the same
   stream); restored only when the data-parallel size is unchanged.

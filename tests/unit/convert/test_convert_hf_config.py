@@ -13,7 +13,8 @@ from genlip_megatron.convert.hf_config import check_against_variant, hf_config_d
     match_variant, read_hf_config
 from genlip_megatron.convert.registry import ConversionError
 
-# Every key of configs/model_configs/genlip/genlip_g16_224.json (reference notes §1), minus the
+# Every key of configs/model_configs/genlip/genlip_g16_224.json (docs/reference-architecture.md),
+# minus the
 # g/16-only unused "num_patches".
 REFERENCE_KEYS = {
     "model_type", "architectures", "num_channels", "patch_size", "attention_dropout",

@@ -26,7 +26,7 @@ HAND = {
     (64, 64): (64, 64),        # exactly min_pixels
     (512, 512): (512, 512),    # exactly max_pixels
 }
-# More sizes, from the rule in the reference notes §4 (round to 16; above max_pixels: beta =
+# More sizes, from the rule in docs/reference-architecture.md (round to 16; above max_pixels: beta =
 # sqrt(HW/max), floor(H/beta/16)·16; below min_pixels: beta = sqrt(min/HW), ceil(H·beta/16)·16).
 # Spot checks: (480, 640): beta 1.0825 → floor(27.7)=27, floor(36.9)=36 → 432×576;
 # (1, 2): rounds to 0×0 → beta 45.25 → ceil(2.83)=3, ceil(5.66)=6 → 48×96;

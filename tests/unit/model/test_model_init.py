@@ -1,4 +1,4 @@
-"""Reference initialisation (notes §2.7): per-tensor rules, determinism, TP slicing."""
+"""Reference initialisation (docs/reference-architecture.md): per-tensor rules, TP slicing."""
 
 from __future__ import annotations
 

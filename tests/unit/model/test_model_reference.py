@@ -1,6 +1,7 @@
 """GenLIPMegatronModel (megatron, TP=1) against the independent plain-PyTorch reference (fp32).
 
-The reference (tests/reference_genlip.py) is written from the reference notes with HF key names;
+The reference (tests/reference_genlip.py) is written from docs/reference-architecture.md with HF
+key names;
 our weights are mapped into it with the documented layout. Packed rows hold several samples with
 different image sizes; the tiny preset has text_dim (48) ≠ hidden (64), so in_proj/proj are on.
 """
