@@ -5,7 +5,8 @@ One module per section, each a ``@dataclass(kw_only=True)`` with a docstring und
 ``training`` (optimizer, schedule, loop, checkpoints, logging, evaluation), and ``run_config``
 (``RunConfig`` composing them, ``load_config``, cross-section validation). ``loader`` maps YAML
 onto dataclasses. Nothing here imports any other part of ``genlip_megatron`` except ``compat``
-(docs/design.md, "Package layers"; enforced by the import-linter contracts in ``.importlinter``).
+(docs/design.md, "Package layers"; enforced by the import-linter contracts in
+``.importlinter``).
 """
 
 from genlip_megatron.config.data import DEFAULT_PROMPT, DataConfig, ImageConfig, PackingConfig, \
