@@ -1,8 +1,9 @@
 """The import contracts of `.importlinter` hold, and they catch a deliberately added violation.
 
 Layers (docs/design.md, "Package layers"): compat < config < model | data < training < convert
-< probes < evaluation < run, with tools/benchmarks/pretrain_genlip.py on top; the exported HF code is
-self-contained; no cycle between sibling modules in the package or the benchmarks.
+< probes < evaluation < run, with tools/, benchmarks/ and pretrain_genlip.py on top; the
+exported HF code is self-contained; no cycle between sibling modules in the package or the
+benchmarks.
 """
 
 from __future__ import annotations
