@@ -67,7 +67,7 @@ def run(args) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from genlip_megatron.config_loader import ConfigError
+    from genlip_megatron.config.loader import ConfigError
     from genlip_megatron.convert import ConversionError
 
     try:

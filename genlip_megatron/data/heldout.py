@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from genlip_megatron.data.batch import PackedBatch
-from genlip_megatron.data.config import DataConfig
+from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.inference import eval_raw_batches
 from genlip_megatron.data.packer import collate_rows
 from genlip_megatron.data.sample import ProcessedSample, SampleProcessor, Skipped

@@ -1,6 +1,12 @@
-"""Evaluators of a GenLIP run (above training and probes in the layering; the trainer never
-imports this package: ``run`` builds evaluators and hands them to the trainer as callables).
+"""What a run produced: evaluations above training and probes in the layering.
 
-- :mod:`~genlip_megatron.evaluation.zeroshot`: generative zero-shot classification with the
-  KV cache.
+The run entry (``genlip_megatron/run.py``) builds these and hands the trainer callables; the
+trainer never imports this package.
+
+- ``captions``: end-of-run greedy captions on held-out images (exact match) and the unigram
+  baseline of the training labels;
+- ``suite``: the evaluator interface and suite run on checkpoints in the loop and by
+  ``tools/evaluate.py`` (``captioning``: caption loss / perplexity, exact match, CIDEr-D
+  (``cider``); ``zeroshot``: generative zero-shot with the KV cache; ``demo_tasks``: the demo's
+  labelled task).
 """

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
-from genlip_megatron.data.config import DataConfig
+from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.inference import EvalSample, iter_eval_samples
 from genlip_megatron.data.tokenizer import TextTokenizer
 from genlip_megatron.evaluation.captioning import caption_metrics, shared_prompt

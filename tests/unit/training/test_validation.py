@@ -84,7 +84,7 @@ def test_validation_runs_at_the_interval_and_the_end(make_trainer, tmp_path):
 
 def test_interval_without_held_out_sources_is_a_config_error(data_dir):
     from genlip_megatron.config import load_config
-    from genlip_megatron.config_loader import ConfigError
+    from genlip_megatron.config.loader import ConfigError
 
     sets = [s for s in tiny_overrides(data_dir) if not s.startswith("data.eval_sources")]
     cfg = load_config(TINY_CONFIG, sets + ["evaluation.interval=5"])
