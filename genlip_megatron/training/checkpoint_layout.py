@@ -107,7 +107,7 @@ def read_latest(save_dir: str | Path) -> tuple[Optional[Path], str]:
         name = pointer.read_bytes().decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"{pointer} is unreadable ({type(exc).__name__})"
-    if checkpoint_step(name) is None:
+    if not _ITER_RE.match(name):   # a bare name: a path could leave save_dir
         return None, f"{pointer} holds {name[:40]!r}, not an iter_N name"
     target = Path(save_dir) / name
     if not is_finished(target):
