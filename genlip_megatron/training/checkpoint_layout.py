@@ -68,6 +68,14 @@ def sibling(final: Path, suffix: str) -> Path:
     return final.with_name(final.name + suffix)
 
 
+def unsuffixed(path: Path) -> Path:
+    """``iter_N`` of an ``iter_N.tmp``/``.old``/``.removing`` sibling."""
+    for suffix in (TMP, OLD, REMOVING):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
 def checkpoint_step(path: str | Path) -> Optional[int]:
     """N of an ``iter_N`` directory name, None for anything else (``.tmp`` siblings too)."""
     match = _ITER_RE.match(Path(path).name)
@@ -92,6 +100,19 @@ def finished_checkpoints(save_dir: str | Path) -> list[Path]:
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and is_finished(p)),
                   key=checkpoint_step)
+
+
+def interrupted_publications(save_dir: str | Path) -> list[Path]:
+    """``iter_N.tmp`` saves holding :data:`COMPLETE` with no ``iter_N`` beside them, oldest
+    first: finished saves a crash stopped before the rename (the trainer publishes them at
+    start-up, :func:`recover_interrupted_publish`)."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    found = [tmp for tmp in root.glob("iter_*" + TMP)
+             if (tmp / COMPLETE).is_file() and checkpoint_step(unsuffixed(tmp)) is not None
+             and not unsuffixed(tmp).exists()]
+    return sorted(found, key=lambda tmp: checkpoint_step(unsuffixed(tmp)))
 
 
 # ------------------------------------------------------------------------------ latest
@@ -151,6 +172,10 @@ def resolve_checkpoint(path: str | Path, warn: Callable[..., None] = logger.warn
     """The checkpoint ``path`` means: itself when it holds one; for a save dir the one
     ``latest`` names, else (pointer missing, garbage or dangling) the newest finished one.
 
+    Only reads: a complete save whose publication a crash interrupted (a marked ``.tmp``) is
+    not chosen, but named in a warning when it is newer; the trainer publishes it at start-up
+    (:func:`recover_interrupted_publish`) before it resolves.
+
     Args:
         warn: logs the fallback (``logging`` style); the trainer passes a rank-0-only logger.
 
@@ -164,16 +189,21 @@ def resolve_checkpoint(path: str | Path, warn: Callable[..., None] = logger.warn
     if is_checkpoint_dir(path):
         return path
     target, problem = read_latest(path)
-    if target is not None:
-        return target
-    done = finished_checkpoints(path)
-    if not done:
-        if problem:
-            raise CheckpointError(f"{problem}, and {path} holds no finished checkpoint.")
-        return None
-    warn("%s; using the newest finished checkpoint %s instead.",
-         problem or f"{path / LATEST} is missing", done[-1].name)
-    return done[-1]
+    if target is None:
+        done = finished_checkpoints(path)
+        if not done:
+            if problem:
+                raise CheckpointError(f"{problem}, and {path} holds no finished checkpoint.")
+            return None
+        target = done[-1]
+        warn("%s; using the newest finished checkpoint %s instead.",
+             problem or f"{path / LATEST} is missing", target.name)
+    pending = interrupted_publications(path)
+    if pending and checkpoint_step(unsuffixed(pending[-1])) > checkpoint_step(target):
+        warn("%s is a complete save whose publication a crash interrupted (the trainer "
+             "publishes it when it restarts); reading %s. Pass %s itself to read that one.",
+             pending[-1].name, target.name, pending[-1])
+    return target
 
 
 # ------------------------------------------------------------------------------ publish
@@ -216,15 +246,14 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     recovered = []
-    for tmp in sorted(root.glob("iter_*" + TMP)):
-        final = tmp.with_name(tmp.name[: -len(TMP)])
-        if (tmp / COMPLETE).is_file() and not final.exists():
-            os.replace(tmp, final)
-            recovered.append(final)
-            logger.warning("recovered %s: its save had finished but a crash interrupted the "
-                           "publication.", final)
+    for tmp in interrupted_publications(root):
+        final = unsuffixed(tmp)
+        os.replace(tmp, final)
+        recovered.append(final)
+        logger.warning("recovered %s: its save had finished but a crash interrupted the "
+                       "publication.", final)
     for old in sorted(root.glob("iter_*" + OLD)):
-        final = old.with_name(old.name[: -len(OLD)])
+        final = unsuffixed(old)
         if is_finished(final):
             shutil.rmtree(old, ignore_errors=True)
         elif not final.exists():

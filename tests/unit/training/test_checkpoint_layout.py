@@ -19,8 +19,9 @@ import pytest
 
 from genlip_megatron.training import checkpoint_layout as layout
 from genlip_megatron.training.checkpoint_layout import COMPLETE, LATEST, CheckpointError, \
-    finished_checkpoints, is_finished, iteration_dir, publish_checkpoint, read_latest, \
-    resolve_checkpoint, write_latest
+    finished_checkpoints, interrupted_publications, is_finished, iteration_dir, \
+    publish_checkpoint, read_latest, recover_interrupted_publish, resolve_checkpoint, \
+    write_latest
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -83,8 +84,26 @@ def test_latest_naming_an_unfinished_dir_falls_back_to_the_newest_finished(tmp_p
     warned = []
     assert resolve_checkpoint(tmp_path, warn=lambda *a: warned.append(a[0] % a[1:])) == \
         iteration_dir(tmp_path, 4)
-    assert len(warned) == 1 and "iter_0000004" in warned[0] and str(tmp_path / LATEST) in \
+    assert len(warned) == 2 and "iter_0000004" in warned[0] and str(tmp_path / LATEST) in \
         warned[0]
+    assert warned[1].startswith("iter_0000010.tmp is a complete save whose publication")
+
+
+def test_readers_leave_an_interrupted_publication_to_the_trainer_and_name_it(tmp_path):
+    """A marked ``.tmp`` (killed before its rename) is not read in place by to-hf or the probes
+    (the trainer may be renaming it); the warning names it, and after the trainer's start-up
+    recovery every reader chooses it."""
+    _finished(iteration_dir(tmp_path, 4))
+    write_latest(tmp_path, "iter_0000004")
+    (_finished(tmp_path / "iter_0000008.tmp") / COMPLETE).write_text("iter_0000008\n")
+    _finished(tmp_path / "iter_0000009.tmp")           # unmarked: an unfinished save
+    assert _names(interrupted_publications(tmp_path)) == ["iter_0000008.tmp"]
+    warned = []
+    assert resolve_checkpoint(tmp_path, warn=lambda *a: warned.append(a[0] % a[1:])) == \
+        iteration_dir(tmp_path, 4)
+    assert len(warned) == 1 and str(tmp_path / "iter_0000008.tmp") in warned[0]
+    assert recover_interrupted_publish(tmp_path) == [iteration_dir(tmp_path, 8)]
+    assert resolve_checkpoint(tmp_path, warn=pytest.fail) == iteration_dir(tmp_path, 8)
 
 
 def test_a_valid_latest_wins_over_a_newer_finished_checkpoint(tmp_path):
