@@ -18,7 +18,6 @@ What is sharded how:
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.checkpoint_layout import COMPLETE, LATEST, TMP, \
-    CheckpointError, checkpoint_step, finished_checkpoints, is_finished, iteration_dir, \
-    prune_checkpoints, publish_checkpoint, read_latest, recover_interrupted_publish, \
-    remove_checkpoint, resolve_checkpoint, sibling, write_latest
+from genlip_megatron.training.checkpoint_layout import LATEST, TMP, CheckpointError, \
+    checkpoint_step, finished_checkpoints, iteration_dir, prune_checkpoints, \
+    publish_checkpoint, recover_interrupted_publish, remove_checkpoint, resolve_checkpoint, \
+    sibling
 from genlip_megatron.training.config import CheckpointConfig
 from genlip_megatron.training.faults import maybe_inject
 
