@@ -200,7 +200,7 @@ def test_to_hf_probes_and_trainer_resume_pick_the_same_checkpoint(
 
     from genlip_megatron.probes.loading import load_genlip_for_inference
     from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
-    from genlip_megatron.training.config import CheckpointConfig
+    from genlip_megatron.config.training import CheckpointConfig
 
     save_src, weights = two_checkpoints
     save = tmp_path / "save"
