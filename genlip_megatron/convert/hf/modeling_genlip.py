@@ -89,9 +89,13 @@ def normalize_pixel_values(pixel_values: torch.Tensor, image_grid_thw: Optional[
     if image_grid_thw is not None:
         grid = torch.as_tensor(image_grid_thw).reshape(-1, image_grid_thw.shape[-1])[:, -2:]
     if pixel_values.dim() == 2:
-        if pixel_values.shape[1] != c * p * p:
-            raise ValueError(f"pixel_values [N, {pixel_values.shape[1]}] must be flattened patches"
-                             f" of length C*p*p = {c * p * p}.")
+        d = pixel_values.shape[1]
+        if d != c * p * p:
+            hint = (f" (it looks like Qwen2-VL patches of temporal_patch_size={d // (c * p * p)}; "
+                    "GenLIP takes temporal_patch_size=1, merge_size=1: GenLIPImageProcessor's "
+                    "packed layout)") if d % (c * p * p) == 0 else ""
+            raise ValueError(f"pixel_values [N, {d}] must be flattened patches of length "
+                             f"C*p*p = {c * p * p}{hint}.")
         return pixel_values, grid
     if pixel_values.dim() == 4 and pixel_values.shape[1] == c:
         if tuple(pixel_values.shape[2:]) == (p, p):

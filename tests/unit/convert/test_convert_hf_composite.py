@@ -137,6 +137,8 @@ def test_transformers_llava_builds_trains_and_round_trips(auto_registry, setup, 
     # the documented one call, from the export alone (its own modeling_genlip.py)
     get_class_from_dynamic_module("modeling_genlip.register", str(vit))()
     cfg = AutoConfig.from_pretrained(vit)
+    # the snippet (trust_remote_code=True) now gives the same, registered class
+    assert type(AutoConfig.from_pretrained(vit, trust_remote_code=True)) is type(cfg)
     processor = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(
         vit, layout="images"), tokenizer=AutoTokenizer.from_pretrained(vit),
         patch_size=cfg.patch_size, vision_feature_select_strategy="full",
@@ -289,6 +291,9 @@ def test_transformers_qwen2_vl_trains_on_the_packed_layout(auto_registry, setup)
         out = model.model.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
         direct = tower.eval().encode_images(vision["pixel_values"], vision["image_grid_thw"])
     assert [len(x) for x in out.pooler_output] == [16, 15]
+    qwen_default = vision["pixel_values"].repeat(1, 2)     # temporal_patch_size=2 patches
+    with pytest.raises(ValueError, match="temporal_patch_size=2; GenLIP takes"):
+        tower(qwen_default, grid_thw=vision["image_grid_thw"])
     torch.testing.assert_close(out.last_hidden_state, torch.cat(direct), atol=1e-5, rtol=1e-5)
     labels = ids.masked_fill((ids == image_id) | (mask == 0), -100)
     losses = _train(model.train(), batch, labels, steps=8)
