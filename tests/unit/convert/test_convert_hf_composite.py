@@ -108,7 +108,12 @@ def test_register_maps_every_auto_class_idempotently(auto_registry, setup):
         vocab_size=32))) is mod.GenLIPForCausalLM
     proc = AutoImageProcessor.from_pretrained(vit, layout="images")
     assert type(proc) is mod.GenLIPImageProcessor and proc.layout == "images"
-    assert type(AutoProcessor.from_pretrained(vit)) is mod.GenLIPProcessor
+    captioner = AutoProcessor.from_pretrained(vit)
+    assert type(captioner) is mod.GenLIPProcessor
+    _, images, _, _ = setup
+    rows = captioner(images=images, layout="images")          # LLaVA layout through it too
+    assert rows["pixel_values"].shape == (2, 3, 32, 32) and "image_grid_thw" not in rows
+    assert (rows["input_ids"] == captioner.image_token_id).sum(1).tolist() == [4, 4]
     tower = AutoModel.from_pretrained(vit, dtype=torch.float32)
     want = load_file(str(vit / "model.safetensors"))
     assert tower.state_dict().keys() == want.keys()
