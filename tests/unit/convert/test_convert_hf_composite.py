@@ -190,6 +190,10 @@ def test_transformers_llava_builds_trains_and_round_trips(auto_registry, setup, 
     assert vt.ln_post.weight.grad.abs().sum() > 0        # layer -1 is the ln_post output
     assert all(np.isfinite(losses)) and losses[-1] == min(losses), losses
     assert losses[-1] < 0.8 * losses[0], losses
+    prompt = processor(images=images, text=["<|image_pad|>"] * 2, return_tensors="pt")
+    out = model.eval().generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (2, prompt["input_ids"].shape[1] + 3)   # generate() runs the tower too
+    assert torch.equal(out[:, :prompt["input_ids"].shape[1]], prompt["input_ids"])
 
 
 # ------------------------------------------------------------------------------ layouts
