@@ -33,17 +33,17 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from genlip_megatron.config import ModelConfig
-from genlip_megatron.config_loader import to_dict
+from genlip_megatron.config.loader import to_dict
 from genlip_megatron.convert.hf_config import HF_FILES, PROCESSOR_AUTO_MAP, \
-    check_against_variant, hf_config_dict, image_processor_dict, image_settings, \
-    model_config_from_dict, read_hf_config
+    check_against_variant, hf_config_dict, image_processor_dict, image_section_from_export, \
+    image_settings, model_config_from_dict, read_hf_config
 from genlip_megatron.convert.megatron_io import DistCheckpointReader, TensorLayout, \
     write_dist_checkpoint
 from genlip_megatron.convert.registry import MEGATRON_EXTRA_STATE, ConversionError, \
     MappingRegistry, hf_pattern, hf_shapes, mapping_registry
 from genlip_megatron.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter, \
     dtype_from_name
-from genlip_megatron.data.config import DEFAULT_PROMPT
+from genlip_megatron.config.data import DEFAULT_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -307,12 +307,7 @@ def _export_data_section(src: Path) -> dict:
     out: dict = {}
     pre = src / "preprocessor_config.json"
     if pre.is_file():
-        p = json.loads(pre.read_text())
-        keys = {"image_policy": "policy", "image_size": "fixed_size", "min_pixels": "min_pixels",
-                "max_pixels": "max_pixels", "max_aspect_ratio": "max_aspect_ratio",
-                "patch_size": "patch_size"}
-        out["image"] = {new: p[old] for old, new in keys.items() if old in p}
-        out["image"]["decoder"] = "pillow" if p.get("resample") == "pil" else "dali"
+        out["image"] = image_section_from_export(json.loads(pre.read_text()))
     if (src / "tokenizer.json").is_file():
         out["text"] = {"tokenizer_path": str((src / "tokenizer.json").resolve())}
     return out

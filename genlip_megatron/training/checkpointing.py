@@ -17,7 +17,7 @@ missing or damaged; a damaged checkpoint is refused naming the file, offering th
 What is sharded how:
 - model / optimizer: megatron ShardedTensors; the distributed optimizer uses the
   ``fully_reshardable`` format, the one that reshards across TP/PP/DP and keeps Adam's ``step``
-  (megatron-core-on-cpu.md §3.3). Loading under another TP/PP/DP layout works for both.
+  (genlip_megatron/compat/optimizer.py). Loading under another TP/PP/DP layout works for both.
 - RNG: one ShardedObject per (pp, tp, dp) rank; restored only when the layout is unchanged.
 - data-loader state: one ShardedObject per data-parallel rank (TP/PP replicas hold the same
   stream); restored only when the data-parallel size is unchanged.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.config.training import CheckpointConfig
 from genlip_megatron.training.faults import maybe_inject
 
 logger = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ class TrainingState:
 
 
 def unwrap_model(chunk):
-    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
+    """The GenLIPMegatronModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
 
     Public API only (``megatron.core.utils.unwrap_model`` and the public wrapper classes, 0.16.1 …
     0.19.2), not the private ``_BaseDataParallel`` base class.

@@ -1,4 +1,4 @@
-"""Checkpoint conversion with the real megatron GenLIPModel (TP=1, one process) and its errors.
+"""Checkpoint conversion with the real GenLIPMegatronModel (TP=1, one process) and its errors.
 
 Must-shows covered here: the HF export run through the bundled modeling file gives the Megatron
 model's logits (fp32, atol 1e-4) on a packed batch and its encoder features; HF → Megatron loads
@@ -25,9 +25,10 @@ ROWS = [[(2, 3, 7), (3, 3, 5), (1, 2, 6)], [(4, 2, 9), (2, 2, 12)]]
 
 
 def _model(seed=1234):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    model = GenLIPModel(transformer_config(dataclasses.replace(TINY, init_std=0.2), seed=seed))
+    tconfig = transformer_config(dataclasses.replace(TINY, init_std=0.2), seed=seed)
+    model = GenLIPMegatronModel(tconfig)
     with torch.no_grad():   # move LayerNorm/LayerScale/biases off their init values
         gen = torch.Generator().manual_seed(seed)
         for p in model.parameters():

@@ -10,7 +10,7 @@ from genlip_megatron.training.checkpointing import COMPLETE, CheckpointError, \
     CheckpointManager, check_model_compatible, check_resume_compatible, diagnose_checkpoint, \
     finished_checkpoints, is_finished, iteration_dir, publish_checkpoint, read_latest, \
     recover_interrupted_publish, resolve_checkpoint, write_latest
-from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.config.training import CheckpointConfig
 
 
 def _finished(path):
