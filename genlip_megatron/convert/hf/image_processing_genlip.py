@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, bytes, str, Path]
 
@@ -109,6 +110,21 @@ def _resize(image: Image.Image, size: tuple[int, int], resample: str) -> torch.T
     return y[0].permute(1, 2, 0).contiguous()
 
 
+class GenLIPImagesKwargs(ImagesKwargs, total=False):
+    """Our settings as transformers' typed image kwargs: ``from_pretrained(export, layout=...)``
+    then reaches the constructor (and its checks) instead of being set on the instance
+    unchecked, and composite processors (``LlavaProcessor``) route them to this processor."""
+
+    image_policy: str
+    image_size: int
+    patch_size: int
+    min_pixels: int
+    max_pixels: int
+    max_aspect_ratio: float
+    resample: str
+    layout: str
+
+
 class GenLIPImageProcessor(BaseImageProcessor):
     """Images → ``pixel_values`` ``[sum N_i, C*p*p]`` + ``image_grid_thw`` ``[n, 3]`` (packed),
     or ``pixel_values`` ``[B, C, H, W]`` (``layout="images"``, for LLaVA).
@@ -125,6 +141,7 @@ class GenLIPImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "image_grid_thw"]
+    valid_kwargs = GenLIPImagesKwargs
     # Qwen2-VL consumers (its processor, its model) read these: one frame, no 2x2 token merge.
     temporal_patch_size = 1
     merge_size = 1

@@ -108,6 +108,8 @@ def test_register_maps_every_auto_class_idempotently(auto_registry, setup):
         vocab_size=32))) is mod.GenLIPForCausalLM
     proc = AutoImageProcessor.from_pretrained(vit, layout="images")
     assert type(proc) is mod.GenLIPImageProcessor and proc.layout == "images"
+    with pytest.raises(ValueError, match="layout 'nchw' is not"):   # checked, not just set
+        AutoImageProcessor.from_pretrained(vit, layout="nchw")
     captioner = AutoProcessor.from_pretrained(vit)
     assert type(captioner) is mod.GenLIPProcessor
     _, images, _, _ = setup
