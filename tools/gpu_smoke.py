@@ -319,16 +319,20 @@ def check_train_fp8(ctx: Smoke) -> str:
 
 
 def check_async_resume(ctx: Smoke) -> str:
+    from genlip_megatron.training.checkpoint_layout import iteration_dir, read_latest, \
+        write_latest
+
     full, resumed = ctx.workdir / "ckpt_full", ctx.workdir / "ckpt_resumed"
     for d in (full, resumed):
         shutil.rmtree(d, ignore_errors=True)
     a = _train(_config(ctx, steps=4, save_dir=full, async_save=True))
-    latest = (full / "latest").read_text().strip() if (full / "latest").is_file() else None
-    if latest != "iter_0000004":
-        raise RuntimeError(f"after the run `latest` names {latest}, expected iter_0000004")
+    latest, problem = read_latest(full)
+    if latest != iteration_dir(full, 4):
+        raise RuntimeError(f"after the run `latest` is {problem or latest or 'missing'}, "
+                           "expected a finished iter_0000004")
     resumed.mkdir(parents=True)
-    shutil.copytree(full / "iter_0000002", resumed / "iter_0000002")
-    (resumed / "latest").write_text("iter_0000002\n")
+    shutil.copytree(iteration_dir(full, 2), iteration_dir(resumed, 2))
+    write_latest(resumed, iteration_dir(resumed, 2).name)
     b = _train(_config(ctx, steps=4, save_dir=resumed, async_save=True))
     want = {s: a["losses"][s] for s in (3, 4)}
     if b["losses"] != want:

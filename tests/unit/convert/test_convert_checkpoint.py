@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -213,9 +214,11 @@ def test_wrong_preset_and_wrong_directory_kinds(tmp_path):
         megatron_to_hf(tmp_path, tmp_path / "out", progress=False, require_tokenizer=False)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf_to_megatron(tmp_path, tmp_path / "mg", progress=False)
-    hf_to_megatron(src, tmp_path / "mg", progress=False)
+    ckpt = hf_to_megatron(src, tmp_path / "mg", progress=False)
     (tmp_path / "mg" / "latest").write_text("iter_0000099\n")
-    with pytest.raises(ConversionError, match="names iter_0000099, which is not a finished"):
+    shutil.rmtree(ckpt)   # a dangling pointer and nothing finished to fall back to
+    with pytest.raises(ConversionError, match="names iter_0000099, which is not a finished "
+                                              r"checkpoint, and .* holds no finished"):
         megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, require_tokenizer=False)
 
 
