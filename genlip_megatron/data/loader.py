@@ -45,6 +45,7 @@ import torch
 
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.data.config import DataConfig
+from genlip_megatron.data.energon import resolve_data_config
 from genlip_megatron.data.image import dali_available, resolve_device
 from genlip_megatron.data.packer import Packer, collate_rows
 from genlip_megatron.data.procguard import exit_with
@@ -52,6 +53,7 @@ from genlip_megatron.data.sample import SKIP_REASONS, ProcessedSample, SamplePro
     SampleResult, Skipped
 from genlip_megatron.data.shards import SHARD_PROBLEMS, StreamCursor, build_streams, \
     source_shards
+from genlip_megatron.data.storage import configure, policy_of
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class Producer:
                  dp_size: int, worker: int, num_workers: int, start: ResumePoint,
                  decode: bool, shards: Optional[list[list[str]]] = None,
                  inflight=None) -> None:
+        configure(policy_of(cfg.reader))
         self.streams, self.schedule = build_streams(
             cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
             streams_per_source=cfg.reader.streams_per_source,
@@ -109,7 +112,8 @@ class Producer:
             if g % self.num_workers != self.worker:
                 continue
             raw = next(self.streams[g])
-            results.append(SampleResult(n, g, raw.cursor_after, raw.shard_errors))
+            results.append(SampleResult(n, g, raw.cursor_after, raw.shard_errors,
+                                        retries=raw.retries))
             if n >= start.replay_until or n in start.keep:
                 todo.append((len(results) - 1, (n, raw)))
             if len(todo) >= self.batch_size or len(results) >= 4 * self.batch_size:
@@ -177,7 +181,8 @@ class PackedLoader:
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,
                  seed: int, tokenizer: Optional[TextTokenizer] = None) -> None:
-        cfg.validate()
+        cfg = resolve_data_config(cfg.validate())
+        configure(policy_of(cfg.reader))
         if not cfg.sources:
             raise ValueError("data.sources is empty; list at least one source of tar shards.")
         if not 0 <= dp_rank < dp_size:
@@ -323,7 +328,8 @@ class PackedLoader:
     def _zero_counters(self) -> dict[str, int]:
         names = ["samples/read", "samples/used", "samples/packed", "rows", "tokens/real",
                  "tokens/total", "info/unknown_keys", "decode_fallbacks", "worker_restarts",
-                 "shards/unreadable"] + [f"shards/{p}" for p in SHARD_PROBLEMS] + \
+                 "shards/unreadable", "shards/retries"] + \
+            [f"shards/{p}" for p in SHARD_PROBLEMS] + \
             [f"skipped/{r}" for r in SKIP_REASONS]
         return {k: 0 for k in names}
 
@@ -544,6 +550,7 @@ class PackedLoader:
         c = self._counters
         c["samples/read"] += 1
         c["shards/unreadable"] += len(res.shard_errors)
+        c["shards/retries"] += res.retries
         item = res.item
         if getattr(item, "unknown_keys", False):
             c["info/unknown_keys"] += 1
