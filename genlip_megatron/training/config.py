@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -157,7 +158,21 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     """TensorBoard event directory; None disables."""
     wandb_project: Optional[str] = None
-    """Weights & Biases project; None disables."""
+    """Weights & Biases project; None disables (docs/tracking.md)."""
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """W&B mode; offline writes the run under wandb_dir with no network (``wandb sync`` it
+    later). None: W&B's default (the WANDB_MODE variable, else online)."""
+    wandb_dir: Optional[str] = None
+    """Directory for W&B's files (``<dir>/wandb/``); None: W&B's default (the working dir)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking URI: a file store (``file:///abs/path/mlruns``) or a tracking server
+    (``http://host:5000``); None disables."""
+    mlflow_experiment: str = "genlip"
+    """MLflow experiment the run is logged under (created when missing)."""
+    run_name: Optional[str] = None
+    """Display name of the run in W&B and MLflow (None: the tracker picks one)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the run in W&B and MLflow (and TensorBoard's text tab)."""
     jsonl_path: Optional[str] = None
     """Append every logged metric dict to this JSON-lines file; None disables."""
     attention_sink_interval: int = 0
@@ -171,6 +186,11 @@ class LoggingConfig:
                  "≥ 1.")
         _require(self.attention_sink_interval >= 0, f"logging.attention_sink_interval "
                  f"({self.attention_sink_interval}) must be ≥ 0 (0 disables it).")
+        for key, module in (("wandb_project", "wandb"), ("mlflow_tracking_uri", "mlflow")):
+            # checked on every rank before anything starts (only the logging rank imports it)
+            _require(not getattr(self, key) or importlib.util.find_spec(module) is not None,
+                     f"logging.{key} is set but {module} is not installed; `pip install "
+                     f"{module}` or unset logging.{key}.")
         return self
 
 

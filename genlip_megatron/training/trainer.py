@@ -30,6 +30,7 @@ from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
 from genlip_megatron.training.preemption import PreemptionGuard
+from genlip_megatron.training.tracking import new_run_id
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
     wrap_with_ddp
@@ -134,7 +135,7 @@ class Trainer:
         # ---- metrics ----------------------------------------------------------------
         self.log_rank = dist.get_rank() == dist.get_world_size() - 1  # last PP stage
         self.metrics = MetricLogger(cfg.logging, self.log_rank, self.config_dict,
-                                    cfg.training.train_steps)
+                                    cfg.training.train_steps, run_id=self._tracking_run_id())
         self.flop_dims = FlopDims.from_model_config(cfg.model)
         self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
         self.summary = RunSummary(checkpoint=self.resumed_from,
@@ -166,6 +167,16 @@ class Trainer:
                            with_optimizer=False)
             logger.info("initialised model weights from %s (fresh optimizer)", t.init_from)
         return TrainingState()
+
+    def _tracking_run_id(self) -> str:
+        """W&B/MLflow run id: drawn by rank 0 at a fresh start, broadcast, and saved with
+        every checkpoint (TrainingState.extra), so a resumed run continues the same run."""
+        extra = self.state.extra
+        if "tracking_run_id" not in extra:
+            box = [new_run_id() if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            extra["tracking_run_id"] = box[0]
+        return extra["tracking_run_id"]
 
     # ------------------------------------------------------------------------ loop
     def train(self) -> RunSummary:
