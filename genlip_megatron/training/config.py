@@ -162,6 +162,9 @@ class LoggingConfig:
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
     """W&B mode; offline writes the run under wandb_dir with no network (``wandb sync`` it
     later). None: W&B's default (the WANDB_MODE variable, else online)."""
+    wandb_flush_interval_s: float = 2.0
+    """Seconds between W&B's writes of its run file; a killed run loses at most this much
+    of its W&B history (W&B's own default is 15 s)."""
     wandb_dir: Optional[str] = None
     """Directory for W&B's files (``<dir>/wandb/``); None: W&B's default (the working dir)."""
     mlflow_tracking_uri: Optional[str] = None

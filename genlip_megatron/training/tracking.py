@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Any, Optional
@@ -28,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 RUN_ID_TAG = "genlip.run_id"
 _MLFLOW_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics per call
+
+
+def mlflow_key(key: str) -> str:
+    """Our metric key as MLflow accepts it (alphanumerics, ``_-. :/`` only): the unit suffix
+    ``(GiB)`` becomes ``_GiB`` and ``%`` becomes ``pct`` (``mfu(%)`` → ``mfu_pct``)."""
+    key = key.replace("%", "pct").replace("(", "_").replace(")", "")
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
 def new_run_id() -> str:
@@ -49,6 +57,11 @@ class WandbSink:
     def __init__(self, cfg, run_id: str, run_config: dict) -> None:
         wandb = _import("wandb", "logging.wandb_project", "wandb")
         kwargs = {"mode": cfg.wandb_mode} if cfg.wandb_mode else {}
+        try:  # W&B writes its run file every 15 s by default: a SIGKILL loses up to that much
+            kwargs["settings"] = wandb.Settings(
+                x_transaction_log_flush_interval=cfg.wandb_flush_interval_s)
+        except Exception:  # noqa: BLE001 - a private setting; older/newer wandb may lack it
+            logger.info("wandb has no x_transaction_log_flush_interval; using its default")
         if cfg.wandb_dir:
             os.makedirs(cfg.wandb_dir, exist_ok=True)
             kwargs["dir"] = cfg.wandb_dir
@@ -104,15 +117,15 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        rows = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
         for i in range(0, len(rows), _MLFLOW_BATCH):
             self.client.log_batch(self.run_id, metrics=rows[i:i + _MLFLOW_BATCH])
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         for key, img in images.items():
-            self.client.log_image(self.run_id, np.asarray(img),
-                                  artifact_file=f"images/{key}_step{step:08d}.png")
+            self.client.log_image(self.run_id, np.asarray(img), artifact_file=f"images/"
+                                  f"{mlflow_key(key).replace('/', '_')}_step{step:08d}.png")
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
