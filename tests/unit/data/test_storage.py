@@ -115,3 +115,20 @@ def test_outage_is_retried_and_what_cannot_be_read_is_counted(s3, data_root, sma
         assert c["samples/read"] == c["samples/used"] + sum(
             v for k, v in c.items() if k.startswith("skipped/"))
         loader.close()
+
+
+def test_energon_dataset_on_s3_resolves_to_its_keys(s3):
+    """An Energon folder kept in the bucket: the YAML index files are read from S3."""
+    import boto3
+
+    from genlip_megatron.data.energon import resolve_sources
+
+    client = boto3.client("s3")
+    meta = {"dataset.yaml": "sample_type: {__module__: megatron.energon, __class__: "
+                            "CaptioningSample}\nfield_map:\n  image: jpg\n  caption: json[caption]\n",
+            "split.yaml": "split_parts:\n  train:\n  - shard-{000000..000002}.tar\n"}
+    for name, text in meta.items():
+        client.put_object(Bucket="bucket", Key=f"s1/.nv-meta/{name}", Body=text.encode())
+    [src] = resolve_sources([SourceConfig(path="s3://bucket/s1", format="energon")],
+                            "data.sources")
+    assert src.paths == sorted(s3.urls)[:3] and src.format == "caption"
