@@ -142,7 +142,8 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
         return
     tag = "DEMO" if cfg.demo is not None else "RUN"
     eval_glob = ",".join(str(p) for s in cfg.data.eval_sources
-                         for p in ([s.paths] if isinstance(s.paths, str) else s.paths))
+                         for p in ([s.paths or s.path] if not isinstance(s.paths, list)
+                                   else s.paths))
     acc = "nan" if report.caption_accuracy is None else f"{report.caption_accuracy:.4f}"
     print(f"{tag} steps={report.steps} final_loss={report.final_loss:.4f} "
           f"unigram_loss={report.unigram_loss:.4f} caption_accuracy={acc} "

@@ -383,7 +383,8 @@ class Trainer:
         if not self.log_rank:
             return
         c, t, p = self.cfg, self.cfg.training, self.topo
-        sources = "; ".join(str(s.paths) for s in c.data.sources) or "none"
+        sources = "; ".join(str(s.paths or f"{s.path} (energon)") for s in c.data.sources) \
+            or "none"
         resume = (f"resumed from {self.resumed_from} at step {self.state.step}"
                   if self.resumed_from else
                   f"fresh start (weights from {t.init_from})" if t.init_from else "fresh start")
