@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
-from genlip_megatron.config_loader import ConfigError
-from genlip_megatron.data.config import DataConfig, SourceConfig
+from genlip_megatron.config.loader import ConfigError
+from genlip_megatron.config.data import DataConfig, SourceConfig
 from genlip_megatron.data.storage import is_remote, join, read_bytes
 from genlip_megatron.data.template import SampleError
 

@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from genlip_megatron.data.config import SourceConfig
+from genlip_megatron.config.data import SourceConfig
 from genlip_megatron.data.storage import expand_pattern, is_remote, open_stream, read_head, \
     take_retries
 

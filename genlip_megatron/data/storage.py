@@ -64,7 +64,7 @@ def take_retries() -> int:
 
 
 def policy_of(reader) -> RemotePolicy:
-    """The policy of a ``data.reader`` section (:class:`~genlip_megatron.data.config.ReaderConfig`)."""
+    """The policy of a ``data.reader`` section (:class:`~genlip_megatron.config.data.ReaderConfig`)."""
     return RemotePolicy(retries=reader.remote_retries, backoff_s=reader.remote_backoff_s,
                         read_ahead_bytes=reader.remote_read_ahead_mib << 20)
 

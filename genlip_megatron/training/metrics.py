@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.config import LoggingConfig
+from genlip_megatron.config.training import LoggingConfig
 from genlip_megatron.training.tracking import build_trackers, new_run_id
 
 logger = logging.getLogger(__name__)

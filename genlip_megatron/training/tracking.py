@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from genlip_megatron.config_loader import ConfigError
+from genlip_megatron.config.loader import ConfigError
 
 logger = logging.getLogger(__name__)
 

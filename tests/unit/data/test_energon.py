@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from genlip_megatron.config_loader import ConfigError
-from genlip_megatron.data.config import DataConfig, SourceConfig
+from genlip_megatron.config.data import DataConfig, SourceConfig
+from genlip_megatron.config.loader import ConfigError
 from genlip_megatron.data.energon import mapped_fields, resolve_data_config, resolve_sources
 from genlip_megatron.data.template import SampleError
 

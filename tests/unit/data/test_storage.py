@@ -12,7 +12,7 @@ pytest.importorskip("boto3", reason="s3:// shards need boto3 (optional; not in e
 pytest.importorskip("moto.server", reason="moto[server] serves S3 on loopback for these tests")
 
 from genlip_megatron.data import storage  # noqa: E402
-from genlip_megatron.data.config import SourceConfig  # noqa: E402
+from genlip_megatron.config.data import SourceConfig  # noqa: E402
 from genlip_megatron.data.loader import PackedLoader  # noqa: E402
 from genlip_megatron.data.shards import check_shards, expand_shards, \
     iter_tar_samples  # noqa: E402

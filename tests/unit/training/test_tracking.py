@@ -7,8 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from genlip_megatron.config_loader import ConfigError
-from genlip_megatron.training.config import LoggingConfig
+from genlip_megatron.config.loader import ConfigError
+from genlip_megatron.config.training import LoggingConfig
 from genlip_megatron.training.metrics import MetricLogger
 from genlip_megatron.training.tracking import mlflow_key
 
