@@ -66,10 +66,11 @@ def _small_shards(src: Path, dst: Path, per_shard: int = 10) -> list[Path]:
 
 
 def test_run_rides_out_an_s3_outage_and_counts_the_retries(tmp_path, monkeypatch):
-    """The S3 server stops for 6 s after step 1: the run finishes, the JSONL counts the
-    retries."""
+    """The S3 server stops after step 1 until the run has retried, then 3 s more: the run
+    finishes and its JSONL counts the retries and no lost shard."""
     import json
     import subprocess
+    import threading
     import time
 
     from training_helpers import ROOT, pretrain_command, pretrain_env
@@ -90,14 +91,28 @@ def test_run_rides_out_an_s3_outage_and_counts_the_retries(tmp_path, monkeypatch
         jsonl = tmp_path / "run" / "metrics.jsonl"
         proc = subprocess.Popen(pretrain_command(sets), cwd=ROOT, env=pretrain_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        retried = threading.Event()
+
+        def read_output() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                if "; retry 1/" in line:
+                    retried.set()
+
+        reader = threading.Thread(target=read_output, daemon=True)
+        reader.start()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not (
                 jsonl.is_file() and '"step": 1' in jsonl.read_text()):
             time.sleep(0.2)
-        server.stop()
-        time.sleep(6.0)
+        server.stop()  # down until the run has met it (a retry), then 3 s more
+        retried.wait(timeout=120)
+        time.sleep(3.0)
         server.start()
-        out, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
+        reader.join(timeout=30)
+        out = "".join(lines)
     finally:
         server.stop()
     assert proc.returncode == 0, out[-6000:]
