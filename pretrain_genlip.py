@@ -12,7 +12,8 @@ forwards the command line.
 
 import sys
 
+from genlip_megatron.training.preemption import record_exit_status
 from genlip_megatron.training.run import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record_exit_status(main()))

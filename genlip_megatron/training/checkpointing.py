@@ -454,6 +454,7 @@ class CheckpointManager:
 
         if self.cfg.save_dir is None:
             raise RuntimeError("checkpoint.save_dir is not set; cannot save.")
+        self._fire_fault("begin", state.step)
         self.finalize_pending(blocking=True)
         final = iteration_dir(self.cfg.save_dir, state.step)
         tmp = final.with_name(final.name + ".tmp")

@@ -114,6 +114,10 @@ class TrainingConfig:
                  "be ≥ 1.")
         _require(self.spike_factor == 0 or self.spike_factor > 1, f"training.spike_factor "
                  f"({self.spike_factor}) must be 0 (off) or > 1.")
+        _require(self.exit_duration_mins is None or self.exit_duration_mins > 0,
+                 f"training.exit_duration_mins ({self.exit_duration_mins}) must be > 0 or null "
+                 "(≤ 0 would stop every requeued job after one step); set it a few checkpoint "
+                 "durations below the job's time limit.")
         return self
 
 

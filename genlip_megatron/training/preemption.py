@@ -10,15 +10,23 @@ Megatron-LM's ``--exit-signal-handler`` / ``--exit-duration-in-mins``, for this 
   steps, and every rank must stop after the SAME step for the checkpoint to be consistent;
 - the trainer then saves (and publishes) the checkpoint of that step and returns; the program
   exits with ``EXIT_STOPPED_EARLY`` (75, EX_TEMPFAIL: "stopped early, run me again"), which the
-  sbatch scripts turn into ``scontrol requeue``. A requeued run resumes after that step, so no
-  step is lost or repeated.
+  sbatch scripts turn into ``scontrol requeue`` (only after their time-limit signal, not after
+  ``scancel``: docs/faults.md). A requeued run resumes after that step, so no step is lost or
+  repeated;
+- a stop whose checkpoint cannot be written raises :class:`StopCheckpointError`: one line, exit
+  status 1, never 75, so a full disk does not requeue the job forever without progress;
+- torchrun reports any failed worker as status 1, so each rank also records its own status in
+  ``$GENLIP_EXIT_STATUS_DIR`` (:func:`record_exit_status`), from which
+  examples/slurm/torchrun_node.sh derives the node's status.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -29,6 +37,32 @@ logger = logging.getLogger(__name__)
 
 EXIT_STOPPED_EARLY = 75
 """Exit status of a run that stopped on a signal or budget after writing its checkpoint."""
+
+EXIT_STATUS_ENV = "GENLIP_EXIT_STATUS_DIR"
+"""Directory where each rank writes its exit status as ``rank<RANK>`` (set by a launcher
+wrapper that cannot see the workers' statuses, e.g. examples/slurm/torchrun_node.sh)."""
+
+
+class StopCheckpointError(RuntimeError):
+    """A stop was requested but its checkpoint could not be written (disk full, permissions):
+    the run must not report "stopped early, rerun me" (75), or it would be requeued forever."""
+
+
+def record_exit_status(code: int) -> int:
+    """Write ``code`` to ``$GENLIP_EXIT_STATUS_DIR/rank<RANK>`` when set; returns ``code``.
+
+    torchrun turns every worker failure, 75 included, into its own status 1; the wrapper reads
+    these files instead. A rank that dies before this runs (a crash, SIGKILL) leaves no file,
+    which the wrapper counts as a failure.
+    """
+    where = os.environ.get(EXIT_STATUS_ENV)
+    if where:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        try:
+            (Path(where) / f"rank{rank}").write_text(f"{int(code)}\n")
+        except OSError as exc:   # the status is advisory; never turn a result into a crash
+            logger.warning("could not record exit status %d in %s: %s", code, where, exc)
+    return code
 
 
 def _process_start_time() -> float:

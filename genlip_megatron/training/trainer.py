@@ -29,7 +29,7 @@ from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
-from genlip_megatron.training.preemption import PreemptionGuard
+from genlip_megatron.training.preemption import PreemptionGuard, StopCheckpointError
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
     wrap_with_ddp
@@ -188,7 +188,9 @@ class Trainer:
                 logger.warning("stopping after step %d: %s", self.state.step,
                                self.summary.stopped_early)
                 break
-        if self._final_save_needed():
+        if self.summary.stopped_early:
+            self._save_at_stop()
+        elif self._final_save_needed():
             self.save()
         self.ckpt.finalize_pending(blocking=True)
         self._sync_totals()
@@ -203,6 +205,22 @@ class Trainer:
         if not c.save_dir or (self.resumed_from and self.state.step == self._restored_step):
             return False
         return not c.save_interval or self.state.step % c.save_interval != 0
+
+    def _save_at_stop(self) -> None:
+        """The stop checkpoint; a failure becomes one line and status 1 (never 75), so the
+        scheduler does not requeue a job that cannot write its checkpoint (full disk)."""
+        try:
+            if self._final_save_needed():
+                self.save()
+            self.ckpt.finalize_pending(blocking=True)
+        except Exception as exc:   # noqa: BLE001 - any failure: the stop checkpoint is missing
+            last = self.resumed_from if self.summary.checkpoint is None else \
+                self.summary.checkpoint
+            raise StopCheckpointError(
+                f"stopped after step {self.state.step} ({self.summary.stopped_early}) but its "
+                f"checkpoint could not be written in {self.cfg.checkpoint.save_dir} "
+                f"({type(exc).__name__}: {exc}); not requeued: free space or fix permissions "
+                f"there, then rerun (it resumes from {last or 'the start'}).") from exc
 
     def save(self) -> None:
         """Checkpoint everything needed for an exact resume."""
