@@ -103,14 +103,14 @@ class PreemptionGuard:
             return False
         over_budget = (self.exit_duration_s is not None
                        and time.time() - self.start_time >= self.exit_duration_s)
-        flags = torch.tensor([float(self.received is not None), float(over_budget)],
-                             device=device)
+        # The signal's number, not a flag: every rank then names the same signal.
+        flags = torch.tensor([float(self.received or 0), float(over_budget)], device=device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        got_signal, out_of_time = (bool(v) for v in flags.tolist())
+        signum, out_of_time = (int(v) for v in flags.tolist())
+        got_signal = signum > 0
         if got_signal:
-            name = signal.Signals(self.received).name if self.received else "a signal"
-            self.reason = f"{name} received (on this or another rank)"
+            self.reason = f"{signal.Signals(signum).name} received (on this or another rank)"
         elif out_of_time:
             self.reason = (f"training.exit_duration_mins ({self.exit_duration_s / 60:g}) "
                            "reached")
