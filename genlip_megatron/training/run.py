@@ -95,6 +95,11 @@ def load_and_check(config_path: str, overrides: list[str], world_size: int):
     cfg = load_config(config_path, overrides)
     cfg.validate(world_size=world_size)
     check_writable_outputs(cfg)
+    if cfg.demo is None:   # the demo's data is generated after start-up (prepare_demo_data)
+        from genlip_megatron.data.preflight import check_data_inputs
+
+        dp = max(1, world_size // (cfg.parallel.tp * cfg.parallel.pp))
+        check_data_inputs(cfg.data, 1 if cfg.training.dp_invariant_data else dp)
     return cfg
 
 

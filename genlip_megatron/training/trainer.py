@@ -23,6 +23,7 @@ import torch.distributed as dist
 from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
 from genlip_megatron.config import GenLIPConfig
 from genlip_megatron.data.batch import PackedBatch
+from genlip_megatron.training.agreement import agree_on_startup
 from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
@@ -106,10 +107,11 @@ class Trainer:
         set_seeds(cfg.training.seed)
         self.n_micro = num_microbatches(cfg, self.topo)
         # ---- data -------------------------------------------------------------------
-        self.loader = build_microbatch_source(
-            cfg.data, dp_invariant=cfg.training.dp_invariant_data, dp_rank=self.topo.dp_rank,
-            dp_size=self.topo.dp, micro_batch_size=cfg.training.micro_batch_size,
-            per_rank=self.n_micro, seed=cfg.training.seed)
+        self.loader = agree_on_startup("building the data loader", partial(
+            build_microbatch_source, cfg.data, dp_invariant=cfg.training.dp_invariant_data,
+            dp_rank=self.topo.dp_rank, dp_size=self.topo.dp,
+            micro_batch_size=cfg.training.micro_batch_size, per_rank=self.n_micro,
+            seed=cfg.training.seed))
         # ---- model + optimizer --------------------------------------------------------
         from genlip_megatron.model.transformer_config import build_transformer_config
 
