@@ -10,10 +10,8 @@ Everything lives in genlip_megatron.training.run (importable and tested); this f
 forwards the command line.
 """
 
-import sys
-
-from genlip_megatron.training.preemption import record_exit_status
+from genlip_megatron.training.preemption import exit_process
 from genlip_megatron.training.run import main
 
 if __name__ == "__main__":
-    sys.exit(record_exit_status(main()))
+    exit_process(main())

@@ -24,8 +24,8 @@
 # The workers checkpoint at the next step boundary and exit 75; torchrun reports every failed
 # worker as 1, so each worker records its status in GENLIP_EXIT_STATUS_DIR and this script
 # exits 75 when every local worker exited 75 (a checkpoint was written: stop signal or
-# training.exit_duration_mins), 2 when a worker reported a configuration error, else
-# torchrun's status (see docs/faults.md).
+# training.exit_duration_mins), 2 when a worker reported a configuration error, 76 when one
+# hit the hang watchdog (training.hang_timeout_mins), else torchrun's status (docs/faults.md).
 set -uo pipefail
 
 NNODES=${GENLIP_NNODES:-${SLURM_JOB_NUM_NODES:-1}}
@@ -89,17 +89,20 @@ wait "$CHILD"; rc=$?
 
 # torchrun exits 1 whatever its workers returned: use the statuses they recorded.
 if [ "$rc" -ne 0 ]; then
-    n=0; n75=0; n2=0
+    n=0; n75=0; n2=0; n76=0
     for f in "$GENLIP_EXIT_STATUS_DIR"/rank*; do
         [ -f "$f" ] || continue
         s=$(cat "$f"); n=$((n + 1))
         [ "$s" = 75 ] && n75=$((n75 + 1))
         [ "$s" = 2 ] && n2=$((n2 + 1))
+        [ "$s" = 76 ] && n76=$((n76 + 1))
     done
     if [ "$n75" -eq "$NPROC" ] && [ "$n" -eq "$NPROC" ]; then
         rc=75   # every local worker wrote its part of the stop checkpoint
     elif [ "$n2" -gt 0 ]; then
         rc=2    # configuration error (printed once by rank 0)
+    elif [ "$n76" -gt 0 ]; then
+        rc=76   # hang watchdog (training.hang_timeout_mins): stacks are in the log
     elif [ -n "$STOPPING" ]; then
         echo "genlip: node $NODE_RANK: stop requested (SIG$STOPPING) but only $n75 of $NPROC" \
              "workers exited 75 (torchrun status $rc): no checkpoint to resume from here" >&2

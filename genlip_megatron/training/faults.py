@@ -17,6 +17,8 @@ only (``after_step:3=SIGUSR1:rank1``): a scheduler's preemption signal at a know
 exit-signal drills (training/preemption.py). A point followed by ``=ENOSPC``, ``=EIO``,
 ``=EACCES`` or ``=ESTALE`` raises that ``OSError`` there instead (a full disk, a failing file
 system): ``checkpoint:begin=ENOSPC`` makes every save fail before anything is written.
+``=HANG`` makes the process sleep there for good (``after_step:3=HANG:rank1``: a stuck rank, for
+the hang watchdog, training/watchdog.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import errno
 import logging
 import os
 import signal
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ def maybe_inject(point: str) -> None:
         if name.startswith("E") and hasattr(errno, name):
             code = getattr(errno, name)
             raise OSError(code, f"{os.strerror(code)} ({ENV}: {entry})")
+        if name == "HANG":   # a rank stuck for good (hang-watchdog drills)
+            logger.warning("%s: hanging this process at %s", ENV, point)
+            while True:
+                time.sleep(3600)
         logger.warning("%s: sending %s to this process at %s", ENV, name, point)
         os.kill(os.getpid(), getattr(signal, name))
     if point in wanted:

@@ -31,6 +31,7 @@ from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
 from genlip_megatron.training.preemption import PreemptionGuard, StopCheckpointError
+from genlip_megatron.training.watchdog import HangWatchdog
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
     wrap_with_ddp
@@ -148,6 +149,7 @@ class Trainer:
         self._window_start = time.perf_counter()
         self.totals = RunTotals(self.state.extra, cfg.model.vocab_size)
         self._log_startup_summary(config_path, overrides or [])
+        self.watchdog = HangWatchdog(cfg.training.hang_timeout_mins, dist.get_rank())
 
     # ------------------------------------------------------------------------ restore
     def _restore(self) -> TrainingState:
@@ -176,6 +178,8 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         while self.state.step < t.train_steps:
+            self.watchdog.beat(self.state.step, f"running step {self.state.step + 1} (data, "
+                               "forward/backward, optimizer, stop agreement)")
             self.state.step += 1
             result = self.train_step()
             self.summary.losses.append((self.state.step, result.loss, result.skipped))
@@ -196,6 +200,7 @@ class Trainer:
             self.save()
         self.ckpt.finalize_pending(blocking=True)
         self._sync_totals()
+        self.watchdog.close()   # evaluation follows: not a training step
         self.summary.label_counts = self.state.extra["label_counts"]
         self.summary.steps = self.state.step
         return self.summary
@@ -230,6 +235,7 @@ class Trainer:
             if self.cfg.parallel.overlap_param_gather:
                 chunk.start_param_sync(force_sync=True)
         self._sync_totals()  # run totals (consumed, skipped, label histogram) go in the checkpoint
+        self.watchdog.beat(self.state.step, "saving a checkpoint")
         path = self.ckpt.save(self.model, self.optimizer, self.scheduler, self.state,
                               self.loader.state_dict(), self.config_dict)
         self.summary.checkpoint = str(path)
@@ -412,6 +418,7 @@ class Trainer:
 
     def close(self) -> None:
         """Flush logs, wait for pending checkpoint writes, stop loader workers."""
+        self.watchdog.close()
         self.ckpt.finalize_pending(blocking=True)
         self.preemption.close()
         self.metrics.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -80,3 +82,30 @@ def test_injected_os_error_is_raised_on_the_named_rank_only(monkeypatch):
     with pytest.raises(OSError, match="No space left") as err:
         faults.maybe_inject("checkpoint:begin")
     assert err.value.errno == errno.ENOSPC
+
+
+STUCK = """
+import sys, time
+from genlip_megatron.training import preemption
+preemption.SECOND_TERM_GRACE_S = 0.5
+guard = preemption.PreemptionGuard(["SIGTERM"], None)
+print("ready", flush=True)
+time.sleep(120)   # never reaches a step boundary
+"""
+
+
+def test_second_sigterm_ends_a_process_that_never_reaches_a_boundary():
+    proc = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert proc.poll() is None   # the first one is only recorded
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "second SIGTERM" in err and 'File "<string>", line 7' in err, err
