@@ -179,9 +179,11 @@ class Trainer:
             chunk.train()
         while self.state.step < t.train_steps:
             self.watchdog.beat(self.state.step, f"running step {self.state.step + 1} (data, "
-                               "forward/backward, optimizer, stop agreement)")
+                               "forward/backward, optimizer)")
             self.state.step += 1
             result = self.train_step()
+            self.watchdog.beat(self.state.step, "finishing it (interval checkpoint, stop "
+                               "agreement)")
             self.summary.losses.append((self.state.step, result.loss, result.skipped))
             if not result.skipped:  # kept in the checkpoint: a relaunched finished run reports it
                 self.summary.final_loss = self.state.extra["final_loss"] = result.loss

@@ -37,6 +37,11 @@ EXIT_HUNG = 76
 BACKSTOP_S = 60.0
 """The C-level faulthandler timer fires this long after the Python watchdog should have."""
 
+FIRST_STEP_FACTOR = 5.0
+"""Until the first step finished (loader workers starting, kernels compiling, the first
+collectives connecting), the allowance is this many timeouts (as nvidia-resiliency-ext's
+separate initial heartbeat timeout)."""
+
 
 class HangWatchdog:
     """Per-rank progress timer; ``beat()`` at every step boundary and around long phases."""
@@ -47,6 +52,7 @@ class HangWatchdog:
         self.poll_s = poll_s
         self.step = 0
         self.what = "starting"
+        self._first_step: Optional[int] = None   # the step of the first beat
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -58,17 +64,23 @@ class HangWatchdog:
 
     def beat(self, step: int, what: str) -> None:
         """Progress: ``step`` reached, now doing ``what`` (named in the timeout message)."""
+        if self._first_step is None:
+            self._first_step = step
         self.step, self.what, self._last = step, what, time.monotonic()
         if self.timeout_s is not None:
             self._arm_backstop()
 
+    def _allowance(self) -> float:
+        warm = self._first_step is not None and self.step > self._first_step
+        return self.timeout_s * (1.0 if warm else FIRST_STEP_FACTOR)
+
     def _arm_backstop(self) -> None:
-        faulthandler.dump_traceback_later(self.timeout_s + BACKSTOP_S, exit=True)
+        faulthandler.dump_traceback_later(self._allowance() + BACKSTOP_S, exit=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             idle = time.monotonic() - self._last
-            if idle >= self.timeout_s:
+            if idle >= self._allowance():
                 self._fire(idle)
 
     def _fire(self, idle: float) -> None:
