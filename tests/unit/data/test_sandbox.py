@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from genlip_megatron.data import sandbox
-from genlip_megatron.data.config import ImageConfig
+from genlip_megatron.config import ImageConfig
 from genlip_megatron.data.image import CRASH_MARKER_ENV, build_decoder
 from genlip_megatron.data.synthetic import encode_image
 
