@@ -102,6 +102,11 @@ class TrainingConfig:
     exit_duration_mins: Optional[float] = None
     """Stop the same way once the process has run this many minutes (wall clock, from process
     start); set it a few checkpoint-durations below the job's time limit. None disables."""
+    hang_timeout_mins: Optional[float] = None
+    """When a rank makes no step progress for this many minutes (stuck in a collective, a hung
+    read, a stopped loader worker), every rank dumps its Python stacks to the log and exits
+    with status 76 (training/watchdog.py); must exceed the slowest step and checkpoint save.
+    None disables."""
 
     def validate(self) -> "TrainingConfig":
         """Counts and sizes of the loop; raises ConfigError."""
@@ -115,6 +120,13 @@ class TrainingConfig:
                  "be ≥ 1.")
         _require(self.spike_factor == 0 or self.spike_factor > 1, f"training.spike_factor "
                  f"({self.spike_factor}) must be 0 (off) or > 1.")
+        _require(self.hang_timeout_mins is None or self.hang_timeout_mins > 0,
+                 f"training.hang_timeout_mins ({self.hang_timeout_mins}) must be > 0 or null "
+                 "(off); make it longer than the slowest step and checkpoint save.")
+        _require(self.exit_duration_mins is None or self.exit_duration_mins > 0,
+                 f"training.exit_duration_mins ({self.exit_duration_mins}) must be > 0 or null "
+                 "(≤ 0 would stop every requeued job after one step); set it a few checkpoint "
+                 "durations below the job's time limit.")
         return self
 
 

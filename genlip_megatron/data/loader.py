@@ -25,7 +25,8 @@ Hostile data and dying workers (nothing stops, hangs or silently thins a run):
   a second; it is restarted from the cursor of the last sample it delivered, with the samples
   it had in flight marked as suspects (decoded in isolation, see sandbox.py), up to
   ``data.reader.max_worker_restarts`` deaths in a row;
-- workers (and the forkserver) exit when the trainer dies (procguard.py).
+- workers (and the forkserver) exit when the trainer dies, ignore the trainer's stop signals
+  and end on SIGTERM (procguard.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.energon import resolve_data_config
 from genlip_megatron.data.image import dali_available, resolve_device
 from genlip_megatron.data.packer import Packer, collate_rows
-from genlip_megatron.data.procguard import exit_with
+from genlip_megatron.data.procguard import exit_with, ignore_stop_signals
 from genlip_megatron.data.sample import SKIP_REASONS, ProcessedSample, SampleProcessor, \
     SampleResult, Skipped
 from genlip_megatron.data.shards import SHARD_PROBLEMS, StreamCursor, build_streams, \
@@ -143,6 +144,7 @@ def _worker_main(worker: int, num_workers: int, cfg: DataConfig, tokenizer: Text
                  out: "mp.Queue", log_level: int, shards: list[list[str]], inflight,
                  trainer_pid: int) -> None:
     """Entry point of a loader worker process."""
+    ignore_stop_signals()   # the trainer stops on them, not its workers (procguard.py)
     exit_with(trainer_pid)
     logging.basicConfig(level=log_level,
                         format=f"[data worker {worker} rank {dp_rank}] %(levelname)s %(message)s")

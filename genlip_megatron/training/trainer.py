@@ -26,14 +26,16 @@ from genlip_megatron.config import RunConfig
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.model.attention_probe import capture_attention_sink
 from genlip_megatron.model.transformer_config import build_transformer_config
+from genlip_megatron.training.agreement import agree_on_startup
 from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
-from genlip_megatron.training.preemption import PreemptionGuard
+from genlip_megatron.training.preemption import PreemptionGuard, StopCheckpointError
 from genlip_megatron.training.tracking import new_run_id
+from genlip_megatron.training.watchdog import HangWatchdog
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
     wrap_with_ddp
@@ -110,10 +112,11 @@ class Trainer:
         set_seeds(cfg.training.seed)
         self.n_micro = num_microbatches(cfg, self.topo)
         # ---- data -------------------------------------------------------------------
-        self.loader = build_microbatch_source(
-            cfg.data, dp_invariant=cfg.training.dp_invariant_data, dp_rank=self.topo.dp_rank,
-            dp_size=self.topo.dp, micro_batch_size=cfg.training.micro_batch_size,
-            per_rank=self.n_micro, seed=cfg.training.seed)
+        self.loader = agree_on_startup("building the data loader", partial(
+            build_microbatch_source, cfg.data, dp_invariant=cfg.training.dp_invariant_data,
+            dp_rank=self.topo.dp_rank, dp_size=self.topo.dp,
+            micro_batch_size=cfg.training.micro_batch_size, per_rank=self.n_micro,
+            seed=cfg.training.seed))
         # ---- model + optimizer --------------------------------------------------------
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision,
                                                init_seed=cfg.training.seed)
@@ -148,6 +151,7 @@ class Trainer:
         self._window_start = time.perf_counter()
         self.totals = RunTotals(self.state.extra, cfg.model.vocab_size)
         self._log_startup_summary(config_path, overrides or [])
+        self.watchdog = HangWatchdog(cfg.training.hang_timeout_mins, dist.get_rank())
 
     # ------------------------------------------------------------------------ restore
     def _restore(self) -> TrainingState:
@@ -186,8 +190,12 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         while self.state.step < t.train_steps:
+            self.watchdog.beat(self.state.step, f"running step {self.state.step + 1} (data, "
+                               "forward/backward, optimizer)")
             self.state.step += 1
             result = self.train_step()
+            self.watchdog.beat(self.state.step, "finishing it (interval checkpoint, stop "
+                               "agreement)")
             self.summary.losses.append((self.state.step, result.loss, result.skipped))
             if not result.skipped:  # kept in the checkpoint: a relaunched finished run reports it
                 self.summary.final_loss = self.state.extra["final_loss"] = result.loss
@@ -200,10 +208,13 @@ class Trainer:
                 logger.warning("stopping after step %d: %s", self.state.step,
                                self.summary.stopped_early)
                 break
-        if self._final_save_needed():
+        if self.summary.stopped_early:
+            self._save_at_stop()
+        elif self._final_save_needed():
             self.save()
         self.ckpt.finalize_pending(blocking=True)
         self._sync_totals()
+        self.watchdog.close()   # evaluation follows: not a training step
         self.summary.label_counts = self.state.extra["label_counts"]
         self.summary.steps = self.state.step
         return self.summary
@@ -216,12 +227,29 @@ class Trainer:
             return False
         return not c.save_interval or self.state.step % c.save_interval != 0
 
+    def _save_at_stop(self) -> None:
+        """The stop checkpoint; a failure becomes one line and status 1 (never 75), so the
+        scheduler does not requeue a job that cannot write its checkpoint (full disk)."""
+        try:
+            if self._final_save_needed():
+                self.save()
+            self.ckpt.finalize_pending(blocking=True)
+        except Exception as exc:   # noqa: BLE001 - any failure: the stop checkpoint is missing
+            last = self.resumed_from if self.summary.checkpoint is None else \
+                self.summary.checkpoint
+            raise StopCheckpointError(
+                f"stopped after step {self.state.step} ({self.summary.stopped_early}) but its "
+                f"checkpoint could not be written in {self.cfg.checkpoint.save_dir} "
+                f"({type(exc).__name__}: {exc}); not requeued: free space or fix permissions "
+                f"there, then rerun (it resumes from {last or 'the start'}).") from exc
+
     def save(self) -> None:
         """Checkpoint everything needed for an exact resume."""
         for chunk in self.model:  # the overlapped param all-gather must finish first
             if self.cfg.parallel.overlap_param_gather:
                 chunk.start_param_sync(force_sync=True)
         self._sync_totals()  # run totals (consumed, skipped, label histogram) go in the checkpoint
+        self.watchdog.beat(self.state.step, "saving a checkpoint")
         path = self.ckpt.save(self.model, self.optimizer, self.scheduler, self.state,
                               self.loader.state_dict(), self.config_dict)
         self.summary.checkpoint = str(path)
@@ -401,6 +429,7 @@ class Trainer:
 
     def close(self) -> None:
         """Flush logs, wait for pending checkpoint writes, stop loader workers."""
+        self.watchdog.close()
         self.ckpt.finalize_pending(blocking=True)
         self.preemption.close()
         self.metrics.close()
