@@ -87,6 +87,12 @@ class ModelConfig:
     varlen (per-sample torch SDPA: the fast CPU path for packed rows, see model/attention.py)."""
     transformer_impl: Literal["local", "te"] = "local"
     """megatron-core layer implementation: local (torch, CPU-capable) or transformer_engine."""
+    loss_impl: Literal["chunked", "full"] = "chunked"
+    """LM-head loss: chunked (label positions in chunks, one chunk's logits alive at a time,
+    recomputed in backward; exact vocab-parallel softmax) or full (all logits at once: the
+    oracle, and 1.5 GB of bf16 logits per 16k-token row at V = 151936)."""
+    loss_chunk_size: int = 1024
+    """Label positions per chunk of the chunked loss (fp32 logits: chunk × V/tp × 4 bytes)."""
 
     @property
     def kv_channels(self) -> int:
@@ -248,6 +254,9 @@ def _validate_model(m: ModelConfig) -> None:
                           f"{m.mrope_section}.")
     if not 0.0 <= m.drop_path_rate < 1.0:
         raise ConfigError(f"model.drop_path_rate ({m.drop_path_rate}) must be in [0, 1).")
+    if m.loss_chunk_size < 1:
+        raise ConfigError(f"model.loss_chunk_size ({m.loss_chunk_size}) must be at least 1; "
+                          "1024 is a good start.")
 
 
 def _validate_parallel(m: ModelConfig, p: ParallelConfig, world_size: Optional[int]) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from genlip_megatron.compat.te import te_provides_wgrad_accumulation_fusion
+from genlip_megatron.model.lm_loss import DEFAULT_LOSS_CHUNK, LOSS_IMPLS
 
 if TYPE_CHECKING:  # the model package does not import the run config at run time
     from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
@@ -56,6 +57,11 @@ class GenLIPTransformerConfig(TransformerConfig):
     prefix_attention_backend: str = "dense"
     """Prefix-LM core attention: "dense" (oracle, CPU), "flex" (torch flex_attention), "te",
     "varlen" (per-sample torch SDPA, CPU: packed rows cost what their samples cost)."""
+    loss_impl: str = "chunked"
+    """LM-head loss: "chunked" (label positions in chunks, one chunk's logits alive, see
+    model/lm_loss.py) or "full" (all logits at once; the oracle)."""
+    loss_chunk_size: int = DEFAULT_LOSS_CHUNK
+    """Label positions per chunk of the "chunked" loss."""
     fp8_emulation_format: Optional[str] = None
     """CPU FP8 emulation of the block linears ("e4m3" | "hybrid"); None disables it."""
     fp8_emulation_layers: Optional[list[int]] = None
@@ -75,6 +81,10 @@ def _validate_genlip_fields(c: GenLIPTransformerConfig) -> None:
     if c.prefix_attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend ({c.prefix_attention_backend!r}) must be one "
                          f"of {list(ATTENTION_BACKENDS)}.")
+    if c.loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"model.loss_impl ({c.loss_impl!r}) must be one of {list(LOSS_IMPLS)}.")
+    if c.loss_chunk_size < 1:
+        raise ValueError(f"model.loss_chunk_size ({c.loss_chunk_size}) must be at least 1.")
     if c.num_query_groups != c.num_attention_heads:
         raise ValueError(f"GenLIP attention is MHA: num_query_groups ({c.num_query_groups}) must "
                          f"equal model.num_attention_heads ({c.num_attention_heads}).")
@@ -211,7 +221,7 @@ def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
         text_dim=model.text_dim, vocab_size=model.vocab_size, patch_dim=model.patch_dim,
         rope_theta=model.rope_theta, layerscale_init=model.layerscale_init,
         drop_path_rate=model.drop_path_rate, prefix_attention_backend=model.attention_backend,
-        init_seed=init_seed,
+        loss_impl=model.loss_impl, loss_chunk_size=model.loss_chunk_size, init_seed=init_seed,
     )
     kwargs.update(_recompute_kwargs(parallel))
     kwargs.update(_precision_kwargs(model, precision))

@@ -1,0 +1,114 @@
+"""Chunked linear + cross-entropy (model/lm_loss.py) against the full-logits oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genlip_megatron.model.lm_loss import chunked_linear_cross_entropy
+
+
+def _inputs(n=37, t=24, v=301, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, t, generator=gen) * 0.3).to(dtype).requires_grad_()
+    weight = torch.randn(v, t, generator=gen).to(dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, target
+
+
+def _full(hidden, weight, target, grad_out):
+    """Oracle: every logit at once, torch's own cross-entropy."""
+    logits = (hidden @ weight.t()).float()
+    loss = F.cross_entropy(logits, target, reduction="none")
+    (loss * grad_out).sum().backward()
+    return loss.detach()
+
+
+def _megatron_full(hidden, weight, target, grad_out):
+    """Oracle of the model's "full" head: all logits, megatron's vocab-parallel CE."""
+    from megatron.core import tensor_parallel
+
+    logits = (hidden @ weight.t())[:, None]                     # [N, 1, V]
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target[:, None])[:, 0]
+    (loss * grad_out).sum().backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_loss_and_grads_equal_full_logits_fp32(chunk, mp_state):
+    hidden, weight, target = _inputs()
+    grad_out = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(1))
+    want = _megatron_full(hidden, weight, target, grad_out)
+    want_dh, want_dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    got = chunked_linear_cross_entropy(hidden, weight, target, chunk_size=chunk)
+    (got * grad_out).sum().backward()
+    assert got.dtype == torch.float32 and got.shape == target.shape
+    assert (got - want).abs().max() <= 1e-6
+    assert (hidden.grad - want_dh).abs().max() <= 1e-6
+    assert (weight.grad - want_dw).abs().max() <= 1e-6
+    # and torch's own cross-entropy agrees (to fp32 rounding of losses ~ 30)
+    hidden.grad = weight.grad = None
+    torch.testing.assert_close(got.detach(), _full(hidden, weight, target, grad_out),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight.grad, want_dw, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_weights_give_bf16_grads_close_to_fp32():
+    hidden, weight, target = _inputs(dtype=torch.bfloat16)
+    got = chunked_linear_cross_entropy(hidden, weight, target, chunk_size=8)
+    got.sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    h32 = hidden.detach().float().requires_grad_()
+    w32 = weight.detach().float().requires_grad_()
+    want = _full(h32, w32, target, torch.ones(target.shape))
+    assert (got - want).abs().max() < 0.5     # bf16 logits (|logit| ~ 10): rounding only
+    torch.testing.assert_close(weight.grad.float(), w32.grad, atol=0.05, rtol=0.05)
+
+
+def test_extreme_logits_stay_finite():
+    hidden, weight, target = _inputs(n=6, v=50)
+    with torch.no_grad():
+        hidden.mul_(1e3)                       # logits ~ 1e4: exp would overflow without the max
+    got = chunked_linear_cross_entropy(hidden, weight, target, chunk_size=4)
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(weight.grad).all()
+
+
+def test_no_label_positions_give_empty_loss_and_zero_grads():
+    hidden, weight, target = _inputs(n=0)
+    got = chunked_linear_cross_entropy(hidden, weight, target)
+    got.sum().backward()
+    assert got.shape == (0,) and torch.count_nonzero(weight.grad) == 0
+
+
+def test_bad_arguments_are_refused():
+    hidden, weight, target = _inputs(n=4)
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        chunked_linear_cross_entropy(hidden, weight, target, chunk_size=0)
+    with pytest.raises(ValueError, match="expects hidden"):
+        chunked_linear_cross_entropy(hidden[None], weight, target)
+
+
+def test_model_chunked_loss_equals_full_logits_loss(mp_state, make_config):
+    """GenLIPModel's default head (chunked) equals its full-logits oracle, loss and grads."""
+    from reference_genlip import make_packed_batch
+
+    from genlip_megatron.model.genlip import GenLIPModel
+
+    batch = make_packed_batch([[(2, 3, 7), (3, 3, 5)], [(4, 2, 9), (2, 2, 12)]], 48, 256, seed=0)
+    args = (batch["tokens"], batch["position_ids"], batch["image_mask"],
+            batch["segment_ids"], batch["pixel_values"])
+    out = {}
+    for impl in ("chunked", "full"):
+        model = GenLIPModel(make_config(loss_impl=impl, loss_chunk_size=7))
+        per_token = model(*args, labels=batch["labels"])
+        (per_token.sum() / (batch["labels"] != -100).sum()).backward()   # as the trainer
+        out[impl] = per_token.detach(), {n: p.grad for n, p in model.named_parameters()}
+    assert model.config.loss_impl == "full"
+    assert (out["chunked"][0] - out["full"][0]).abs().max() <= 1e-6
+    assert torch.count_nonzero(out["chunked"][0][batch["labels"] == -100]) == 0
+    for name, grad in out["full"][1].items():
+        assert (out["chunked"][1][name] - grad).abs().max() <= 1e-6, name
