@@ -27,12 +27,21 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
 
-__all__ = ["chunked_linear_cross_entropy", "LOSS_IMPLS", "DEFAULT_LOSS_CHUNK"]
+__all__ = ["chunked_linear_cross_entropy", "default_chunk_size", "LOSS_IMPLS",
+           "CHUNK_LOGITS"]
 
 LOSS_IMPLS = ("chunked", "full")
 """LM-head loss implementations (``model.loss_impl``); "full" is the full-logits oracle."""
-DEFAULT_LOSS_CHUNK = 1024
-"""Label positions per chunk: ``[1024, 151936]`` fp32 logits are 0.6 GB (V/tp at TP > 1)."""
+CHUNK_LOGITS = 2 ** 25
+"""Default logits per chunk (128 MiB in fp32): 220 label positions at V = 151936, TP = 1.
+
+The weight gradient (``[V/tp, T]``, 0.6 GB fp32 at T = 1024) is produced by any head; a chunk
+well below it keeps the head + loss peak near that floor (``benchmarks/loss_memory.py``)."""
+
+
+def default_chunk_size(vocab_shard: int) -> int:
+    """Label positions per chunk so that one chunk holds about :data:`CHUNK_LOGITS` logits."""
+    return max(1, CHUNK_LOGITS // max(1, vocab_shard))
 
 
 def _tp(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -122,7 +131,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                                  group: Optional[dist.ProcessGroup] = None,
-                                 chunk_size: int = DEFAULT_LOSS_CHUNK) -> Tensor:
+                                 chunk_size: Optional[int] = None) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T`` per row, never holding more than one chunk's logits.
 
     Args:
@@ -130,11 +139,14 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         weight: ``[V/tp, T]`` this rank's vocab shard of the LM head (rows in rank order).
         target: int64 ``[N]`` global token ids (every entry is a real label).
         group: the tensor-parallel group the vocabulary is sharded over (None: no TP).
-        chunk_size: rows per chunk; logits of one ``[chunk_size, V/tp]`` chunk are alive.
+        chunk_size: rows per chunk; logits of one ``[chunk_size, V/tp]`` chunk are alive
+            (None: :func:`default_chunk_size`).
 
     Returns:
         float32 ``[N]``: ``logsumexp(logits) - logits[target]`` over the whole vocabulary.
     """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"model.loss_chunk_size ({chunk_size}) must be at least 1.")
     if hidden.dim() != 2 or target.shape != hidden.shape[:1]:

@@ -112,3 +112,22 @@ def test_model_chunked_loss_equals_full_logits_loss(mp_state, make_config):
     assert torch.count_nonzero(out["chunked"][0][batch["labels"] == -100]) == 0
     for name, grad in out["full"][1].items():
         assert (out["chunked"][1][name] - grad).abs().max() <= 1e-6, name
+
+
+def test_default_chunk_keeps_about_128_mib_of_fp32_logits():
+    from genlip_megatron.model.lm_loss import CHUNK_LOGITS, default_chunk_size
+
+    assert default_chunk_size(151936) == 220
+    assert default_chunk_size(151936 // 2) == 441                  # TP = 2: twice the rows
+    assert default_chunk_size(10 ** 9) == 1
+    assert default_chunk_size(256) * 256 == CHUNK_LOGITS
+
+
+def test_config_refuses_bad_loss_settings():
+    from genlip_megatron.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="model.loss_chunk_size"):
+        config_from_dict({"model": {"loss_chunk_size": 0}}).validate(has_cuda=False,
+                                                                     has_te=False)
+    with pytest.raises(ConfigError, match="loss_impl"):
+        config_from_dict({"model": {"loss_impl": "fused"}})
