@@ -14,7 +14,8 @@ target logit, the sum-exp and the gradient, so the numbers are megatron's: logit
 the weight dtype and promoted to fp32, the gradient is cast back to the weight dtype before the
 input/weight GEMMs. The input gradient is all-reduced over TP (the head's input is replicated on
 every TP rank, like megatron's ``ColumnParallelLinear`` with ``allreduce_dgrad``); the weight
-gradient is this rank's ``[V/tp, T]`` shard, accumulated in fp32 over the chunks.
+gradient is this rank's ``[V/tp, T]`` shard, accumulated in fp32 over the chunks (straight into
+megatron DDP's ``main_grad`` where the head fuses weight-gradient accumulation).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor,
-                group: Optional[dist.ProcessGroup], chunk_size: int) -> Tensor:
+                group: Optional[dist.ProcessGroup], chunk_size: int,
+                fuse_wgrad: bool) -> Tensor:
         rank, size = _tp(group)
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
             weight.shape[0], rank, size)
@@ -104,14 +106,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, target, row_max, sum_exp)
         ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.tp_size = group, chunk_size, \
             vocab_start, size
+        ctx.fuse_wgrad = fuse_wgrad and getattr(weight, "main_grad", None) is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         hidden, weight, target, row_max, sum_exp = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
-        # fp32 accumulation over chunks (for fp32 weights the chunk GEMMs add into it directly).
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        wgrad = _WeightGrad(weight, ctx.fuse_wgrad)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:end]
@@ -119,19 +121,56 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                                              sum_exp[start:end], grad_loss[start:end].float(),
                                              ctx.vocab_start)                # [C, V/tp]
             torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            if weight.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.t(), h)
-            else:
-                grad_weight += torch.matmul(grad_logits.t(), h)
+            wgrad.add(grad_logits, h)
             del grad_logits
         if ctx.tp_size > 1:   # every TP rank holds the whole input: sum the vocab shards' parts
             dist.all_reduce(grad_hidden, group=ctx.group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, wgrad.result(), None, None, None, None
+
+
+class _WeightGrad:
+    """Accumulates ``grad_logitsᵀ @ hidden`` over chunks, in fp32.
+
+    With ``fuse`` (megatron's ``gradient_accumulation_fusion`` on the head and a DDP
+    ``main_grad`` on the weight) each chunk goes straight into ``main_grad`` through megatron's
+    ``fused_weight_gradient_mlp_cuda`` (Apex on GPU, ``compat/wgrad.py`` on CPU) and a dummy
+    gradient is returned, as megatron's ``LinearWithGradAccumulationAndAsyncCommunication``
+    does; otherwise into a fresh fp32 ``[V/tp, T]`` buffer returned in the weight dtype.
+    """
+
+    def __init__(self, weight: Tensor, fuse: bool) -> None:
+        self.weight, self.fuse = weight, fuse
+        self.buffer = None if fuse else torch.zeros(weight.shape, dtype=torch.float32,
+                                                    device=weight.device)
+
+    def add(self, grad_logits: Tensor, hidden: Tensor) -> None:
+        if self.fuse:
+            from megatron.core.tensor_parallel import layers
+
+            main_grad = self.weight.main_grad
+            accum = (layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32
+                     if main_grad.dtype == torch.float32 else
+                     layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16)
+            accum(hidden, grad_logits, main_grad)
+        elif grad_logits.dtype == torch.float32:
+            self.buffer.addmm_(grad_logits.t(), hidden)
+        else:
+            self.buffer += torch.matmul(grad_logits.t(), hidden)
+
+    def result(self) -> Tensor:
+        if not self.fuse:
+            return self.buffer.to(self.weight.dtype)
+        # megatron DDP's hook skips a grad already added to main_grad (dummy, never read).
+        if hasattr(self.weight, "grad_added_to_main_grad"):
+            self.weight.grad_added_to_main_grad = True
+        make = torch.zeros if getattr(self.weight, "zero_out_wgrad", False) else torch.empty
+        return make(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device)
 
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                                  group: Optional[dist.ProcessGroup] = None,
-                                 chunk_size: Optional[int] = None) -> Tensor:
+                                 chunk_size: Optional[int] = None,
+                                 fuse_wgrad: bool = False) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T`` per row, never holding more than one chunk's logits.
 
     Args:
@@ -141,6 +180,8 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         group: the tensor-parallel group the vocabulary is sharded over (None: no TP).
         chunk_size: rows per chunk; logits of one ``[chunk_size, V/tp]`` chunk are alive
             (None: :func:`default_chunk_size`).
+        fuse_wgrad: accumulate the weight gradient straight into ``weight.main_grad`` (the
+            head's ``gradient_accumulation_fusion``; ignored without ``main_grad``).
 
     Returns:
         float32 ``[N]``: ``logsumexp(logits) - logits[target]`` over the whole vocabulary.
@@ -152,4 +193,5 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
         raise ValueError(f"chunked_linear_cross_entropy expects hidden [N, T] and target [N], "
                          f"got {tuple(hidden.shape)} and {tuple(target.shape)}.")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, group, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, group, chunk_size,
+                                            fuse_wgrad)

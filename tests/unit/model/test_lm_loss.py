@@ -131,3 +131,21 @@ def test_config_refuses_bad_loss_settings():
                                                                      has_te=False)
     with pytest.raises(ConfigError, match="loss_impl"):
         config_from_dict({"model": {"loss_impl": "fused"}})
+
+
+def test_fused_wgrad_goes_into_main_grad_like_megatron():
+    """With gradient_accumulation_fusion the weight gradient lands in DDP's main_grad."""
+    from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
+
+    if not cpu_wgrad_accumulation_ready():
+        pytest.skip("CPU wgrad stand-in not installed (apply_cpu_compat)")
+    hidden, weight, target = _inputs()
+    chunked_linear_cross_entropy(hidden, weight, target, chunk_size=5).sum().backward()
+    want = weight.grad.clone()
+    weight.grad = None
+    weight.main_grad = torch.full(weight.shape, 0.5)            # earlier micro-batches
+    weight.grad_added_to_main_grad = False
+    chunked_linear_cross_entropy(hidden, weight, target, chunk_size=5,
+                                 fuse_wgrad=True).sum().backward()
+    assert weight.grad_added_to_main_grad
+    torch.testing.assert_close(weight.main_grad, want + 0.5, rtol=1e-6, atol=1e-6)
