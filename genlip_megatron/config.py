@@ -82,9 +82,11 @@ class ModelConfig:
     """Dropout on attention probabilities (reference: 0)."""
     init_std: float = 0.02
     """Std of the normal init of linears and embeddings (attention projections use xavier)."""
-    attention_backend: Literal["dense", "flex", "te", "varlen"] = "dense"
-    """Prefix-LM core attention: dense mask (oracle, CPU), torch flex_attention, TE two-call, or
-    varlen (per-sample torch SDPA: the fast CPU path for packed rows, see model/attention.py)."""
+    attention_backend: Literal["auto", "dense", "flex", "te", "varlen"] = "auto"
+    """Prefix-LM core attention: auto (resolved once at start-up and logged: te with
+    transformer_impl te on a GPU, flex on a GPU otherwise, varlen on CPU; dense when
+    attention_dropout > 0 outside TE), dense mask (the oracle; O(S²) memory), torch
+    flex_attention, TE two-call, or varlen (per-sample torch SDPA, see model/attention.py)."""
     transformer_impl: Literal["local", "te"] = "local"
     """megatron-core layer implementation: local (torch, CPU-capable) or transformer_engine."""
     loss_impl: Literal["chunked", "full"] = "chunked"
@@ -150,8 +152,10 @@ class ParallelConfig:
     """Sequence parallelism (needs tp > 1)."""
     cp: int = 1
     """Context parallel size; GenLIP's prefix-LM attention supports only 1."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state (and fp32 main params) across data-parallel ranks."""
+    use_distributed_optimizer: Optional[bool] = None
+    """Shard optimizer state (and fp32 main params) across data-parallel ranks. None (default):
+    on when data-parallel size > 1, off (with a log line) at DP = 1, where it shards nothing
+    and costs three full-buffer copies per step; true/false force it."""
     overlap_grad_reduce: bool = False
     """Overlap the gradient reduce-scatter/all-reduce with the backward pass."""
     overlap_param_gather: bool = False
