@@ -144,9 +144,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(setup overshoot {s['setup_overshoot_bytes'] / 2**20:.1f} MiB)")
     print(f"  weight grad alone: {args.v * args.t * 4 / 2**20:.1f} MiB; "
           f"full logits: {args.n * args.v * 4 / 2**20:.1f} MiB")
+    mib = {impl: s["peak_bytes"] / 2**20 for impl, s in stats.items()}
     print(f"BENCH loss_memory peak_ratio={ratio:.3f} max_abs_grad_diff={grad_diff:.3e} "
-          f"max_abs_loss_diff={loss_diff:.3e} full_peak_mib={stats['full']['peak_bytes'] / 2**20:.0f} "
-          f"chunked_peak_mib={stats['chunked']['peak_bytes'] / 2**20:.0f}")
+          f"max_abs_loss_diff={loss_diff:.3e} full_peak_mib={mib['full']:.0f} "
+          f"chunked_peak_mib={mib['chunked']:.0f}")
     return 0
 
 

@@ -28,8 +28,8 @@ SavedActivationMeter`, unit = ``N·H·b``):
 Embeddings (first stage): pixel rows ``P·C·p²·b``, text embeddings ``N·T·b``, token ids. Head
 (last stage): final-LN input (1 unit), selected rows ``n·(H + T)·b`` and fp32 logits
 ``n·V/tp·4`` for the ``n`` label positions (``model.loss_impl: full``), or of one chunk of
-``min(n, chunk)`` positions with the default chunked loss (``model/lm_loss.py``). Pipeline: the first stage holds
-``min(pp, micro-batches)`` micro-batches of activations (1F1B), interleaved
+``min(n, chunk)`` positions with the default chunked loss (``model/lm_loss.py``). Pipeline:
+the first stage holds ``min(pp, micro-batches)`` micro-batches of activations (1F1B), interleaved
 ``(pp-1)·2 + (vpp-1)·pp + 1`` chunks.
 
 **Step time**: model FLOPs / (devices · peak · efficiency) + the pipeline bubble
