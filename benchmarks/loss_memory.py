@@ -2,14 +2,15 @@
 """Peak memory of the LM head + loss: the chunked loss vs the full-logits path.
 
     python benchmarks/loss_memory.py            # N = 4096 label positions, T = 1024, V = 151936
-    python benchmarks/loss_memory.py --quick    # N = 2048, T = 256, V = 32768, chunk 256
+    python benchmarks/loss_memory.py --quick    # N = 2048, T = 256, V = 32768, 2^21 logits/block
 
 Both paths compute the per-position cross-entropy of ``hidden [N, T] @ weight [V, T]ᵀ``, fp32,
 forward and backward (loss = mean over the N positions, as the trainer normalises):
 
 * **full**: what ``model.loss_impl: full`` runs, all ``[N, 1, V]`` logits through megatron's
   ``vocab_parallel_cross_entropy``;
-* **chunked**: ``model/lm_loss.py`` (the default), label positions in chunks.
+* **chunked**: ``model/lm_loss.py`` (the default), the vocabulary in blocks of
+  ``chunk / N`` entries.
 
 Method: each path runs in its own fresh subprocess (``--worker``). Inputs are built in place
 (no transient copies), then the resident set size is read (``psutil``) and, after forward +
@@ -50,7 +51,7 @@ def _inputs(n: int, t: int, v: int):
     return hidden, weight, target
 
 
-def _run_path(impl: str, hidden, weight, target, chunk: Optional[int]):
+def _run_path(impl: str, hidden, weight, target, chunk: int):
     import torch
     import torch.nn.functional as F
     from megatron.core import tensor_parallel
@@ -58,7 +59,7 @@ def _run_path(impl: str, hidden, weight, target, chunk: Optional[int]):
     from genlip_megatron.model.lm_loss import chunked_linear_cross_entropy
 
     if impl == "chunked":
-        loss = chunked_linear_cross_entropy(hidden, weight, target, chunk_size=chunk)
+        loss = chunked_linear_cross_entropy(hidden, weight, target, chunk_logits=chunk)
     else:   # the model's "full" head: ColumnParallelLinear at TP = 1 is this linear
         logits = F.linear(hidden[:, None], weight)                       # [N, 1, V]
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target[:, None])[:, 0]
@@ -67,7 +68,7 @@ def _run_path(impl: str, hidden, weight, target, chunk: Optional[int]):
     return loss.detach()
 
 
-def worker(impl: str, n: int, t: int, v: int, chunk: Optional[int], out: Path) -> None:
+def worker(impl: str, n: int, t: int, v: int, chunk: int, out: Path) -> None:
     """One path in this process; writes {peak_bytes, seconds} and the loss/grads to ``out``."""
     import psutil
     import torch
@@ -103,9 +104,7 @@ def _init_world_of_one() -> None:
 
 def _spawn(impl: str, args, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--n", str(args.n), "--t", str(args.t),
-           "--v", str(args.v), "--out", str(out)]
-    if args.chunk:
-        cmd += ["--chunk", str(args.chunk)]
+           "--v", str(args.v), "--chunk", str(args.chunk), "--out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -115,16 +114,22 @@ def _spawn(impl: str, args, out: Path) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N 2048, T 256, V 32768, chunk 256")
+    parser.add_argument("--quick", action="store_true",
+                        help="N 2048, T 256, V 32768, 2^21 logits per block")
     parser.add_argument("--n", type=int, default=4096, help="label positions")
     parser.add_argument("--t", type=int, default=1024, help="text width T")
     parser.add_argument("--v", type=int, default=151936, help="vocabulary V")
-    parser.add_argument("--chunk", type=int, default=None, help="chunk rows (default: auto)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="logits per block (default: model.loss_chunk_logits' 2^24)")
     parser.add_argument("--worker", choices=["full", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.t, args.v, args.chunk = 2048, 256, 32768, args.chunk or 256
+        args.n, args.t, args.v, args.chunk = 2048, 256, 32768, args.chunk or 2 ** 21
+    if args.chunk is None:
+        from genlip_megatron.model.lm_loss import CHUNK_LOGITS
+
+        args.chunk = CHUNK_LOGITS
     if args.worker:
         worker(args.worker, args.n, args.t, args.v, args.chunk, args.out)
         return 0
@@ -137,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     grad_diff = max(float((full[k] - ours[k]).abs().max()) for k in ("dh", "dw"))
     loss_diff = float((full["loss"] - ours["loss"]).abs().max())
     ratio = stats["chunked"]["peak_bytes"] / stats["full"]["peak_bytes"]
-    print(f"loss_memory N={args.n} T={args.t} V={args.v} fp32, load "
+    print(f"loss_memory N={args.n} T={args.t} V={args.v} fp32, {args.chunk} logits per block, "
+          f"load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for impl, s in stats.items():
         print(f"  {impl:8s} peak {s['peak_bytes'] / 2**20:9.1f} MiB   {s['seconds']:7.1f} s "

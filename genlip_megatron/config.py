@@ -90,12 +90,13 @@ class ModelConfig:
     transformer_impl: Literal["local", "te"] = "local"
     """megatron-core layer implementation: local (torch, CPU-capable) or transformer_engine."""
     loss_impl: Literal["chunked", "full"] = "chunked"
-    """LM-head loss: chunked (label positions in chunks, one chunk's logits alive at a time,
-    recomputed in backward; exact vocab-parallel softmax) or full (all logits at once: the
-    oracle, and 1.5 GB of bf16 logits per 16k-token row at V = 151936)."""
-    loss_chunk_size: Optional[int] = None
-    """Label positions per chunk of the chunked loss (fp32 logits: chunk × V/tp × 4 bytes);
-    None: about 128 MiB of logits per chunk (220 positions at V = 151936, TP = 1)."""
+    """LM-head loss on the label positions: chunked (the vocabulary in blocks, one block of
+    logits alive at a time, recomputed in backward; exact vocab-parallel softmax, see
+    model/lm_loss.py) or full (all logits at once: the oracle, and 1.5 GB of bf16 logits per
+    16k-token row at V = 151936)."""
+    loss_chunk_logits: int = 16777216
+    """Logits alive at a time in the chunked loss (2^24: 64 MiB in fp32); larger blocks mean
+    fewer, bigger GEMMs, smaller ones less memory."""
 
     @property
     def kv_channels(self) -> int:
@@ -259,9 +260,9 @@ def _validate_model(m: ModelConfig) -> None:
                           f"{m.mrope_section}.")
     if not 0.0 <= m.drop_path_rate < 1.0:
         raise ConfigError(f"model.drop_path_rate ({m.drop_path_rate}) must be in [0, 1).")
-    if m.loss_chunk_size is not None and m.loss_chunk_size < 1:
-        raise ConfigError(f"model.loss_chunk_size ({m.loss_chunk_size}) must be at least 1, or "
-                          "null for the default.")
+    if m.loss_chunk_logits < 1:
+        raise ConfigError(f"model.loss_chunk_logits ({m.loss_chunk_logits}) must be at least 1; "
+                          "the default is 16777216.")
 
 
 def _validate_parallel(m: ModelConfig, p: ParallelConfig, world_size: Optional[int]) -> None:

@@ -208,10 +208,10 @@ class GenLIPModel(MegatronModule):
         target = labels.transpose(0, 1)                           # [S, B]
         where = (target != IGNORE_INDEX).nonzero(as_tuple=True)
         selected = self._proj(hidden[where])                      # [N, T]
-        if self.config.loss_impl == "chunked":   # one chunk's logits alive (model/lm_loss.py)
+        if self.config.loss_impl == "chunked":   # one block of logits alive (model/lm_loss.py)
             picked = chunked_linear_cross_entropy(
                 selected, self.output_layer.weight, target[where], self.tp_group,
-                self.config.loss_chunk_size, self.output_layer.gradient_accumulation_fusion)
+                self.config.loss_chunk_logits, self.output_layer.gradient_accumulation_fusion)
         else:   # "full": all N × V/tp logits at once (the oracle)
             logits, _ = self.output_layer(selected.unsqueeze(1))  # [N, 1, V/tp]
             picked = tensor_parallel.vocab_parallel_cross_entropy(

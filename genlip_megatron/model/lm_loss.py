@@ -2,20 +2,26 @@
 
 At the Qwen3 vocabulary (V = 151936) the logits of every label position of a 16384-token row
 (≈ 4900 positions) take 1.5 GB in bf16, plus the fp32 softmax and its gradient. The loss never
-needs them all at once: :func:`chunked_linear_cross_entropy` walks the label positions in
-chunks of ``chunk_size`` rows, so only one chunk's ``[chunk, V/tp]`` logits are alive at a
-time, and the backward pass recomputes each chunk's logits from the saved inputs (one extra
-head GEMM; the per-row max and sum-exp are kept, so the recompute needs no collective).
+needs them all at once. :func:`chunked_linear_cross_entropy` takes the label positions only
+(``[N, T]``) and walks this rank's vocabulary shard in blocks of ``Vb`` rows, so that one
+``[N, Vb]`` block of logits (about ``chunk_logits`` values) is alive at a time:
 
-The softmax is exact over the TP-sharded vocabulary: per chunk, the row max and the sum of
-exponentials (with the target logit) are all-reduced over the TP group, as megatron-core's
-``vocab_parallel_cross_entropy`` does; its ``VocabParallelCrossEntropy`` pieces compute the
-target logit, the sum-exp and the gradient, so the numbers are megatron's: logits are formed in
-the weight dtype and promoted to fp32, the gradient is cast back to the weight dtype before the
-input/weight GEMMs. The input gradient is all-reduced over TP (the head's input is replicated on
-every TP rank, like megatron's ``ColumnParallelLinear`` with ``allreduce_dgrad``); the weight
-gradient is this rank's ``[V/tp, T]`` shard, accumulated in fp32 over the chunks (straight into
-megatron DDP's ``main_grad`` where the head fuses weight-gradient accumulation).
+* forward: per block, the logits, their row max and sum of exponentials (online softmax: the
+  running sum is rescaled when the max grows) and the target's logit; then the max and the sums
+  are combined over the TP group (all-reduce MAX, then SUM), exactly as megatron-core's
+  ``vocab_parallel_cross_entropy`` combines its shards. Saved: inputs, per-row max and sum-exp.
+* backward: per block, the logits are recomputed (one extra head GEMM), turned into
+  ``softmax - onehot`` scaled by the incoming gradient and cast to the weight dtype, as megatron
+  does; the block's weight gradient ``[Vb, T]`` is written ONCE (no accumulation pass over the
+  whole ``[V/tp, T]`` gradient), the input gradient ``[N, T]`` accumulates in fp32 and is
+  all-reduced over TP (the head's input is replicated on every TP rank, like megatron's
+  ``ColumnParallelLinear`` with ``allreduce_dgrad``).
+
+Blocking the vocabulary rather than the positions keeps the weight-gradient traffic of the full
+path (one write), which is what a GPU run pays for. With one block (small N·V) the numbers are
+megatron's to the last bit; with several, the sum-exp is summed per block (fp32 rounding only).
+Where the head fuses weight-gradient accumulation (megatron's ``gradient_accumulation_fusion``
+and a DDP ``main_grad``), each block's gradient goes straight into ``main_grad``.
 """
 
 from __future__ import annotations
@@ -28,21 +34,21 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
 
-__all__ = ["chunked_linear_cross_entropy", "default_chunk_size", "LOSS_IMPLS",
-           "CHUNK_LOGITS"]
+__all__ = ["chunked_linear_cross_entropy", "vocab_block_size", "LOSS_IMPLS", "CHUNK_LOGITS"]
 
 LOSS_IMPLS = ("chunked", "full")
 """LM-head loss implementations (``model.loss_impl``); "full" is the full-logits oracle."""
-CHUNK_LOGITS = 2 ** 25
-"""Default logits per chunk (128 MiB in fp32): 220 label positions at V = 151936, TP = 1.
+CHUNK_LOGITS = 2 ** 24
+"""Default logits per block (64 MiB in fp32): 4096 vocabulary entries for 4096 label positions.
 
-The weight gradient (``[V/tp, T]``, 0.6 GB fp32 at T = 1024) is produced by any head; a chunk
-well below it keeps the head + loss peak near that floor (``benchmarks/loss_memory.py``)."""
+The weight gradient (``[V/tp, T]``, 0.6 GB fp32 at V = 151936, T = 1024) is produced by any
+head; blocks well below it keep the head + loss peak near that floor
+(``benchmarks/loss_memory.py``)."""
 
 
-def default_chunk_size(vocab_shard: int) -> int:
-    """Label positions per chunk so that one chunk holds about :data:`CHUNK_LOGITS` logits."""
-    return max(1, CHUNK_LOGITS // max(1, vocab_shard))
+def vocab_block_size(num_positions: int, vocab_shard: int, chunk_logits: int) -> int:
+    """Vocabulary rows per block so that ``[num_positions, block]`` holds ~``chunk_logits``."""
+    return min(vocab_shard, max(1, chunk_logits // max(1, num_positions)))
 
 
 def _tp(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -52,114 +58,120 @@ def _tp(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _chunk_stats(hidden: Tensor, weight: Tensor, target: Tensor, vocab_start: int,
-                 group: Optional[dist.ProcessGroup], tp_size: int
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk's per-row loss, max logit and sum-exp (fp32, ``[C]`` each), all-reduced."""
-    logits = torch.matmul(hidden, weight.t())                         # [C, V/tp], weight dtype
-    logits, row_max = VocabParallelCrossEntropy.calculate_logits_max(logits)   # fp32
-    if tp_size > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    _, _, predicted, sum_exp, _ = VocabParallelCrossEntropy.calculate_predicted_logits(
-        logits, target, row_max, vocab_start, vocab_start + weight.shape[0])
-    del logits                                                        # exp'd in place; not kept
-    if tp_size > 1:   # one collective for both sums
-        both = torch.stack([predicted, sum_exp])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-        predicted, sum_exp = both[0], both[1]
-    return torch.log(sum_exp) - predicted, row_max, sum_exp
+def _target_in_block(target: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+    """(rows whose target lies in vocab ``[start, end)``, its index inside the block)."""
+    inside = (target >= start) & (target < end)
+    return inside, torch.where(inside, target - start, 0)
 
 
-def _chunk_grad_logits(hidden: Tensor, weight: Tensor, target: Tensor, row_max: Tensor,
-                       sum_exp: Tensor, grad_loss: Tensor, vocab_start: int) -> Tensor:
-    """d loss / d logits of one chunk ``[C, V/tp]`` in the weight dtype (recomputed logits)."""
-    logits = torch.matmul(hidden, weight.t()).float()
-    logits -= row_max.unsqueeze(-1)
-    torch.exp(logits, out=logits)
-    softmax = logits.div_(sum_exp.unsqueeze(-1))
-    target_mask = (target < vocab_start) | (target >= vocab_start + weight.shape[0])
-    masked_target = torch.where(target_mask, 0, target - vocab_start)
-    grad_2d, arange_1d, softmax_update, grad_input = \
-        VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
-    grad = VocabParallelCrossEntropy.calculate_gradients(
-        grad_2d, arange_1d, masked_target, softmax_update, grad_input, grad_loss)
-    return grad.to(weight.dtype)
+def _forward_stats(hidden: Tensor, weight: Tensor, target: Tensor, vocab_start: int,
+                   block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """This shard's per-row max logit, sum of exp(logit - max) and target logit (fp32 ``[N]``)."""
+    n = hidden.shape[0]
+    row_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    # float64 running sum: the rescaling when the max grows then adds no fp32 error per block
+    sum_exp = torch.zeros(n, dtype=torch.float64, device=hidden.device)
+    predicted = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    for b0 in range(0, weight.shape[0], block):
+        b1 = min(b0 + block, weight.shape[0])
+        logits, block_max = VocabParallelCrossEntropy.calculate_logits_max(
+            torch.matmul(hidden, weight[b0:b1].t()))                   # [N, Vb] fp32
+        inside, index = _target_in_block(target, vocab_start + b0, vocab_start + b1)
+        picked = logits.gather(1, index.unsqueeze(1)).squeeze(1)
+        predicted = torch.where(inside, picked, predicted)
+        new_max = torch.maximum(row_max, block_max)
+        sum_exp *= torch.exp(row_max.double() - new_max.double())      # 0 on the first block
+        logits -= new_max.unsqueeze(1)
+        sum_exp += torch.exp_(logits).sum(dim=1)
+        row_max = new_max
+        del logits
+    return row_max, sum_exp.float(), predicted
+
+
+def _combine_over_tp(row_max: Tensor, sum_exp: Tensor, predicted: Tensor,
+                     group: Optional[dist.ProcessGroup]) -> tuple[Tensor, Tensor, Tensor]:
+    """Global max, sum-exp (relative to it) and target logit over the TP vocabulary shards."""
+    global_max = row_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    both = torch.stack([sum_exp * torch.exp(row_max - global_max), predicted])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)          # one collective for both
+    return global_max, both[0], both[1]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-row CE of ``hidden @ weight.T`` against ``target``, chunk by chunk (module doc)."""
+    """Per-row CE of ``hidden @ weight.T`` against ``target``, block by block (module doc)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor,
-                group: Optional[dist.ProcessGroup], chunk_size: int,
+                group: Optional[dist.ProcessGroup], chunk_logits: int,
                 fuse_wgrad: bool) -> Tensor:
         rank, size = _tp(group)
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
             weight.shape[0], rank, size)
-        n = hidden.shape[0]
-        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        row_max, sum_exp = torch.empty_like(loss), torch.empty_like(loss)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            loss[start:end], row_max[start:end], sum_exp[start:end] = _chunk_stats(
-                hidden[start:end], weight, target[start:end], vocab_start, group, size)
+        block = vocab_block_size(hidden.shape[0], weight.shape[0], chunk_logits)
+        row_max, sum_exp, predicted = _forward_stats(hidden, weight, target, vocab_start, block)
+        if size > 1:
+            row_max, sum_exp, predicted = _combine_over_tp(row_max, sum_exp, predicted, group)
         ctx.save_for_backward(hidden, weight, target, row_max, sum_exp)
-        ctx.group, ctx.chunk_size, ctx.vocab_start, ctx.tp_size = group, chunk_size, \
-            vocab_start, size
+        ctx.group, ctx.tp_size, ctx.vocab_start, ctx.block = group, size, vocab_start, block
         ctx.fuse_wgrad = fuse_wgrad and getattr(weight, "main_grad", None) is not None
-        return loss
+        return torch.log(sum_exp) - (predicted - row_max)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         hidden, weight, target, row_max, sum_exp = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
+        grad_loss = grad_loss.float().unsqueeze(1)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         wgrad = _WeightGrad(weight, ctx.fuse_wgrad)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            h = hidden[start:end]
-            grad_logits = _chunk_grad_logits(h, weight, target[start:end], row_max[start:end],
-                                             sum_exp[start:end], grad_loss[start:end].float(),
-                                             ctx.vocab_start)                # [C, V/tp]
-            torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            wgrad.add(grad_logits, h)
+        for b0 in range(0, weight.shape[0], ctx.block):
+            b1 = min(b0 + ctx.block, weight.shape[0])
+            logits = torch.matmul(hidden, weight[b0:b1].t()).float()   # [N, Vb], recomputed
+            logits -= row_max.unsqueeze(1)
+            softmax = torch.exp_(logits).div_(sum_exp.unsqueeze(1))
+            inside, index = _target_in_block(target, ctx.vocab_start + b0, ctx.vocab_start + b1)
+            softmax.scatter_add_(1, index.unsqueeze(1), -inside.float().unsqueeze(1))
+            grad_logits = softmax.mul_(grad_loss).to(weight.dtype)
+            del logits, softmax
+            if grad_logits.dtype == torch.float32:
+                grad_hidden.addmm_(grad_logits, weight[b0:b1])
+            else:
+                grad_hidden += torch.matmul(grad_logits, weight[b0:b1])
+            wgrad.write(b0, b1, grad_logits, hidden)
             del grad_logits
         if ctx.tp_size > 1:   # every TP rank holds the whole input: sum the vocab shards' parts
             dist.all_reduce(grad_hidden, group=ctx.group)
-        return grad_hidden, wgrad.result(), None, None, None, None
+        return grad_hidden.to(hidden.dtype), wgrad.result(), None, None, None, None
 
 
 class _WeightGrad:
-    """Accumulates ``grad_logitsᵀ @ hidden`` over chunks, in fp32.
+    """The weight gradient, one vocabulary block at a time (each row block written once).
 
     With ``fuse`` (megatron's ``gradient_accumulation_fusion`` on the head and a DDP
-    ``main_grad`` on the weight) each chunk goes straight into ``main_grad`` through megatron's
-    ``fused_weight_gradient_mlp_cuda`` (Apex on GPU, ``compat/wgrad.py`` on CPU) and a dummy
-    gradient is returned, as megatron's ``LinearWithGradAccumulationAndAsyncCommunication``
-    does; otherwise into a fresh fp32 ``[V/tp, T]`` buffer returned in the weight dtype.
+    ``main_grad`` on the weight) each block goes straight into its rows of ``main_grad`` through
+    megatron's ``fused_weight_gradient_mlp_cuda`` (Apex on GPU, ``compat/wgrad.py`` on CPU) and
+    a dummy gradient is returned, as megatron's ``LinearWithGradAccumulationAndAsyncCommunication``
+    does; otherwise into a fresh ``[V/tp, T]`` gradient in the weight dtype.
     """
 
     def __init__(self, weight: Tensor, fuse: bool) -> None:
         self.weight, self.fuse = weight, fuse
-        self.buffer = None if fuse else torch.zeros(weight.shape, dtype=torch.float32,
-                                                    device=weight.device)
+        self.grad = None if fuse else torch.empty_like(weight)
 
-    def add(self, grad_logits: Tensor, hidden: Tensor) -> None:
-        if self.fuse:
-            from megatron.core.tensor_parallel import layers
+    def write(self, b0: int, b1: int, grad_logits: Tensor, hidden: Tensor) -> None:
+        if not self.fuse:
+            torch.matmul(grad_logits.t(), hidden, out=self.grad[b0:b1])
+            return
+        from megatron.core.tensor_parallel import layers
 
-            main_grad = self.weight.main_grad
-            accum = (layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32
-                     if main_grad.dtype == torch.float32 else
-                     layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16)
-            accum(hidden, grad_logits, main_grad)
-        elif grad_logits.dtype == torch.float32:
-            self.buffer.addmm_(grad_logits.t(), hidden)
-        else:
-            self.buffer += torch.matmul(grad_logits.t(), hidden)
+        main_grad = self.weight.main_grad[b0:b1]          # rows: a contiguous view
+        kernels = layers.fused_weight_gradient_mlp_cuda
+        accum = (kernels.wgrad_gemm_accum_fp32 if main_grad.dtype == torch.float32 else
+                 kernels.wgrad_gemm_accum_fp16)
+        accum(hidden, grad_logits, main_grad)
 
     def result(self) -> Tensor:
         if not self.fuse:
-            return self.buffer.to(self.weight.dtype)
+            return self.grad
         # megatron DDP's hook skips a grad already added to main_grad (dummy, never read).
         if hasattr(self.weight, "grad_added_to_main_grad"):
             self.weight.grad_added_to_main_grad = True
@@ -169,29 +181,26 @@ class _WeightGrad:
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                                  group: Optional[dist.ProcessGroup] = None,
-                                 chunk_size: Optional[int] = None,
+                                 chunk_logits: int = CHUNK_LOGITS,
                                  fuse_wgrad: bool = False) -> Tensor:
-    """Cross-entropy of ``hidden @ weight.T`` per row, never holding more than one chunk's logits.
+    """Cross-entropy of ``hidden @ weight.T`` per row, holding one block of logits at a time.
 
     Args:
         hidden: ``[N, T]`` head inputs of the label positions only (replicated over TP).
         weight: ``[V/tp, T]`` this rank's vocab shard of the LM head (rows in rank order).
         target: int64 ``[N]`` global token ids (every entry is a real label).
         group: the tensor-parallel group the vocabulary is sharded over (None: no TP).
-        chunk_size: rows per chunk; logits of one ``[chunk_size, V/tp]`` chunk are alive
-            (None: :func:`default_chunk_size`).
+        chunk_logits: logits per block (``[N, chunk_logits / N]``; fp32: × 4 bytes).
         fuse_wgrad: accumulate the weight gradient straight into ``weight.main_grad`` (the
             head's ``gradient_accumulation_fusion``; ignored without ``main_grad``).
 
     Returns:
         float32 ``[N]``: ``logsumexp(logits) - logits[target]`` over the whole vocabulary.
     """
-    if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0])
-    if chunk_size < 1:
-        raise ValueError(f"model.loss_chunk_size ({chunk_size}) must be at least 1.")
+    if chunk_logits < 1:
+        raise ValueError(f"model.loss_chunk_logits ({chunk_logits}) must be at least 1.")
     if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
         raise ValueError(f"chunked_linear_cross_entropy expects hidden [N, T] and target [N], "
                          f"got {tuple(hidden.shape)} and {tuple(target.shape)}.")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, group, chunk_size,
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, group, chunk_logits,
                                             fuse_wgrad)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from genlip_megatron.compat.te import te_provides_wgrad_accumulation_fusion
-from genlip_megatron.model.lm_loss import LOSS_IMPLS
+from genlip_megatron.model.lm_loss import CHUNK_LOGITS, LOSS_IMPLS
 
 if TYPE_CHECKING:  # the model package does not import the run config at run time
     from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
@@ -80,8 +80,8 @@ class GenLIPTransformerConfig(TransformerConfig):
     loss_impl: str = "chunked"
     """LM-head loss: "chunked" (label positions in chunks, one chunk's logits alive, see
     model/lm_loss.py) or "full" (all logits at once; the oracle)."""
-    loss_chunk_size: Optional[int] = None
-    """Label positions per chunk of the "chunked" loss (None: ~128 MiB of fp32 logits)."""
+    loss_chunk_logits: int = CHUNK_LOGITS
+    """Logits alive at a time in the "chunked" loss (vocabulary blocks of this / N entries)."""
     fp8_emulation_format: Optional[str] = None
     """CPU FP8 emulation of the block linears ("e4m3" | "hybrid"); None disables it."""
     fp8_emulation_layers: Optional[list[int]] = None
@@ -103,8 +103,8 @@ def _validate_genlip_fields(c: GenLIPTransformerConfig) -> None:
                          f"of {list(ATTENTION_BACKENDS)}.")
     if c.loss_impl not in LOSS_IMPLS:
         raise ValueError(f"model.loss_impl ({c.loss_impl!r}) must be one of {list(LOSS_IMPLS)}.")
-    if c.loss_chunk_size is not None and c.loss_chunk_size < 1:
-        raise ValueError(f"model.loss_chunk_size ({c.loss_chunk_size}) must be at least 1.")
+    if c.loss_chunk_logits < 1:
+        raise ValueError(f"model.loss_chunk_logits ({c.loss_chunk_logits}) must be at least 1.")
     if c.num_query_groups != c.num_attention_heads:
         raise ValueError(f"GenLIP attention is MHA: num_query_groups ({c.num_query_groups}) must "
                          f"equal model.num_attention_heads ({c.num_attention_heads}).")
@@ -243,7 +243,7 @@ def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
         drop_path_rate=model.drop_path_rate,
         prefix_attention_backend=resolve_attention_backend(
             model.attention_backend, has_cuda, model.transformer_impl, model.attention_dropout),
-        loss_impl=model.loss_impl, loss_chunk_size=model.loss_chunk_size, init_seed=init_seed,
+        loss_impl=model.loss_impl, loss_chunk_logits=model.loss_chunk_logits, init_seed=init_seed,
     )
     kwargs.update(_recompute_kwargs(parallel))
     kwargs.update(_precision_kwargs(model, precision))

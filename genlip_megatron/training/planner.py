@@ -27,8 +27,8 @@ SavedActivationMeter`, unit = ``N·H·b``):
 
 Embeddings (first stage): pixel rows ``P·C·p²·b``, text embeddings ``N·T·b``, token ids. Head
 (last stage): final-LN input (1 unit), selected rows ``n·(H + T)·b`` and fp32 logits
-``n·V/tp·4`` for the ``n`` label positions (``model.loss_impl: full``), or of one chunk of
-``min(n, chunk)`` positions with the default chunked loss (``model/lm_loss.py``). Pipeline:
+``n·V/tp·4`` for the ``n`` label positions (``model.loss_impl: full``), or of one block of
+at most 2^24 logits with the default chunked loss (``model/lm_loss.py``). Pipeline:
 the first stage holds ``min(pp, micro-batches)`` micro-batches of activations (1F1B), interleaved
 ``(pp-1)·2 + (vpp-1)·pp + 1`` chunks.
 
@@ -248,13 +248,13 @@ def _activation_bytes(d: ModelDims, lay: Layout, mix: SampleMix, stage: int) -> 
     total = inflight * (chunk + first) + recomputed
     if stage == lay.pp - 1:
         lab, shard = mix.label_count, d.vocab // lay.tp
-        rows = lab if lay.loss_impl == "full" else min(lab, max(1, CHUNK_LOGITS // shard))
-        total += n * d.hidden * b + lab * (d.hidden + d.text_dim) * b + rows * shard * 4
+        logits = lab * shard if lay.loss_impl == "full" else min(lab * shard, CHUNK_LOGITS)
+        total += n * d.hidden * b + lab * (d.hidden + d.text_dim) * b + logits * 4
     return total
 
 
-CHUNK_LOGITS = 2 ** 25
-"""Logits per chunk of the default chunked loss: ``model/lm_loss.py``'s CHUNK_LOGITS (repeated
+CHUNK_LOGITS = 2 ** 24
+"""Logits per block of the default chunked loss: ``model/lm_loss.py``'s CHUNK_LOGITS (repeated
 so that the planner CLI stays free of megatron imports; a unit test keeps the two equal)."""
 
 

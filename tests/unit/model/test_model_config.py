@@ -30,7 +30,7 @@ def test_genlip_architecture_flags():
     assert (list(c.mrope_section), c.rope_theta, c.layerscale_init) == ([2, 3, 3], 1e4, 0.1)
     assert c.params_dtype == torch.bfloat16 and c.bf16 and c.pipeline_dtype == torch.bfloat16
     assert c.transformer_impl == "local" and c.prefix_attention_backend == "varlen"  # auto, CPU
-    assert c.loss_impl == "chunked" and c.loss_chunk_size is None
+    assert c.loss_impl == "chunked" and c.loss_chunk_logits == 2 ** 24
     t = torch.empty(4000)
     c.init_method(t)
     assert abs(t.std() - 0.02) < 0.002 and c.output_layer_init_method is not None
