@@ -12,13 +12,13 @@ forward and backward (loss = mean over the N positions, as the trainer normalise
 * **chunked**: ``model/lm_loss.py`` (the default), the vocabulary in blocks of
   ``chunk / N`` entries.
 
-Method: each path runs in its own fresh subprocess (``--worker``). Inputs are built in place
-(no transient copies), then the resident set size is read (``psutil``) and, after forward +
-backward, the process's peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, exact, kernel-kept).
-Peak bytes = peak RSS - RSS after the inputs: everything the head + loss allocated, its
-weight gradient (``[V, T]``, needed by any head) included. glibc returns large blocks to the OS
-on free, so RSS follows the live tensors. The workers save loss and gradients; the parent
-compares them. Last line:
+Method: each path runs in its own fresh subprocess (``--worker``). After the inputs are built,
+the kernel's resident-set high-water mark is reset and, after forward + backward, read
+(``benchmarks/peak_rss.py``: ``/proc/self/clear_refs``, ``VmHWM``). Peak bytes = high-water
+mark - RSS after the inputs: everything the head + loss allocated, its weight gradient
+(``[V, T]``, needed by any head) included. glibc returns large blocks to the OS on free, so RSS
+follows the live tensors. The workers save loss and gradients; the parent compares them. Last
+line:
 
     BENCH loss_memory peak_ratio=<chunked/full> max_abs_grad_diff=<…> max_abs_loss_diff=<…>
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -70,9 +69,9 @@ def _run_path(impl: str, hidden, weight, target, chunk: int):
 
 def worker(impl: str, n: int, t: int, v: int, chunk: int, out: Path) -> None:
     """One path in this process; writes {peak_bytes, seconds} and the loss/grads to ``out``."""
-    import psutil
     import torch
 
+    from benchmarks.peak_rss import PeakRss
     from genlip_megatron.compat import apply_cpu_compat
 
     apply_cpu_compat()
@@ -80,16 +79,13 @@ def worker(impl: str, n: int, t: int, v: int, chunk: int, out: Path) -> None:
     import genlip_megatron.model.lm_loss  # noqa: F401  (imports are not the head's memory)
 
     hidden, weight, target = _inputs(n, t, v)
-    base = psutil.Process().memory_info().rss
-    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    loss = _run_path(impl, hidden, weight, target, chunk)
+    with PeakRss() as meter:
+        loss = _run_path(impl, hidden, weight, target, chunk)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.save({"loss": loss, "dh": hidden.grad, "dw": weight.grad}, out / f"{impl}.pt")
-    (out / f"{impl}.json").write_text(json.dumps({
-        "peak_bytes": peak - base, "seconds": seconds,
-        "setup_overshoot_bytes": max(0, before_peak - base)}))
+    (out / f"{impl}.json").write_text(json.dumps({"peak_bytes": meter.peak_bytes,
+                                                  "seconds": seconds}))
 
 
 def _init_world_of_one() -> None:
@@ -146,8 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for impl, s in stats.items():
-        print(f"  {impl:8s} peak {s['peak_bytes'] / 2**20:9.1f} MiB   {s['seconds']:7.1f} s "
-              f"(setup overshoot {s['setup_overshoot_bytes'] / 2**20:.1f} MiB)")
+        print(f"  {impl:8s} peak {s['peak_bytes'] / 2**20:9.1f} MiB   {s['seconds']:7.1f} s")
     print(f"  weight grad alone: {args.v * args.t * 4 / 2**20:.1f} MiB; "
           f"full logits: {args.n * args.v * 4 / 2**20:.1f} MiB")
     mib = {impl: s["peak_bytes"] / 2**20 for impl, s in stats.items()}

@@ -29,8 +29,9 @@ repetitions. Rates are model FLOPs (flops.py convention) per second. Ratios:
 ``stack_vs_plain = rate(c)/rate(b)``, ``e2e_vs_plain = rate(d)/rate(b)``, ``cpu_mfu =
 rate(c)/rate(a)``, ``plain_mfu = rate(b)/rate(a)`` (summed over workloads: total FLOPs / total
 median time). Peak memory: (b) and (c) each run 3 steps on the same pre-built batches in a
-fresh subprocess; ``peak_mem_vs_plain`` = the larger, over workloads, of (c)'s peak RSS above the
-process start over (b)'s (``getrusage`` high-water mark; model, optimizer state, activations).
+fresh subprocess; ``peak_mem_vs_plain`` = the larger, over workloads, of (c)'s peak RSS above its
+start over (b)'s (kernel high-water mark, ``benchmarks/peak_rss.py``; model, optimizer state,
+activations).
 The packed-row check measures a 4096-token native-resolution row (and 16384 in the full run)
 against its samples one by one, with the package's default attention backend (``auto``,
 resolved for CPU) and ``dense``. The last line is machine-readable:
@@ -455,33 +456,30 @@ def peak_memory_worker(path: str, w: Workload, data_root: Path, backend: str,
                        batches_file: Path, steps: int) -> int:
     """Build ``path``'s model + optimizer, run ``steps`` steps; bytes above the start RSS.
 
-    The start RSS is read after imports, the process group and the (shared, pre-built) batches,
-    so the figure is what the model, its optimizer state and the step allocate at their peak
-    (``getrusage`` ``ru_maxrss``: the kernel's exact high-water mark).
+    The high-water mark is reset after imports, the process group and the (shared, pre-built)
+    batches (``benchmarks/peak_rss.py``), so the figure is what the model, its optimizer state
+    and the step allocate at their peak.
     """
-    import resource
-
-    import psutil
-
+    from benchmarks.peak_rss import PeakRss
     from genlip_megatron.training.trainer import Trainer
 
     batches = torch.load(batches_file, weights_only=False)
     cfg = load_cfg(w, ensure_data(data_root, w.stage), backend, 0)
-    base = psutil.Process().memory_info().rss
     torch.manual_seed(0)
-    if path == "plain":
-        plain = PlainGenLIP(cfg.model)
-        for r in range(steps):
-            plain.step(batches[r % len(batches)])
-    else:
-        trainer = Trainer(cfg)
-        for chunk in trainer.model:
-            chunk.train()
-        trainer.loader.close()
-        trainer.loader = PrebuiltBatches(batches)
-        for _ in range(steps):
-            trainer_step(trainer)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    with PeakRss() as meter:
+        if path == "plain":
+            plain = PlainGenLIP(cfg.model)
+            for r in range(steps):
+                plain.step(batches[r % len(batches)])
+        else:
+            trainer = Trainer(cfg)
+            for chunk in trainer.model:
+                chunk.train()
+            trainer.loader.close()
+            trainer.loader = PrebuiltBatches(batches)
+            for _ in range(steps):
+                trainer_step(trainer)
+    return meter.peak_bytes
 
 
 def peak_memory_ratio(w: Workload, data_root: Path, backend: str, batches: list) -> dict:

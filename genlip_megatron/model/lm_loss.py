@@ -18,8 +18,10 @@ needs them all at once. :func:`chunked_linear_cross_entropy` takes the label pos
   ``ColumnParallelLinear`` with ``allreduce_dgrad``).
 
 Blocking the vocabulary rather than the positions keeps the weight-gradient traffic of the full
-path (one write), which is what a GPU run pays for. With one block (small N·V) the numbers are
-megatron's to the last bit; with several, the sum-exp is summed per block (fp32 rounding only).
+path (one write), which is what a GPU run pays for. The sum-exp runs in float64 across blocks
+and the loss formula in float64 up to its final rounding, so the loss is at least as accurate
+as megatron's single fp32 pass (they differ by fp32 roundings); the gradients follow megatron's
+recipe (fp32 softmax from the all-reduced max and sum, cast to the weight dtype).
 Where the head fuses weight-gradient accumulation (megatron's ``gradient_accumulation_fusion``
 and a DDP ``main_grad``), each block's gradient goes straight into ``main_grad``.
 """
@@ -66,7 +68,7 @@ def _target_in_block(target: Tensor, start: int, end: int) -> tuple[Tensor, Tens
 
 def _forward_stats(hidden: Tensor, weight: Tensor, target: Tensor, vocab_start: int,
                    block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """This shard's per-row max logit, sum of exp(logit - max) and target logit (fp32 ``[N]``)."""
+    """This shard's per-row max logit, sum of exp(logit - max) (float64) and target logit."""
     n = hidden.shape[0]
     row_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
     # float64 running sum: the rescaling when the max grows then adds no fp32 error per block
@@ -85,7 +87,7 @@ def _forward_stats(hidden: Tensor, weight: Tensor, target: Tensor, vocab_start: 
         sum_exp += torch.exp_(logits).sum(dim=1)
         row_max = new_max
         del logits
-    return row_max, sum_exp.float(), predicted
+    return row_max, sum_exp, predicted
 
 
 def _combine_over_tp(row_max: Tensor, sum_exp: Tensor, predicted: Tensor,
@@ -93,9 +95,10 @@ def _combine_over_tp(row_max: Tensor, sum_exp: Tensor, predicted: Tensor,
     """Global max, sum-exp (relative to it) and target logit over the TP vocabulary shards."""
     global_max = row_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    both = torch.stack([sum_exp * torch.exp(row_max - global_max), predicted])
+    both = torch.stack([sum_exp * torch.exp(row_max.double() - global_max.double()),
+                        predicted.double()])                             # float64 [2, N]
     dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)          # one collective for both
-    return global_max, both[0], both[1]
+    return global_max, both[0], both[1].float()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -112,10 +115,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         row_max, sum_exp, predicted = _forward_stats(hidden, weight, target, vocab_start, block)
         if size > 1:
             row_max, sum_exp, predicted = _combine_over_tp(row_max, sum_exp, predicted, group)
-        ctx.save_for_backward(hidden, weight, target, row_max, sum_exp)
+        ctx.save_for_backward(hidden, weight, target, row_max, sum_exp.float())
         ctx.group, ctx.tp_size, ctx.vocab_start, ctx.block = group, size, vocab_start, block
         ctx.fuse_wgrad = fuse_wgrad and getattr(weight, "main_grad", None) is not None
-        return torch.log(sum_exp) - (predicted - row_max)
+        # megatron's formula, in float64 up to the final rounding
+        return (torch.log(sum_exp) - (predicted.double() - row_max.double())).float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
