@@ -6,13 +6,13 @@
         --set parallel.tp=2 training.train_steps=1000
     srun python pretrain_genlip.py --config ...        # Slurm: one task per GPU
 
-Everything lives in genlip_megatron.training.run (importable and tested); this file only
+Everything lives in genlip_megatron.run (importable and tested); this file only
 forwards the command line.
 """
 
 import sys
 
-from genlip_megatron.training.run import main
+from genlip_megatron.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ setup(
     description="Megatron-core training stack for GenLIP vision encoders",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    # Supported = the range the two CI lanes bracket (README "Supported and tested versions"):
+    # Supported = the range the two CI lanes bracket (docs/versions.md):
     # main lane Python 3.11 / torch 2.13 / megatron-core 0.16.1, newest-stack lane (.ci/
     # newest_stack.sh) Python 3.13 / torch 2.10 / megatron-core 0.19.2, tested 2026-11-29.
     python_requires=">=3.11",
@@ -51,7 +51,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
-            "genlip-pretrain=genlip_megatron.training.run:main",
+            "genlip-pretrain=genlip_megatron.run:main",
         ],
     },
 )

@@ -2,7 +2,7 @@
 """Data pipeline benchmark: samples/s and packing efficiency vs a reference-style baseline.
 
     python benchmarks/data_pipeline.py --quick     # smoke check, ~2 min on 2 cores
-    python benchmarks/data_pipeline.py             # the figures in README, ~6 min on 2 cores
+    python benchmarks/data_pipeline.py             # docs/benchmarks.md figures, ~6 min on 2 cores
     python benchmarks/data_pipeline.py --workers 4 --data-dir /tmp/bench_data   # keep the data
 
 Generates its own synthetic webdataset shards (in --data-dir, reused when present):
@@ -55,7 +55,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch  # noqa: E402
-from genlip_megatron.data.config import DataConfig, ImageConfig, PackingConfig, \
+from genlip_megatron.config.data import DataConfig, ImageConfig, PackingConfig, \
     ReaderConfig, SourceConfig, TextConfig  # noqa: E402
 from genlip_megatron.data.image import smart_resize  # noqa: E402
 from genlip_megatron.data.loader import build_train_loader  # noqa: E402
@@ -354,7 +354,7 @@ def run_ours(root: Path, tok: TextTokenizer, stage: int, workers: int,
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="short windows (12 rows or 8 s): a smoke check, not the README figures")
+                   help="short windows (12 rows or 8 s): a smoke check, not the documented figures")
     p.add_argument("--workers", type=int, default=2, help="worker processes for both pipelines")
     p.add_argument("--rounds", type=int, default=None, help="alternating measurement rounds")
     p.add_argument("--data-dir", type=Path, default=None, help="where to generate/reuse data")

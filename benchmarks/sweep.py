@@ -1,8 +1,9 @@
 """Throughput/memory sweep: preset × TP/SP/PP × micro-batch × recompute × precision × attention.
 
-Run through ``python benchmarks/throughput.py --sweep --out-dir DIR`` (CPU: tiny points, run
-in-process) or ``... --sweep --gpu-recipe`` (the GPU grid: every point is a ``torchrun ...
-pretrain_genlip.py`` launch on this node; its metrics JSONL gives tokens/s and peak memory).
+Run as ``python benchmarks/sweep.py --out-dir DIR`` (CPU: tiny points, run in-process) or
+``... --gpu-recipe`` (the GPU grid: every point is a ``torchrun ... pretrain_genlip.py`` launch
+on this node; its metrics JSONL gives tokens/s and peak memory). It reuses the workloads and the
+step of ``benchmarks/throughput.py`` (imports point one way: sweep → throughput).
 
 Writes ``DIR/sweep.csv`` (one row per point, failed points with their status), ``DIR/sweep.md``
 (the same as a markdown table) and ``DIR/sweep.png`` (tokens/s and memory per point, one series
@@ -12,7 +13,9 @@ per precision). On CPU, memory is the measured model state + peak saved activati
 
 from __future__ import annotations
 
+import argparse
 import csv
+import logging
 import itertools
 import json
 import os
@@ -27,6 +30,10 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.throughput import PrebuiltBatches, Workload, batch_flops, ensure_data, \
+    init_single_process, load_cfg, trainer_step  # noqa: E402
 
 PRECISIONS_GPU = ("bf16", "fp8-delayed", "fp8-tensorwise", "fp8-mxfp8", "fp8-blockwise")
 PRECISIONS_CPU = ("fp32", "bf16", "fp8-emulated")
@@ -84,7 +91,7 @@ def cpu_grid() -> list[Point]:
 
 def gpu_grid(gpus: int) -> list[Point]:
     """The GPU recipe: every combination whose TP·PP fits on this node."""
-    points = []   # 1200 points on 8 GPUs (1–2 min each): choose with --sweep-filter/-limit
+    points = []   # 1200 points on 8 GPUs (1–2 min each): choose with --filter/--limit
     for preset, (tp, sp, pp), mbs, rc, prec, attn in itertools.product(
             ("L/16", "So/16", "g/16", "G/16"), ((1, False, 1), (2, True, 1), (4, True, 1),
                                                 (2, True, 2), (1, False, 2)),
@@ -102,8 +109,6 @@ def run_cpu_point(point: Point, data_dir: Path, steps: int = 2) -> None:
     """In-process: trainer steps on pre-built batches; memory by tensor accounting."""
     from megatron.core import parallel_state
 
-    from benchmarks.throughput import PrebuiltBatches, Workload, batch_flops, load_cfg, \
-        trainer_step
     from genlip_megatron.training.flops import FlopDims
     from genlip_megatron.training.memory import SavedActivationMeter, model_state_storages
     from genlip_megatron.training.trainer import Trainer
@@ -235,8 +240,6 @@ def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int]
             return 2
         gpus = torch.cuda.device_count()
         points = select(gpu_grid(gpus), filters, limit)
-        from benchmarks.throughput import ensure_data
-
         data = ensure_data(data_root or REPO / ".cache" / "bench_throughput", 1)
         config = REPO / "examples" / "configs" / "base" / "stage1.yaml"
         sets = [f"data.sources=[{{paths: '{data}/train/*.tar'}}]", "checkpoint.save_dir=null",
@@ -249,12 +252,10 @@ def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int]
                 run_gpu_point(p, gpus, config, sets, max(steps, 10), Path(work))
         title = f"GenLIP sweep on {gpus}× {torch.cuda.get_device_name()}"
     else:
-        from benchmarks.throughput import ensure_data
-
         data = ensure_data(data_root or REPO / ".cache" / "bench_throughput", 1)
         points = select(cpu_grid(), filters, limit)
         if not points:
-            print(f"error: --sweep-filter '{filters}' selects no point.", file=sys.stderr)
+            print(f"error: --filter '{filters}' selects no point.", file=sys.stderr)
             return 2
         for p in points:
             try:
@@ -263,7 +264,7 @@ def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int]
                 p.status = f"failed: {type(e).__name__}: {str(e)[:100]}"
         title = f"GenLIP tiny CPU sweep ({os.cpu_count()} cores, fp8 emulated)"
     if not points:
-        print(f"error: --sweep-filter '{filters}' selects no point.", file=sys.stderr)
+        print(f"error: --filter '{filters}' selects no point.", file=sys.stderr)
         return 2
     files = write_outputs(points, out, title)
     ok = [p for p in points if p.status == "ok"]
@@ -273,3 +274,27 @@ def run_sweep(out: Path, gpu: bool = False, steps: int = 2, limit: Optional[int]
           f"best_tokens_per_s={best.tokens_per_s if best else float('nan'):.1f} "
           f"best='{best.label + ' ' + best.precision if best else 'none'}'", flush=True)
     return 0 if ok else 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="sweep_out", help="output folder")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N points (tests)")
+    p.add_argument("--filter", default="",
+                   help="comma-separated substrings a point's label must all contain, "
+                        "e.g. 'L/16,tp2,fp8-mxfp8'")
+    p.add_argument("--gpu-recipe", action="store_true",
+                   help="the full GPU grid (needs GPUs); default: tiny CPU points")
+    p.add_argument("--data-dir", default=str(REPO / ".cache" / "bench_throughput"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    torch.manual_seed(0)
+    init_single_process()
+    return run_sweep(Path(args.out_dir), gpu=args.gpu_recipe, limit=args.limit,
+                     data_root=Path(args.data_dir), filters=args.filter)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

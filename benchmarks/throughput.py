@@ -5,8 +5,8 @@
     python benchmarks/throughput.py             # L/16 width, 1024 + 2048-token rows, 2 mixes
     python benchmarks/throughput.py --profile   # + torch.profiler top entries of our step
     python benchmarks/throughput.py --packed-row-only   # packed 4096-token row vs its samples
-    python benchmarks/throughput.py --sweep --out-dir /tmp/sweep   # tiny CPU points, see sweep.py
-    python benchmarks/throughput.py --sweep --gpu-recipe           # the GPU grid (one node)
+    python benchmarks/sweep.py --out-dir /tmp/sweep                # tiny CPU points (sweep.py)
+    python benchmarks/sweep.py --gpu-recipe                        # the GPU grid (one node)
 
 In ONE process, on the same shapes (L/16 width, a few layers, packed rows, fp32 on CPU) and per
 workload (stage-1 mix: fixed 224² images, ~5 samples per 1024-token row; stage-2-like mix:
@@ -574,7 +574,7 @@ def packed_row_check(seqs: list[int], reps: int, dense_up_to: int) -> list[dict]
     """Time fwd+bwd of a packed native-resolution row vs its samples one row each, with the
     package's default attention backend (``auto``, resolved for CPU) and the dense oracle."""
     from genlip_megatron.config import ParallelConfig, PrecisionConfig, decode_variant
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
     from genlip_megatron.model.transformer_config import build_transformer_config
     from genlip_megatron.training.parallel import initialize_topology
 
@@ -587,7 +587,7 @@ def packed_row_check(seqs: list[int], reps: int, dense_up_to: int) -> list[dict]
         tc = build_transformer_config(replace(m, attention_backend=backend), ParallelConfig(),
                                       PrecisionConfig(params_dtype="fp32"), init_seed=1,
                                       has_cuda=False)
-        models[name] = GenLIPModel(tc)
+        models[name] = GenLIPMegatronModel(tc)
     resolved = models["default"].config.prefix_attention_backend
     out = []
     for seq in seqs:
@@ -661,15 +661,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "cores; use with OMP_NUM_THREADS=1 and --workers 0)")
     p.add_argument("--data-dir", default=str(REPO / ".cache" / "bench_throughput"))
     p.add_argument("--profile", action="store_true", help="print torch.profiler top entries")
-    p.add_argument("--sweep", action="store_true", help="run the sweep (benchmarks/sweep.py)")
-    p.add_argument("--out-dir", default="sweep_out", help="--sweep: output folder")
-    p.add_argument("--sweep-limit", type=int, default=None,
-                   help="--sweep: run only the first N points (tests)")
-    p.add_argument("--sweep-filter", default="",
-                   help="--sweep: comma-separated substrings a point's label must all contain, "
-                        "e.g. 'L/16,tp2,fp8-mxfp8'")
-    p.add_argument("--gpu-recipe", action="store_true",
-                   help="--sweep: the full GPU grid (needs GPUs); default: tiny CPU points")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     global CLOCK
@@ -690,11 +681,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         _print_packed_rows(packed_row_check([4096], reps=1 if args.quick else 2,
                                             dense_up_to=4096), bench=True)
         return 0
-    if args.sweep:
-        from benchmarks.sweep import run_sweep
-
-        return run_sweep(Path(args.out_dir), gpu=args.gpu_recipe, limit=args.sweep_limit,
-                         data_root=Path(args.data_dir), filters=args.sweep_filter)
     reps = args.reps or (3 if args.quick else 5)
     workers = args.workers if args.workers is not None else \
         (0 if args.quick or args.clock == "cpu" else 1)

@@ -1,9 +1,10 @@
-"""Independent plain-PyTorch GenLIP forward, written from the reference notes and the paper.
+"""Independent plain-PyTorch GenLIP forward, written from docs/reference-architecture.md.
 
-Follows YanFangCS/GenLIP ``genlip_modeling.py`` as described in
-shared/reference/genlip-reference-implementation.md §2 (module tree, block, gated SDPA
+Follows YanFangCS/GenLIP ``genlip_modeling.py`` as described in docs/reference-architecture.md
+(module tree, block, gated SDPA
 attention, interleaved MRoPE, Conv2d patch embedding, masked_scatter merge, flex prefix-LM mask,
-shifted mean CE) and uses the HF state-dict key names of §3. It does not import
+shifted mean CE) and uses the HF state-dict key names of its HF checkpoint format section. It does
+not import
 ``genlip_megatron``; tests map the megatron model's weights into it.
 
 Fully masked query rows (padding) output 0, as flex_attention does in the reference.
@@ -25,7 +26,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RefRotary(nn.Module):
-    """GenLIPRotaryEmbeddings with interleaved MRoPE (notes §2.4)."""
+    """GenLIPRotaryEmbeddings with interleaved MRoPE (docs/reference-architecture.md)."""
 
     def __init__(self, head_dim: int, theta: float, mrope_section: Sequence[int]):
         super().__init__()

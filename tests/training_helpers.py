@@ -4,7 +4,7 @@ The golden loss file ``tests/assets/losses/tiny_train_cpu.txt`` holds ``step los
 single-rank run of ``tests/assets/configs/tiny_train.yaml`` on this machine type (fp32, CPU).
 Parallel runs (TP/PP/DP, distributed optimizer) and resumed runs are compared to it.
 Regenerate after an intended numerics change with ``GENLIP_UPDATE_GOLDEN=1 pytest
-tests/integration/test_golden_loss.py``.
+tests/integration/test_pretrain.py -k golden``.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="Megatron distributed checkpoint → HF export")
-    to_hf.add_argument("src", help="iter_N dir, or a save dir with `latest`")
+    to_hf.add_argument("src", help="iter_N dir, or a save dir (its `latest`, else its newest "
+                       "finished checkpoint)")
     to_hf.add_argument("dst", help="output directory")
     to_hf.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"],
                        help="stored dtype (the released checkpoints are bf16)")

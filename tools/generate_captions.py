@@ -64,7 +64,7 @@ def image_config(args, model, log: logging.Logger = logger):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from genlip_megatron.data.config import DEFAULT_PROMPT
+    from genlip_megatron.config.data import DEFAULT_PROMPT
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="HF export dir, Megatron iter_N dir or save dir")

@@ -111,7 +111,7 @@ def _data(ctx: Smoke) -> Path:
 
 
 def _config(ctx: Smoke, **kwargs):
-    """A validated GenLIPConfig for this smoke run (see :func:`raw_config`)."""
+    """A validated RunConfig for this smoke run (see :func:`raw_config`)."""
     import torch.distributed as dist
 
     from genlip_megatron.config import config_from_dict
@@ -190,7 +190,7 @@ def _build_models(ctx: Smoke, te_only: bool = False) -> list:
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
     from genlip_megatron.model.transformer_config import build_transformer_config
 
     _ensure_process_group()
@@ -202,7 +202,7 @@ def _build_models(ctx: Smoke, te_only: bool = False) -> list:
     for te in ((True,) if te_only else (True, False)):
         cfg = _config(ctx, te=te)
         tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision, init_seed=1)
-        models.append(GenLIPModel(tconfig).to(_device()))
+        models.append(GenLIPMegatronModel(tconfig).to(_device()))
     return models
 
 
@@ -222,6 +222,8 @@ def _packed_batch(ctx: Smoke):
 def check_te_vs_dense(ctx: Smoke) -> str:
     import torch
 
+    from genlip_megatron.model.layer_spec import canonical_name
+
     batch = _packed_batch(ctx).to(_device())
     samples = int(batch.image_lens.numel())
     if samples < 2 * batch.tokens.shape[0]:
@@ -235,7 +237,8 @@ def check_te_vs_dense(ctx: Smoke) -> str:
         loss = (per_token.float() * mask).sum() / mask.sum()
         loss.backward()
         losses.append(float(loss.detach()))
-        grads.append(_canonical_grads(model))
+        grads.append({canonical_name(n): p.grad.detach().float()
+                      for n, p in model.named_parameters()})
     (l_te, l_dense), (g_te, g_dense) = losses, grads
     if g_te.keys() != g_dense.keys():
         raise RuntimeError(f"parameter names differ: {sorted(g_te.keys() ^ g_dense.keys())[:4]}")
@@ -248,17 +251,6 @@ def check_te_vs_dense(ctx: Smoke) -> str:
             torch.tensor([l_te, l_dense])).all():
         raise RuntimeError(detail)
     return detail
-
-
-def _canonical_grads(model) -> dict:
-    from genlip_megatron.model.layer_spec import LOCAL_TO_TE_KEYS
-
-    out = {}
-    for name, p in model.named_parameters():
-        for local, te_name in LOCAL_TO_TE_KEYS.items():
-            name = name.replace(local, te_name)
-        out[name] = p.grad.detach().float()
-    return out
 
 
 def _train(cfg, step_hook: Optional[Callable] = None) -> dict:
@@ -327,16 +319,20 @@ def check_train_fp8(ctx: Smoke) -> str:
 
 
 def check_async_resume(ctx: Smoke) -> str:
+    from genlip_megatron.training.checkpoint_layout import iteration_dir, read_latest, \
+        write_latest
+
     full, resumed = ctx.workdir / "ckpt_full", ctx.workdir / "ckpt_resumed"
     for d in (full, resumed):
         shutil.rmtree(d, ignore_errors=True)
     a = _train(_config(ctx, steps=4, save_dir=full, async_save=True))
-    latest = (full / "latest").read_text().strip() if (full / "latest").is_file() else None
-    if latest != "iter_0000004":
-        raise RuntimeError(f"after the run `latest` names {latest}, expected iter_0000004")
+    latest, problem = read_latest(full)
+    if latest != iteration_dir(full, 4):
+        raise RuntimeError(f"after the run `latest` is {problem or latest or 'missing'}, "
+                           "expected a finished iter_0000004")
     resumed.mkdir(parents=True)
-    shutil.copytree(full / "iter_0000002", resumed / "iter_0000002")
-    (resumed / "latest").write_text("iter_0000002\n")
+    shutil.copytree(iteration_dir(full, 2), iteration_dir(resumed, 2))
+    write_latest(resumed, iteration_dir(resumed, 2).name)
     b = _train(_config(ctx, steps=4, save_dir=resumed, async_save=True))
     want = {s: a["losses"][s] for s in (3, 4)}
     if b["losses"] != want:
@@ -354,7 +350,7 @@ def check_dali_mixed(ctx: Smoke) -> str:
     import numpy as np
     from PIL import Image
 
-    from genlip_megatron.data.config import ImageConfig
+    from genlip_megatron.config.data import ImageConfig
     from genlip_megatron.data.image import DaliDecoder
 
     rng = np.random.default_rng(0)

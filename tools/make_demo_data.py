@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genlip_megatron.data.config import DEFAULT_PROMPT  # noqa: E402
+from genlip_megatron.config.data import DEFAULT_PROMPT  # noqa: E402
 from genlip_megatron.data.demo import generate_demo_data  # noqa: E402
 
 

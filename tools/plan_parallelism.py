@@ -5,7 +5,7 @@
     python tools/plan_parallelism.py --preset g/16 --gpus 512 --gpu H100 --seq 16384 \\
         --global-batch 1024 --image-tokens 1024 --text-tokens 256
     python tools/plan_parallelism.py --hidden 4096 --layers 48 --heads 32 --ffn 11008 --gpus 64
-    python tools/plan_parallelism.py --preset G/16 --table 8,64,512    # README table rows
+    python tools/plan_parallelism.py --preset G/16 --table 8,64,512    # docs/benchmarks.md rows
 
 The model (``genlip_megatron/training/planner.py``): per-rank memory of params, fp32 grads,
 Adam/main weights under the distributed optimizer and activations (recompute, SP, pipeline
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genlip_megatron.config import VARIANTS, decode_variant  # noqa: E402
-from genlip_megatron.config_loader import ConfigError  # noqa: E402
+from genlip_megatron.config.loader import ConfigError  # noqa: E402
 from genlip_megatron.training.planner import GPUS, ModelDims, plan  # noqa: E402
 
 

@@ -4,7 +4,7 @@ megatron-core's ``FileSystemWriterAsync`` (used by the torch_dist strategy for e
 async) collects the writer results through a ``multiprocessing.get_context("spawn").Manager()
 .Queue()`` created on the first save of each process. Starting that manager spawns a process that
 re-imports ``__main__``: about 5 s per process on 2 CPU cores, and a hang when ``__main__`` starts a
-process group at import time (shared/reference/megatron-core-on-cpu.md §3.3 item 6).
+process group at import time (docs/design.md, CPU workarounds).
 
 A synchronous save writes from the saving process itself, so an in-process ``queue.Queue`` carries
 the same results. Only valid while saves are synchronous: our trainer saves asynchronously only

@@ -3,8 +3,9 @@
 On a CPU-only torch build every ``torch.cuda`` function below can only raise ("Torch not compiled
 with CUDA enabled"); after these patches they address the CPU device, the CPU generator and a
 no-op stream. ``torch.cuda.is_available()`` stays False, so code that asks (ours, TE guards) still
-sees a CPU machine. Found by removing one group at a time (shared/reference/megatron-core-on-cpu.md
-§3.2); each group has a unit test in tests/unit/compat/test_cuda.py that shows the upstream
+sees a CPU machine. Found by removing one group at a time (docs/design.md, CPU workarounds); each
+group
+has a unit test in tests/unit/compat/test_compat_cuda.py that shows the upstream
 failure without it.
 """
 
@@ -238,7 +239,7 @@ def patch_cuda_literals(patches: PatchSet) -> None:
     affected; ``Tensor.cuda`` is global but can only raise on a CPU-only build.
 
     A ``TorchFunctionMode`` was rejected: it is not active inside ``autograd.Function.backward``
-    (megatron-core-on-cpu.md §2.1).
+    (docs/design.md, CPU workarounds).
 
     TODO(upstream): remove when megatron-core stops hard-coding ``device="cuda"``.
     """

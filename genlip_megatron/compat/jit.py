@@ -3,7 +3,7 @@
 ``megatron.core.jit.jit_fuser`` is ``torch.compile`` on torch ≥ 2.2. On CPU the only fused
 function on GenLIP's path is ``Attention._apply_output_gate`` (gated attention); compiling it
 costs about 2.2 s of inductor time per process and input shape for an elementwise
-``x * sigmoid(gate)`` (shared/reference/megatron-core-on-cpu.md §2). The other jit-fused
+``x * sigmoid(gate)`` (docs/design.md, CPU workarounds). The other jit-fused
 functions (bias-SwiGLU, bias-dropout-add, ...) are only used with fusion flags that
 ``build_transformer_config`` turns off on CPU.
 """

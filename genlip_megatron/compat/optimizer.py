@@ -2,7 +2,7 @@
 
 Without Apex or Transformer Engine megatron uses ``torch.optim.AdamW``, whose per-parameter state
 has a ``step`` tensor besides ``exp_avg``/``exp_avg_sq``. Two bugs follow (megatron-core 0.16.1 and
-0.19.2; shared/reference/megatron-core-on-cpu.md §3.3):
+0.19.2; docs/design.md, CPU workarounds):
 
 1. ``DistributedOptimizer.load_state_dict`` builds ONE ``step`` tensor and assigns it to every
    parameter's state, so after a resume AdamW's in-place ``step += 1`` advances it once per

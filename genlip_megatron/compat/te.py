@@ -3,7 +3,8 @@
 An installed-but-broken TE (wrong CUDA, missing libcudnn) raises RuntimeError or OSError at
 import, not ImportError, so every probe here catches any Exception.
 
-Real TE needs a CUDA GPU. The CI stand-in (``tests/te_standin/site/transformer_engine``, put on
+Real TE needs a CUDA GPU. The CI stand-in (``tests/te_standin/standin_site/transformer_engine``,
+put on
 ``sys.path`` only by the tests that ask for it) declares ``__cpu_standin__ = True`` and is
 accepted without CUDA, so the TE-facing code paths run in CPU CI.
 """

@@ -26,7 +26,7 @@ TESTED = {
     "main": {"python": "3.11", "torch": "2.13.0", "megatron-core": "0.16.1"},
     "newest-stack": {"python": "3.13", "torch": "2.10.0", "megatron-core": "0.19.2"},
 }
-"""The two CI lanes (README "Tested versions"; .ci/newest_stack.sh)."""
+"""The two CI lanes (docs/versions.md; .ci/newest_stack.sh)."""
 
 
 def _release(text: str) -> Version:

@@ -33,17 +33,19 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from genlip_megatron.config import ModelConfig
-from genlip_megatron.config_loader import to_dict
+from genlip_megatron.config.loader import to_dict
 from genlip_megatron.convert.hf_config import HF_FILES, PROCESSOR_AUTO_MAP, \
-    check_against_variant, hf_config_dict, image_processor_dict, image_settings, \
-    model_config_from_dict, read_hf_config
+    check_against_variant, hf_config_dict, image_processor_dict, image_section_from_export, \
+    image_settings, model_config_from_dict, read_hf_config
 from genlip_megatron.convert.megatron_io import DistCheckpointReader, TensorLayout, \
     write_dist_checkpoint
 from genlip_megatron.convert.registry import MEGATRON_EXTRA_STATE, ConversionError, \
     MappingRegistry, hf_pattern, hf_shapes, mapping_registry
 from genlip_megatron.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter, \
     dtype_from_name
-from genlip_megatron.data.config import DEFAULT_PROMPT
+from genlip_megatron.config.data import DEFAULT_PROMPT
+from genlip_megatron.training.checkpoint_layout import iteration_dir, mark_complete, \
+    write_latest
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +221,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     """Convert a Megatron torch_dist checkpoint (any TP/PP) to the released HF format.
 
     Args:
-        src: ``iter_N`` dir or a save dir with ``latest``.
+        src: ``iter_N`` dir or a save dir (its ``latest``, else its newest finished checkpoint).
         dst: output directory (created; must not exist unless ``force``).
         dtype: stored dtype of every tensor ("bf16" as released, "fp32", "fp16").
         vision_only: drop embeddings, in_proj/proj and lm_head.
@@ -307,12 +309,7 @@ def _export_data_section(src: Path) -> dict:
     out: dict = {}
     pre = src / "preprocessor_config.json"
     if pre.is_file():
-        p = json.loads(pre.read_text())
-        keys = {"image_policy": "policy", "image_size": "fixed_size", "min_pixels": "min_pixels",
-                "max_pixels": "max_pixels", "max_aspect_ratio": "max_aspect_ratio",
-                "patch_size": "patch_size"}
-        out["image"] = {new: p[old] for old, new in keys.items() if old in p}
-        out["image"]["decoder"] = "pillow" if p.get("resample") == "pil" else "dali"
+        out["image"] = image_section_from_export(json.loads(pre.read_text()))
     if (src / "tokenizer.json").is_file():
         out["text"] = {"tokenizer_path": str((src / "tokenizer.json").resolve())}
     return out
@@ -373,13 +370,15 @@ def hf_to_megatron(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1
     }
     with _staged_output(dst, force) as tmp, \
             _progress(len(layouts), f"from-hf {src.name}", progress) as bar:
-        (tmp / "iter_0000000").mkdir()
-        write_dist_checkpoint(tmp / "iter_0000000", layouts, m.num_layers, dtype_of, produce,
+        ckpt = iteration_dir(tmp, 0)
+        ckpt.mkdir()
+        write_dist_checkpoint(ckpt, layouts, m.num_layers, dtype_of, produce,
                               common, on_tensor=lambda _: bar.update(1),
                               objects=MEGATRON_EXTRA_STATE)
-        (tmp / "latest").write_text("iter_0000000\n")
+        mark_complete(ckpt, ckpt.name)   # finished as the trainer's own checkpoints are
+        write_latest(tmp, ckpt.name)
     logger.info("wrote %s (tp=%d, pp=%d layout, %d tensors)", dst, tp, pp, len(layouts))
-    return dst / "iter_0000000"
+    return iteration_dir(dst, 0)
 
 
 # ------------------------------------------------------------------------------ in memory

@@ -1,6 +1,7 @@
 """``config.json`` of the released GenLIP format: writing it, and reading it with its quirks.
 
-Written configs carry every key of the reference configs (reference notes §1, in that order),
+Written configs carry every key of the reference configs (docs/reference-architecture.md, in that
+order),
 ``architectures: ["GenLIPModel"]``, the text width ``text_embed_dim`` (which the released configs
 omit) and an ``auto_map`` to the self-contained modeling file copied next to the weights.
 
@@ -17,16 +18,16 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from genlip_megatron.config import VARIANTS, ModelConfig, decode_variant
-from genlip_megatron.config_loader import from_dict, to_dict
+from genlip_megatron.config import VARIANTS, ImageConfig, ModelConfig, decode_variant
+from genlip_megatron.config.loader import from_dict, to_dict
 from genlip_megatron.convert.registry import ConversionError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["hf_config_dict", "read_hf_config", "match_variant", "model_config_from_dict",
-           "image_settings", "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
+           "image_settings", "image_section_from_export", "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
 
 AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
             "AutoModel": "modeling_genlip.GenLIPModel",
@@ -55,21 +56,33 @@ def match_variant(m: ModelConfig) -> Optional[str]:
     return None
 
 
+# Export key (preprocessor_config.json / config.json) → run key (``data.image``): the one place
+# that knows ``image_size`` is the run's ``fixed_size``. ``resample`` ⇄ ``decoder`` is below.
+_EXPORT_TO_RUN_IMAGE = {"image_policy": "policy", "image_size": "fixed_size",
+                        "min_pixels": "min_pixels", "max_pixels": "max_pixels",
+                        "max_aspect_ratio": "max_aspect_ratio", "patch_size": "patch_size"}
+
+
 def image_settings(image_section: Optional[dict], patch_size: int) -> dict[str, Any]:
     """The preprocessing of a run (its ``data.image`` section) in export terms.
 
     ``resample`` names the training resize kernel: ``pil`` for the pillow decoder (PIL
     BILINEAR, the reference), ``torch`` for DALI (torch's antialiased bilinear on CPU; DALI's
-    GPU resize is within a grey level of it).
+    GPU resize is within a grey level of it). Absent keys take ``ImageConfig``'s defaults.
     """
-    img = image_section or {}
-    return {"image_policy": img.get("policy", "fixed"),
-            "image_size": int(img.get("fixed_size", 224)),
-            "min_pixels": int(img.get("min_pixels", 4096)),
-            "max_pixels": int(img.get("max_pixels", 262144)),
-            "max_aspect_ratio": float(img.get("max_aspect_ratio", 200.0)),
-            "resample": "pil" if img.get("decoder", "dali") == "pillow" else "torch",
-            "patch_size": int(img.get("patch_size", patch_size))}
+    img = {**to_dict(ImageConfig(patch_size=patch_size)), **(image_section or {})}
+    out = {export: img[run] for export, run in _EXPORT_TO_RUN_IMAGE.items()}
+    out["resample"] = "pil" if img["decoder"] == "pillow" else "torch"
+    return out
+
+
+def image_section_from_export(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's ``data.image`` keys recorded in an export (inverse of :func:`image_settings`;
+    keys the export lacks are left out, so ``ImageConfig`` defaults apply)."""
+    out = {run: settings[export] for export, run in _EXPORT_TO_RUN_IMAGE.items()
+           if export in settings}
+    out["decoder"] = "pillow" if settings.get("resample", "torch") == "pil" else "dali"
+    return out
 
 
 def image_processor_dict(settings: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from genlip_megatron.compat.versions import torch_at_least
 from genlip_megatron.convert.registry import ConversionError
+from genlip_megatron.training.checkpoint_layout import CheckpointError, resolve_checkpoint
 
 __all__ = ["DistCheckpointReader", "TensorLayout", "write_dist_checkpoint",
            "find_checkpoint_dir", "MEGATRON_METADATA"]
@@ -96,26 +97,25 @@ def _unwrapped_dcp_errors():
 
 
 def find_checkpoint_dir(path: str | Path) -> Path:
-    """An ``iter_N`` dir from itself or from a save dir with a ``latest`` pointer.
+    """The checkpoint ``path`` means, by the rule every reader shares
+    (:func:`~genlip_megatron.training.checkpoint_layout.resolve_checkpoint`): an ``iter_N`` dir
+    itself; a save dir's ``latest``, else its newest finished checkpoint (logged).
 
     Raises:
-        ConversionError: neither.
+        ConversionError: no checkpoint there.
     """
     path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    pointer = path / "latest"
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if (target / "metadata.json").is_file():
-            return target
-        raise ConversionError(f"{pointer} names {target.name}, which is not a finished "
-                              "checkpoint (no metadata.json).")
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from exc
+    if ckpt is not None:
+        return ckpt
     if (path / "config.json").is_file():
         raise ConversionError(f"{path} looks like an HF export (config.json), not a Megatron "
                               "checkpoint; use `from-hf` to convert it the other way.")
     raise ConversionError(f"{path} is not a Megatron distributed checkpoint (no metadata.json, "
-                          "no 'latest' pointer).")
+                          "no finished iter_N checkpoint, no 'latest' pointer).")
 
 
 class _SliceLoadPlanner(LoadPlanner):

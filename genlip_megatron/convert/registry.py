@@ -2,7 +2,8 @@
 
 :func:`mapping_registry` is the whole contract (read it as a table). Megatron names are the
 canonical TP=1 names of ``genlip_megatron.model`` (``decoder.layers.<global index>...``); HF names
-are the released GenLIP checkpoint keys (reference notes §3, no ``model.`` prefix). The engine
+are the released GenLIP checkpoint keys (docs/reference-architecture.md, no ``model.`` prefix). The
+engine
 (:class:`MappingRegistry`) expands ``*`` over layers, checks that every source key is consumed
 exactly once (dropped keys are listed explicitly) and every target key produced exactly once,
 converts tensor by tensor (streaming: one rule's tensors in memory at a time), and merges or
@@ -116,7 +117,7 @@ def hf_pattern(name: str) -> str:
 
 
 def hf_shapes(m: ModelConfig, vision_only: bool = False) -> dict[str, tuple[int, ...]]:
-    """Expected shape of every HF tensor (reference notes §3), ``*`` = layer index."""
+    """Expected shape of every HF tensor (docs/reference-architecture.md), ``*`` = layer index."""
     e, i, t, v = m.hidden_size, m.ffn_hidden_size, m.text_dim, m.vocab_size
     V = "visual.layers.*."
     shapes = {

@@ -3,7 +3,7 @@
 Knows nothing about models; the trainer consumes :class:`PackedBatch`. Entry points:
 :func:`build_train_loader`, :func:`load_tokenizer`, :func:`train_tiny_bpe`, :func:`encode_prompt`,
 :func:`extend_batch`, :func:`iter_eval_samples`. Names are imported lazily, so loading the
-config (``genlip_megatron.data.config``) does not pull in torch, PIL or DALI.
+config (``genlip_megatron.config.data``) does not pull in torch, PIL or DALI.
 """
 
 import importlib

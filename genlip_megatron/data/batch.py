@@ -5,7 +5,7 @@ back to back and is padded at the end. The model never sees this class: the trai
 into tensors (``tokens``, ``position_ids``, ``pixel_values``, ...), so data knows nothing of
 models and models nothing of data.
 
-Layout rules (reference notes §2.4, §2.6, §4):
+Layout rules (docs/reference-architecture.md):
 - ``tokens`` is 0 at image and padding positions (the patch embedding replaces image tokens).
 - ``labels`` are already shifted: ``labels[b, i]`` is the target predicted at position i, i.e.
   the next token of the same sample, or -100 (image, prompt, last token of a sample, padding).

@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from genlip_megatron.data.config import DEFAULT_PROMPT
+from genlip_megatron.config.data import DEFAULT_PROMPT
 from genlip_megatron.data.shard_writer import write_shards
 from genlip_megatron.data.synthetic import caption_corpus, demo_samples
 from genlip_megatron.data.tokenizer import train_tiny_bpe

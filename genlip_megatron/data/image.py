@@ -1,6 +1,6 @@
 """Images: size policies, header probe, DALI / Pillow decoding, resize, patchify, normalise.
 
-Pixel path (reference notes §4, image processor):
+Pixel path (docs/reference-architecture.md, Image processor):
   encoded bytes → decode to RGB (P → RGBA → RGB; no EXIF rotation, like PIL) → resize bilinear
   with antialiasing to the policy's size → uint8 patches ``[N, C*p*p]`` in raster (row, col)
   order, each flattened (C, ph, pw) → float32 ``x/127.5 - 1`` (= (x/255 - 0.5)/0.5) when rows
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from genlip_megatron.data.config import ImageConfig
+from genlip_megatron.config.data import ImageConfig
 from genlip_megatron.data.template import SampleError
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,13 @@ class FallbackRefused(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- sizes
-def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 4096,
-                 max_pixels: int = 262144, max_aspect_ratio: float = 200.0) -> tuple[int, int]:
+_IMAGE_DEFAULTS = ImageConfig()   # the one home of the size defaults (config/data.py)
+
+
+def smart_resize(height: int, width: int, factor: int = _IMAGE_DEFAULTS.patch_size,
+                 min_pixels: int = _IMAGE_DEFAULTS.min_pixels,
+                 max_pixels: int = _IMAGE_DEFAULTS.max_pixels,
+                 max_aspect_ratio: float = _IMAGE_DEFAULTS.max_aspect_ratio) -> tuple[int, int]:
     """Reference ``smart_resize`` (tasks/custom_navit_processor.py): size in multiples of factor.
 
     1. round H and W to multiples of ``factor`` (Python's round: halves go to even);

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch
-from genlip_megatron.data.config import DataConfig
+from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.image import patchify, pil_decode, resize_uint8, target_size
 from genlip_megatron.data.packer import collate_rows
 from genlip_megatron.data.sample import ProcessedSample, SampleProcessor

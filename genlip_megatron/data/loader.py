@@ -44,7 +44,7 @@ from typing import Iterator, Optional
 import torch
 
 from genlip_megatron.data.batch import PackedBatch
-from genlip_megatron.data.config import DataConfig
+from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.image import dali_available, resolve_device
 from genlip_megatron.data.packer import Packer, collate_rows
 from genlip_megatron.data.procguard import exit_with

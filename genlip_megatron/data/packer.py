@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch
-from genlip_megatron.data.config import PackingConfig
+from genlip_megatron.config.data import PackingConfig
 from genlip_megatron.data.image import normalize_patches
 from genlip_megatron.data.sample import ProcessedSample
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from genlip_megatron.data.config import DataConfig
+from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.image import FallbackRefused, build_decoder, patchify, probe_image, \
     target_size
 from genlip_megatron.data.sandbox import Isolated, decode_isolated

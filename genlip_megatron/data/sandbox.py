@@ -23,7 +23,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from genlip_megatron.data.config import ImageConfig
+from genlip_megatron.config.data import ImageConfig
 from genlip_megatron.data.image import DecodeResult, build_decoder
 from genlip_megatron.data.template import SampleError
 

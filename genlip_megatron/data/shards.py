@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from genlip_megatron.data.config import SourceConfig
+from genlip_megatron.config.data import SourceConfig
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Reference: ``Qwen2VLPretrainTemplate.encode_messages(..., no_special_tokens=True)`` with
 ``recap_datacomp_1b_preprocess`` (stage 1) and ``mmpretrain_mixed_preprocess`` (stage 2),
-reference notes §4. A sample is ``[IMG×N] prompt caption <|im_end|>\\n``:
+docs/reference-architecture.md. A sample is ``[IMG×N] prompt caption <|im_end|>\\n``:
 
 - no BOS, no ``<|vision_start|>``/``<|vision_end|>``, no ``<|im_start|>``;
 - each message is ``.strip()``-ed and encoded on its own (the image pads lead the first user
@@ -12,9 +12,10 @@ reference notes §4. A sample is ``[IMG×N] prompt caption <|im_end|>\\n``:
 - stage-2 conversations concatenate their turns with no separator; every assistant turn is
   labelled.
 
-Deliberate differences from the reference (both are reference bugs, see notes §7): json bytes are
-decoded, and the README's ``conversation`` key is accepted besides ``conversations``. The image
-always leads the sample (our packed layout and MRoPE ids assume it); the reference drops a
+Deliberate differences from the reference (both are reference bugs, see
+docs/reference-architecture.md, "Problems in the released training code"): json bytes are
+decoded, and the reference README's ``conversation`` key is accepted besides ``conversations``.
+The image always leads the sample (our packed layout and MRoPE ids assume it); the reference drops a
 conversation whose first user turn lacks ``<image>``, we keep it with the image in front.
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from genlip_megatron.data.batch import IGNORE_INDEX
-from genlip_megatron.data.config import DEFAULT_PROMPT, TextConfig
+from genlip_megatron.config.data import DEFAULT_PROMPT, TextConfig
 from genlip_megatron.data.tokenizer import TextTokenizer
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -1,4 +1,4 @@
-"""Prefix-LM core attention for packed rows: one interface, three backends (DESIGN §5).
+"""Prefix-LM core attention for packed rows: one interface, three backends (docs/design.md).
 
 Mask rule for a packed row (segment id = sample index in the row, -1 on padding): query q may
 see key k iff both are in the same sample (segment ≥ 0) and either both are image tokens
@@ -45,7 +45,7 @@ from torch import Tensor
 __all__ = ["prefix_lm_allowed", "prefix_lm_mask_mod", "VarlenIndex", "build_varlen_index",
            "SampleSpans", "build_sample_spans", "VarlenPrefixLMAttention",
            "two_call_prefix_lm", "PrefixLMParams", "build_prefix_lm_params",
-           "DensePrefixLMAttention", "FlexPrefixLMAttention", "core_attention_class"]
+           "prefix_lm_params_from", "DensePrefixLMAttention", "FlexPrefixLMAttention"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,10 +317,10 @@ def _refuse_dropout(config: Any, attention_dropout: Optional[float], backend: st
                          f"attention backend; {fix}.")
 
 
-def _params_from(packed_seq_params: Any, backend: str) -> PrefixLMParams:
+def prefix_lm_params_from(packed_seq_params: Any, backend: str) -> PrefixLMParams:
     if not isinstance(packed_seq_params, PrefixLMParams) or packed_seq_params.backend != backend:
         raise RuntimeError(f"the {backend!r} prefix-LM attention needs the PrefixLMParams built "
-                           "by GenLIPModel.forward (packed_seq_params); got "
+                           "by GenLIPMegatronModel.forward (packed_seq_params); got "
                            f"{type(packed_seq_params).__name__}.")
     return packed_seq_params
 
@@ -339,7 +339,7 @@ class DensePrefixLMAttention(DotProductAttention):
                 attention_mask: Optional[Tensor], attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
                 **kwargs: Any) -> Tensor:
-        params = _params_from(packed_seq_params, "dense")
+        params = prefix_lm_params_from(packed_seq_params, "dense")
         return super().forward(query, key, value, params.dense_mask,
                                attn_mask_type=AttnMaskType.arbitrary,
                                attention_bias=attention_bias, packed_seq_params=None, **kwargs)
@@ -380,7 +380,7 @@ class FlexPrefixLMAttention(MegatronModule):
                 attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,
                 attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
                 **kwargs: Any) -> Tensor:
-        params = _params_from(packed_seq_params, "flex")
+        params = prefix_lm_params_from(packed_seq_params, "flex")
         if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
             raise RuntimeError("model.attention_backend 'flex' cannot train on CPU: torch's "
                                "FlexAttention has no CPU backward; use 'dense' on CPU.")
@@ -416,28 +416,5 @@ class VarlenPrefixLMAttention(MegatronModule):
                 attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,
                 attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
                 **kwargs: Any) -> Tensor:
-        params = _params_from(packed_seq_params, "varlen")
+        params = prefix_lm_params_from(packed_seq_params, "varlen")
         return varlen_prefix_lm(query, key, value, params.spans, self.softmax_scale)
-
-
-def core_attention_class(backend: str) -> type:
-    """The core-attention module class for ``config.prefix_attention_backend``.
-
-    Raises:
-        RuntimeError: "te" without a usable Transformer Engine.
-    """
-    if backend == "dense":
-        return DensePrefixLMAttention
-    if backend == "flex":
-        return FlexPrefixLMAttention
-    if backend == "varlen":
-        return VarlenPrefixLMAttention
-    if backend == "te":
-        from genlip_megatron.compat.te import require_transformer_engine
-
-        require_transformer_engine("model.attention_backend 'te'")
-        from genlip_megatron.model.attention_te import TEPrefixLMAttention
-
-        return TEPrefixLMAttention
-    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te, "
-                     "varlen.")

@@ -1,6 +1,6 @@
-"""Transformer Engine prefix-LM attention: two fused varlen calls per batch (DESIGN §5).
+"""Transformer Engine prefix-LM attention: two fused varlen calls per batch (docs/design.md).
 
-Imported only when ``model.attention_backend`` is "te" (``attention.core_attention_class``
+Imported only when ``model.attention_backend`` is "te" (``layer_spec.core_attention_class``
 checks TE first). Incompatible with context parallelism (refused by the config).
 
 Which TE backend runs the text call (``padding_causal_bottom_right``, ``sq ≠ skv``):
@@ -29,7 +29,7 @@ from megatron.core.extensions.transformer_engine import TEDotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-from genlip_megatron.model.attention import _params_from, two_call_prefix_lm
+from genlip_megatron.model.attention import prefix_lm_params_from, two_call_prefix_lm
 
 __all__ = ["TEPrefixLMAttention", "round_up_seqlen"]
 
@@ -91,7 +91,7 @@ class TEPrefixLMAttention(TEDotProductAttention):
                 attention_mask: Optional[Tensor] = None, attn_mask_type: Any = None,
                 attention_bias: Optional[Tensor] = None, packed_seq_params: Any = None,
                 **kwargs: Any) -> Tensor:
-        params = _params_from(packed_seq_params, "te")
+        params = prefix_lm_params_from(packed_seq_params, "te")
         return two_call_prefix_lm(query, key, value, params.varlen, self._varlen_call)
 
     def _varlen_call(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_kv: Tensor,

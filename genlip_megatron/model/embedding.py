@@ -1,6 +1,7 @@
 """GenLIP input embedding: patch embedding + text embedding (+ in_proj), merged per position.
 
-Reference (notes §2.5–§2.6): ``input = in_proj(embeddings(input_ids))`` (T → H, only when T ≠ H),
+Reference (docs/reference-architecture.md):
+``input = in_proj(embeddings(input_ids))`` (T → H, only when T ≠ H),
 then image positions are overwritten with ``patch_embedding(pixels)`` (H directly: image
 embeddings bypass ``in_proj``). The reference's ``Conv2d(C, H, p, p)`` with stride p equals a
 ``Linear(C·p·p → H)`` on patches flattened in (C, ph, pw) order (``conv.weight.flatten(1)``).

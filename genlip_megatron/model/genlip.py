@@ -1,4 +1,4 @@
-"""GenLIPModel: the GenLIP transformer on megatron-core (TransformerBlock + GenLIP ModuleSpec).
+"""GenLIPMegatronModel: the GenLIP transformer on megatron-core (TransformerBlock + ModuleSpec).
 
 Pipeline stages: embeddings only on the first stage (``pre_process``); final LayerNorm
 (``ln_post``), ``output_proj`` (H→T, only when T ≠ H), untied ``output_layer`` (lm_head, no bias,
@@ -85,16 +85,16 @@ from genlip_megatron.model.embedding import GenLIPEmbedding
 from genlip_megatron.model.init import init_genlip_weights
 from genlip_megatron.model.layer_spec import get_genlip_block_spec
 from genlip_megatron.model.lm_loss import chunked_linear_cross_entropy
-from genlip_megatron.model.rope import GenLIPRotaryEmbedding
+from genlip_megatron.model.rope import MRoPERotaryEmbedding
 from genlip_megatron.model.transformer_config import GenLIPTransformerConfig, \
     local_linear_config
 
-__all__ = ["GenLIPModel", "build_genlip_model", "IGNORE_INDEX"]
+__all__ = ["GenLIPMegatronModel", "build_genlip_model", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
 
-class GenLIPModel(MegatronModule):
+class GenLIPMegatronModel(MegatronModule):
     """GenLIP prefix-LM transformer (one pipeline chunk).
 
     Args:
@@ -118,7 +118,7 @@ class GenLIPModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
 
-        self.rotary = GenLIPRotaryEmbedding(config.kv_channels, config.mrope_section,
+        self.rotary = MRoPERotaryEmbedding(config.kv_channels, config.mrope_section,
                                             config.rope_theta)
         if pre_process:
             self.embedding = GenLIPEmbedding(config, tp_group=self.tp_group)
@@ -154,7 +154,7 @@ class GenLIPModel(MegatronModule):
         """Pipeline schedules hand the previous stage's output here (``[S(/tp), B, H]``)."""
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
-                raise RuntimeError(f"GenLIPModel.set_input_tensor expects one tensor, got "
+                raise RuntimeError(f"GenLIPMegatronModel.set_input_tensor expects one tensor, got "
                                    f"{len(input_tensor)}.")
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
@@ -225,7 +225,8 @@ class GenLIPModel(MegatronModule):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, grid_hw: Tensor) -> list[Tensor]:
-        """Vision-encoder use: ln_post features of images alone (MLLM encoder, DESIGN §4).
+        """Vision-encoder use: ln_post features of images alone (the MLLM encoder;
+        docs/reference-architecture.md).
 
         Each image attends bidirectionally to itself only, with positions (0, r, c).
 
@@ -281,11 +282,12 @@ def _image_only_row(grid_hw: Tensor, num_patches: int, multiple: int, device
 
 def build_genlip_model(config: GenLIPTransformerConfig, pre_process: bool = True,
                        post_process: bool = True, vp_stage: Optional[int] = None,
-                       pg_collection: Optional[ProcessGroupCollection] = None) -> GenLIPModel:
+                       pg_collection: Optional[ProcessGroupCollection] = None
+                       ) -> GenLIPMegatronModel:
     """Model factory for the trainer (megatron's ``model_provider`` signature).
 
-    Args: as :class:`GenLIPModel`. Returns the chunk on the default device (CPU init without
+    Args: as :class:`GenLIPMegatronModel`. Returns the chunk on the default device (CPU init without
     CUDA); the trainer moves it to the GPU and wraps it (DDP, Float16Module).
     """
-    return GenLIPModel(config, pre_process=pre_process, post_process=post_process,
+    return GenLIPMegatronModel(config, pre_process=pre_process, post_process=post_process,
                        vp_stage=vp_stage, pg_collection=pg_collection)

@@ -1,4 +1,6 @@
-"""Reference initialisation of GenLIP (notes §2.7), identical under any TP/PP/VPP layout.
+"""Reference initialisation of GenLIP, identical under any TP/PP/VPP layout.
+
+The rules: docs/reference-architecture.md, Initialization.
 
 =====================================  ===========================================================
 tensor                                 init
@@ -133,7 +135,7 @@ def init_genlip_weights(model: torch.nn.Module, tp_rank: int, tp_size: int,
     """Overwrite every parameter of ``model`` (one model chunk) with the reference init.
 
     Args:
-        model: a ``GenLIPModel`` chunk (its ``config`` is read).
+        model: a ``GenLIPMegatronModel`` chunk (its ``config`` is read).
         tp_rank, tp_size: this rank's tensor-parallel coordinates.
         layer_numbers: 1-based global layer number of each local decoder layer.
     """

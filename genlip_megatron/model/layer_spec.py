@@ -1,6 +1,7 @@
 """The GenLIP TransformerLayer ``ModuleSpec`` for the local and Transformer Engine backends.
 
-One block (notes §2.2): pre-norm LayerNorm → gated self-attention (fused ``linear_qkv`` with
+One block (docs/reference-architecture.md):
+pre-norm LayerNorm → gated self-attention (fused ``linear_qkv`` with
 per-head ``[q, gate, k, v]`` rows, prefix-LM core attention, ``linear_proj``) → LayerScale +
 DropPath residual → LayerNorm → SwiGLU MLP (``linear_fc1`` = ``[gate_fc; fc1]``, ``linear_fc2``)
 → LayerScale + DropPath residual.
@@ -28,19 +29,33 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules, \
     get_transformer_layer_offset
 
-from genlip_megatron.model.attention import core_attention_class
+from genlip_megatron.compat.te import require_transformer_engine
+from genlip_megatron.model.attention import DensePrefixLMAttention, FlexPrefixLMAttention, \
+    VarlenPrefixLMAttention
 from genlip_megatron.model.norm import GenLIPLayerNorm
 from genlip_megatron.model.transformer_layer import GenLIPTransformerLayer, LayerScaleDropPathAdd
 
 __all__ = ["GenLIPLocalProvider", "GenLIPFp8EmulatedProvider", "get_backend_provider",
            "get_genlip_layer_submodules", "get_genlip_layer_spec", "get_genlip_block_spec",
-           "LOCAL_TO_TE_KEYS"]
+           "LOCAL_TO_TE_KEYS", "canonical_name", "core_attention_class"]
 
 LOCAL_TO_TE_KEYS = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
 """Local module names → the canonical (TE-fused) checkpoint names of the two block norms."""
+
+
+def canonical_name(name: str) -> str:
+    """A parameter/state name of either backend in canonical (TE-fused) form.
+
+    Used wherever local and TE models are compared tensor by tensor (the TE stand-in tests and
+    ``tools/gpu_smoke.py``); checkpoints get the same mapping through
+    ``sharded_state_dict_keys_map``.
+    """
+    for local, te_name in LOCAL_TO_TE_KEYS.items():
+        name = name.replace(local, te_name)
+    return name
 
 
 class GenLIPLocalProvider(LocalSpecProvider):
@@ -78,8 +93,6 @@ def get_backend_provider(config: Any, fp8_emulated: bool = False) -> BackendSpec
         if fp8_emulated:
             raise RuntimeError("precision.fp8.emulate runs on the local implementation; set "
                                "model.transformer_impl: local (or emulate: false for real FP8).")
-        from genlip_megatron.compat.te import require_transformer_engine
-
         require_transformer_engine("model.transformer_impl 'te'")
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
@@ -96,7 +109,7 @@ def get_genlip_layer_submodules(backend: BackendSpecProvider,
 
     Args:
         backend: provider of linears and norms (local, FP8-emulated or TE).
-        core_attention: prefix-LM core-attention class (``attention.core_attention_class``).
+        core_attention: prefix-LM core-attention class (:func:`core_attention_class`).
     """
     fused = backend.fuse_layernorm_and_linear()
     linear_in = (backend.column_parallel_layer_norm_linear() if fused
@@ -148,3 +161,25 @@ def get_genlip_block_spec(config: Any, vp_stage: Optional[int] = None,
     specs = [emulated if offset + i + 1 in fp8_layers else plain for i in range(num_local)]
     return TransformerBlockSubmodules(layer_specs=specs,
                                       layer_norm=get_backend_provider(config).layer_norm())
+
+
+def core_attention_class(backend: str) -> type:
+    """The core-attention module class for ``config.prefix_attention_backend``.
+
+    Raises:
+        RuntimeError: "te" without a usable Transformer Engine.
+    """
+    if backend == "dense":
+        return DensePrefixLMAttention
+    if backend == "flex":
+        return FlexPrefixLMAttention
+    if backend == "varlen":
+        return VarlenPrefixLMAttention
+    if backend == "te":
+        require_transformer_engine("model.attention_backend 'te'")
+        # Imported here because importing transformer_engine needs TE (and CUDA) installed.
+        from genlip_megatron.model.attention_te import TEPrefixLMAttention
+
+        return TEPrefixLMAttention
+    raise ValueError(f"model.attention_backend ({backend!r}) must be one of dense, flex, te, "
+                     "varlen.")

@@ -1,4 +1,4 @@
-"""Interleaved MRoPE of GenLIP (reference notes §2.4).
+"""Interleaved MRoPE of GenLIP (docs/reference-architecture.md, MRoPE).
 
 Frequency channel ``i`` (of ``head_dim / 2``) rotates by the H position when ``i % 3 == 1`` and
 ``i < 3·section[1]``, by the W position when ``i % 3 == 2`` and ``i < 3·section[2]``, and by the T
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["mrope_channel_map", "mrope_inv_freq", "mrope_freqs", "mrope_cos_sin",
-           "rotate_half", "apply_rope", "GenLIPRotaryEmbedding"]
+           "rotate_half", "apply_rope", "MRoPERotaryEmbedding"]
 
 T_AXIS, H_AXIS, W_AXIS = 0, 1, 2
 
@@ -97,7 +97,7 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-class GenLIPRotaryEmbedding(torch.nn.Module):
+class MRoPERotaryEmbedding(torch.nn.Module):
     """Position ids → rotation angles (no parameters, no state-dict entries)."""
 
     def __init__(self, head_dim: int, mrope_section: Sequence[int], theta: float) -> None:

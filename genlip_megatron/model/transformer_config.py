@@ -12,17 +12,17 @@ import copy
 import functools
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from genlip_megatron.compat.te import te_provides_wgrad_accumulation_fusion
+from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+from genlip_megatron.model.fp8 import te_transformer_config_kwargs
+from genlip_megatron.model.fp8_emulation import emulation_config_kwargs, fp8_layer_numbers
 from genlip_megatron.model.lm_loss import CHUNK_LOGITS, LOSS_IMPLS
-
-if TYPE_CHECKING:  # the model package does not import the run config at run time
-    from genlip_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
 
 __all__ = ["GenLIPTransformerConfig", "build_transformer_config", "ATTENTION_BACKENDS",
            "resolve_attention_backend",
@@ -53,7 +53,7 @@ def resolve_attention_backend(requested: str, has_cuda: bool, transformer_impl: 
 
 @dataclass
 class GenLIPTransformerConfig(TransformerConfig):
-    """megatron ``TransformerConfig`` plus the GenLIP fields (reference notes §1–§2).
+    """megatron ``TransformerConfig`` plus the GenLIP fields (docs/reference-architecture.md).
 
     megatron fields GenLIP relies on: ``hidden_size`` H, ``num_layers``, ``num_attention_heads``
     (= ``num_query_groups``, MHA), ``kv_channels`` (head dim), ``ffn_hidden_size`` (SwiGLU width),
@@ -163,7 +163,7 @@ def local_linear_config(config: TransformerConfig) -> TransformerConfig:
     return local
 
 
-def _recompute_kwargs(parallel: "ParallelConfig") -> dict:
+def _recompute_kwargs(parallel: ParallelConfig) -> dict:
     r = parallel.recompute
     if r.granularity is None:
         return {}
@@ -173,26 +173,22 @@ def _recompute_kwargs(parallel: "ParallelConfig") -> dict:
             "recompute_num_layers": r.num_layers}
 
 
-def _precision_kwargs(model: "ModelConfig", precision: "PrecisionConfig") -> dict:
+def _precision_kwargs(model: ModelConfig, precision: PrecisionConfig) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision.params_dtype]
     out = {"params_dtype": dtype, "pipeline_dtype": dtype, "bf16": dtype == torch.bfloat16}
     fp8 = precision.fp8
     if fp8 is None:
         return out
     if fp8.emulate:
-        from genlip_megatron.model.fp8_emulation import emulation_config_kwargs, fp8_layer_numbers
-
         out.update(emulation_config_kwargs(fp8))
         out["fp8_emulation_layers"] = sorted(fp8_layer_numbers(model.num_layers, fp8))
     else:
-        from genlip_megatron.training.fp8 import te_transformer_config_kwargs
-
         out.update(te_transformer_config_kwargs(fp8))
     return out
 
 
-def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
-                             precision: "PrecisionConfig", *, init_seed: int = 1234,
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                             precision: PrecisionConfig, *, init_seed: int = 1234,
                              has_cuda: Optional[bool] = None) -> GenLIPTransformerConfig:
     """Translate the run config into the model's ``GenLIPTransformerConfig``.
 
@@ -221,7 +217,7 @@ def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
         init_method_std=model.init_std, init_method=normal, output_layer_init_method=normal,
         mrope_section=list(model.mrope_section),
         # Machine-dependent: CPU init builds full master weights and slices them (TP-invariant);
-        # fused kernels only where they exist (apex is not on PyPI, see DESIGN §6).
+        # fused kernels only where they exist (apex is not on PyPI, see docs/design.md).
         use_cpu_initialization=not has_cuda,
         bias_activation_fusion=has_cuda, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False,
@@ -232,8 +228,8 @@ def build_transformer_config(model: "ModelConfig", parallel: "ParallelConfig",
         virtual_pipeline_model_parallel_size=parallel.vpp, sequence_parallel=parallel.sp,
         context_parallel_size=parallel.cp,
         # gloo matches batched p2p ops by posting order: with PP=2 interleaved, forward
-        # activations and backward grads of the same shape get swapped (megatron-core-on-cpu.md
-        # §3.3 item 1).
+        # activations and backward grads of the same shape get swapped (docs/design.md,
+        # CPU workarounds).
         batch_p2p_comm=has_cuda or parallel.vpp is None,
         deallocate_pipeline_outputs=True,
         transformer_impl="transformer_engine" if model.transformer_impl == "te" else "local",

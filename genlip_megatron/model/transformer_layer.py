@@ -1,6 +1,6 @@
 """LayerScale + DropPath residual branches, and the GenLIP TransformerLayer that hosts them.
 
-Reference block (notes §2.2): ``h = h + drop_path(ls1 · attn(ln1(h)))`` and
+Reference block (docs/reference-architecture.md): ``h = h + drop_path(ls1 · attn(ln1(h)))`` and
 ``h = h + drop_path(ls2 · mlp(ln2(h)))``. megatron-core's ``TransformerLayer`` ends each branch
 with a "bias-dropout-add" slot called as ``bda(training, fused)(out_with_bias, residual, p)``;
 :class:`LayerScaleDropPathAdd` fills both slots with ``residual + drop_path(ls · (out + bias))``.

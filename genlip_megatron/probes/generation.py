@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
-from genlip_megatron.data.config import DEFAULT_PROMPT
+from genlip_megatron.config.data import DEFAULT_PROMPT
 from genlip_megatron.data.tokenizer import TextTokenizer
 
 __all__ = ["ImageInput", "GenerationConfig", "generate_ids", "generate_captions",

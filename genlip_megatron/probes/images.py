@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genlip_megatron.data.config import DataConfig, ImageConfig
+from genlip_megatron.config.data import DataConfig, ImageConfig
 from genlip_megatron.data.image import normalize_patches
 from genlip_megatron.data.inference import image_to_patches
 

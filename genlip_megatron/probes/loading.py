@@ -18,16 +18,15 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from genlip_megatron.config import ModelConfig
+from genlip_megatron.config import ImageConfig, ModelConfig, from_dict
 from genlip_megatron.convert.converter import megatron_state_dict_to_hf, resolve_run_tokenizer
 from genlip_megatron.convert.hf.configuration_genlip import GenLIPConfig
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
-from genlip_megatron.convert.hf_config import hf_config_dict, model_config_from_dict, \
-    read_hf_config
-from genlip_megatron.convert.megatron_io import DistCheckpointReader
+from genlip_megatron.convert.hf_config import hf_config_dict, image_section_from_export, \
+    model_config_from_dict, read_hf_config
+from genlip_megatron.convert.megatron_io import DistCheckpointReader, find_checkpoint_dir
 from genlip_megatron.convert.registry import ConversionError, mapping_registry
 from genlip_megatron.convert.safetensors_io import SafetensorsReader
-from genlip_megatron.data.config import ImageConfig
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -106,14 +105,8 @@ def _load_hf(path: Path, dtype: Optional[torch.dtype]) -> GenLIPModel:
 def image_config_from_export(cfg: Mapping) -> ImageConfig:
     """The training image preprocessing recorded in an export (preprocessor_config.json or
     config.json keys ``image_policy``, ``image_size``, ...); defaults where absent."""
-    return ImageConfig(policy=cfg.get("image_policy", "fixed"),
-                       fixed_size=int(cfg.get("image_size", 224)),
-                       min_pixels=int(cfg.get("min_pixels", 4096)),
-                       max_pixels=int(cfg.get("max_pixels", 262144)),
-                       max_aspect_ratio=float(cfg.get("max_aspect_ratio", 200.0)),
-                       patch_size=int(cfg.get("patch_size", 16)),
-                       decoder="pillow" if cfg.get("resample", "torch") == "pil" else "dali",
-                       device="cpu")
+    return from_dict(ImageConfig, {**image_section_from_export(cfg), "device": "cpu"},
+                     "data.image")
 
 
 def checkpoint_image_config(path: str | Path) -> ImageConfig:
@@ -151,7 +144,8 @@ def load_genlip_for_inference(path: str | Path, *, dtype: Optional[torch.dtype] 
     """Load an HF export or a Megatron checkpoint as an eval-mode HF ``GenLIPModel``.
 
     Args:
-        path: HF export dir, Megatron ``iter_N`` dir, or a Megatron save dir with ``latest``.
+        path: HF export dir, Megatron ``iter_N`` dir, or a Megatron save dir (its ``latest``,
+            else its newest finished checkpoint).
         dtype: weight dtype (fp32 default; None keeps the stored dtype).
         device: where to put the model.
         tokenizer: tokenizer.json to use; default: the export's ``tokenizer.json``, or the
@@ -166,13 +160,15 @@ def load_genlip_for_inference(path: str | Path, *, dtype: Optional[torch.dtype] 
         model = _load_hf(path, dtype)
         if tok_path is None and (path / "tokenizer.json").is_file():
             tok_path = path / "tokenizer.json"
-    elif (path / "metadata.json").is_file() or (path / "latest").is_file():
-        model, common = _load_megatron(path, dtype)
+    else:
+        try:   # the checkpoint a save dir means, as to-hf and the trainer choose it
+            ckpt = find_checkpoint_dir(path)
+        except ConversionError as exc:
+            raise ConversionError(f"neither an HF export (config.json) nor a Megatron "
+                                  f"checkpoint: {exc}") from exc
+        model, common = _load_megatron(ckpt, dtype)
         if tok_path is None:   # the run's tokenizer, from here or above the checkpoint
             tok_path, _ = resolve_run_tokenizer(common, path)
-    else:
-        raise ConversionError(f"{path} is neither an HF export (config.json) nor a Megatron "
-                              "checkpoint (metadata.json or a 'latest' pointer).")
     tok = load_tokenizer(tok_path) if tok_path is not None else None
     if tok is None:
         logger.warning("no tokenizer found for %s; pass tokenizer= to decode text.", path)

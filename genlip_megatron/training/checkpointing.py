@@ -1,23 +1,15 @@
 """Training checkpoints on megatron.core.dist_checkpointing (torch_dist format).
 
-Layout of ``save_dir``::
-
-    iter_0000100/        one finished checkpoint (model, optimizer, scheduler, RNG, data, counters)
-    iter_0000200.tmp/    a save in progress (or one that crashed): never loaded, removed later
-    latest               text file naming the newest finished checkpoint ("iter_0000200")
-
-A save writes into ``iter_N.tmp``; once every rank has finished, rank 0 writes the ``COMPLETE``
-marker into it, renames it to ``iter_N`` (moving an existing ``iter_N`` aside to ``iter_N.old``
-first, never deleting it before the new copy is in place) and replaces ``latest`` atomically.
-A crash at any instant leaves a finished copy of every published step and a pointer to a
-finished checkpoint; start-up (:func:`recover_interrupted_publish`) completes an interrupted
-publication. Resume follows ``latest``, or the newest finished checkpoint when the pointer is
-missing or damaged; a damaged checkpoint is refused naming the file, offering the previous one.
+The folder layout of ``save_dir`` (``iter_N``, ``.tmp``/``.old`` siblings, ``COMPLETE``,
+``latest``), the crash-safe publish protocol and the rule for which checkpoint a save dir means
+live in :mod:`genlip_megatron.training.checkpoint_layout`, shared with ``to-hf`` and the probes.
+Resume follows that rule; a damaged checkpoint is refused naming the file, offering the
+previous one.
 
 What is sharded how:
 - model / optimizer: megatron ShardedTensors; the distributed optimizer uses the
   ``fully_reshardable`` format, the one that reshards across TP/PP/DP and keeps Adam's ``step``
-  (megatron-core-on-cpu.md §3.3). Loading under another TP/PP/DP layout works for both.
+  (genlip_megatron/compat/optimizer.py). Loading under another TP/PP/DP layout works for both.
 - RNG: one ShardedObject per (pp, tp, dp) rank; restored only when the layout is unchanged.
 - data-loader state: one ShardedObject per data-parallel rank (TP/PP replicas hold the same
   stream); restored only when the data-parallel size is unchanged.
@@ -26,7 +18,6 @@ What is sharded how:
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
@@ -38,22 +29,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.config.training import CheckpointConfig
+from genlip_megatron.training.checkpoint_layout import LATEST, TMP, CheckpointError, \
+    checkpoint_step, finished_checkpoints, iteration_dir, prune_checkpoints, \
+    publish_checkpoint, recover_interrupted_publish, remove_checkpoint, resolve_checkpoint, \
+    sibling
 from genlip_megatron.training.faults import maybe_inject
 
 logger = logging.getLogger(__name__)
 
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-LATEST = "latest"
-COMPLETE = "COMPLETE"
-"""Marker file written (and fsynced) last into ``iter_N.tmp`` once every rank's shards are on
-disk: a ``.tmp`` holding it is a complete checkpoint whose publication was interrupted."""
-_TMP, _OLD, _REMOVING = ".tmp", ".old", ".removing"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint problem the user must act on (damaged file, refused resume): one line."""
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -65,169 +50,10 @@ class DamagedCheckpoint(CheckpointError):
         super().__init__(f"checkpoint {ckpt} is damaged: {problem}")
 
 
-def iteration_dir(save_dir: str | Path, step: int) -> Path:
-    """``save_dir/iter_000000N``."""
-    return Path(save_dir) / f"iter_{step:07d}"
-
-
-def checkpoint_step(path: str | Path) -> Optional[int]:
-    """N of an ``iter_N`` directory name, None for anything else."""
-    match = _ITER_RE.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def is_finished(path: str | Path) -> bool:
-    """A published ``iter_N`` directory (renamed from a complete ``.tmp``, so it holds
-    megatron's ``metadata.json``, written after every shard)."""
-    path = Path(path)
-    return checkpoint_step(path) is not None and (path / "metadata.json").is_file()
-
-
-def finished_checkpoints(save_dir: str | Path) -> list[Path]:
-    """Finished checkpoint directories, oldest first (``.tmp``/``.old`` dirs excluded)."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and is_finished(p)),
-                  key=checkpoint_step)
-
-
-def read_latest(save_dir: str | Path) -> tuple[Optional[Path], str]:
-    """(checkpoint named by ``latest``, "") or (None, why the pointer is unusable).
-
-    The reason is "" when there is no pointer at all.
-    """
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None, ("" if not pointer.exists() else f"{pointer} is not a file")
-    try:
-        name = pointer.read_bytes().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, f"{pointer} is unreadable ({type(exc).__name__})"
-    if checkpoint_step(name) is None:
-        return None, f"{pointer} holds {name[:40]!r}, not an iter_N name"
-    target = Path(save_dir) / name
-    if not is_finished(target):
-        return None, f"{pointer} names {name}, which is not a finished checkpoint"
-    return target, ""
-
-
-def write_latest(save_dir: str | Path, name: str) -> None:
-    """Point ``latest`` at ``name`` atomically and durably (write, fsync, rename, fsync dir)."""
-    root = Path(save_dir)
-    tmp_pointer = root / (LATEST + _TMP)
-    _write_durable(tmp_pointer, name + "\n")
-    os.replace(tmp_pointer, root / LATEST)
-    _fsync_dir(root)
-
-
 def _warn_once(msg: str, *args) -> None:
     """A warning every rank would log alike: from rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         logger.warning(msg, *args)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def resolve_checkpoint(path: str | Path) -> Optional[Path]:
-    """A checkpoint dir from an ``iter_N`` dir, or from a save dir (``latest``, else the newest
-    finished checkpoint when the pointer is missing or damaged: logged)."""
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    target, problem = read_latest(path)
-    if target is not None:
-        return target
-    done = finished_checkpoints(path)
-    if not done:
-        if problem:
-            raise CheckpointError(f"{problem}, and {path} holds no finished checkpoint.")
-        return None
-    _warn_once("%s; using the newest finished checkpoint %s instead.",
-               problem or f"{path / LATEST} is missing", done[-1].name)
-    return done[-1]
-
-
-def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
-    """Finish publications a crash interrupted (rank 0, before anyone looks for checkpoints).
-
-    - ``iter_N.tmp`` holding :data:`COMPLETE` with no ``iter_N``: renamed to ``iter_N`` and
-      ``latest`` moved to it when newer than the pointer's target;
-    - ``iter_N.old`` (the previous copy of a re-saved step, moved aside): removed when ``iter_N``
-      is finished, renamed back otherwise.
-    Incomplete ``.tmp`` directories are left for :meth:`CheckpointManager._prune`.
-    Returns the recovered checkpoints.
-    """
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    recovered = []
-    for tmp in sorted(root.glob("iter_*" + _TMP)):
-        final = tmp.with_name(tmp.name[: -len(_TMP)])
-        if (tmp / COMPLETE).is_file() and not final.exists():
-            os.replace(tmp, final)
-            recovered.append(final)
-            logger.warning("recovered %s: its save had finished but a crash interrupted the "
-                           "publication.", final)
-    for old in sorted(root.glob("iter_*" + _OLD)):
-        final = old.with_name(old.name[: -len(_OLD)])
-        if is_finished(final):
-            shutil.rmtree(old, ignore_errors=True)
-        elif not final.exists():
-            os.replace(old, final)
-            logger.warning("restored %s from %s (a crash interrupted its replacement).",
-                           final, old.name)
-    if recovered:
-        _fsync_dir(root)
-        current, _ = read_latest(root)
-        newest = max(recovered, key=checkpoint_step)
-        if current is None or checkpoint_step(current) < checkpoint_step(newest):
-            write_latest(root, newest.name)
-    return recovered
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint directory; renamed aside first, so a kill mid-removal never leaves
-    a half-deleted directory that still looks finished."""
-    doomed = path.with_name(path.name + _REMOVING)
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def publish_checkpoint(tmp: Path, final: Path, fault=lambda point: None) -> None:
-    """Make the complete save in ``tmp`` the checkpoint ``final`` and point ``latest`` at it.
-
-    Crash-safe at every instant: a finished copy of the step (old or new) always exists, either
-    as ``final`` or as a marked ``.tmp``/``.old`` that :func:`recover_interrupted_publish` turns
-    back into ``final``; ``latest`` always names a finished checkpoint.
-    """
-    _write_durable(tmp / COMPLETE, final.name + "\n")
-    fault("marked")
-    old = final.with_name(final.name + _OLD)
-    replaced = final.exists()
-    if replaced:  # re-saving a step: move the previous copy aside, never delete it first
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        fault("moved_aside")
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    fault("renamed")
-    write_latest(final.parent, final.name)
-    if replaced:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def diagnose_checkpoint(ckpt: Path) -> str:
@@ -377,7 +203,7 @@ class TrainingState:
 
 
 def unwrap_model(chunk):
-    """The GenLIPModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
+    """The GenLIPMegatronModel inside a megatron DDP wrapper (checkpoint keys carry no ``module.``).
 
     Public API only (``megatron.core.utils.unwrap_model`` and the public wrapper classes, 0.16.1 …
     0.19.2), not the private ``_BaseDataParallel`` base class.
@@ -456,7 +282,7 @@ class CheckpointManager:
             raise RuntimeError("checkpoint.save_dir is not set; cannot save.")
         self.finalize_pending(blocking=True)
         final = iteration_dir(self.cfg.save_dir, state.step)
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = sibling(final, TMP)
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -488,13 +314,7 @@ class CheckpointManager:
     def _prune(self, save_dir: Path, keep: Path) -> None:
         """Keep the newest ``keep_last`` finished checkpoints (and always ``keep``); remove
         incomplete ``.tmp`` saves. Runs right after ``keep`` was published, on rank 0."""
-        done = finished_checkpoints(save_dir)
-        if self.cfg.keep_last > 0:
-            for old in done[: max(0, len(done) - self.cfg.keep_last)]:
-                if old != keep:
-                    remove_checkpoint(old)
-        for stale in [*save_dir.glob("iter_*" + _TMP), *save_dir.glob("iter_*" + _REMOVING)]:
-            shutil.rmtree(stale, ignore_errors=True)
+        prune_checkpoints(save_dir, keep, self.cfg.keep_last)
 
     def _queue(self):
         if self._async_queue is None:
@@ -538,7 +358,7 @@ class CheckpointManager:
         resharded; RNG and data-loader state are restored only when their layout matches (a
         warning says what was skipped).
         """
-        ckpt = resolve_checkpoint(path)
+        ckpt = resolve_checkpoint(path, warn=_warn_once)
         if ckpt is None:
             raise CheckpointError(f"no checkpoint at {path} (expected an iter_N directory or a "
                                   f"save dir with finished iter_N checkpoints).")
@@ -607,7 +427,7 @@ class CheckpointManager:
                            save_dir / LATEST, save_dir)
             self._start_over(save_dir, done)
             return None
-        ckpt = resolve_checkpoint(save_dir)
+        ckpt = resolve_checkpoint(save_dir, warn=_warn_once)
         newer = [p for p in done if checkpoint_step(p) > checkpoint_step(ckpt)]
         if newer:
             _warn_once("%s names %s, but the newer finished %s exists; following the "

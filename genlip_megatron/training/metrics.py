@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.config import LoggingConfig
+from genlip_megatron.config.training import LoggingConfig
 
 logger = logging.getLogger(__name__)
 

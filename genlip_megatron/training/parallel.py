@@ -1,7 +1,7 @@
 """Every parallel decision of a run, applied in this order:
 
 1. topology: megatron ``parallel_state`` (TP, PP with optional virtual stages, DP = rest);
-2. model chunks: one GenLIPModel per virtual pipeline stage (embeddings on the first stage,
+2. model chunks: one GenLIPMegatronModel per virtual pipeline stage (embeddings on the first stage,
    head and loss on the last);
 3. DDP wrap: megatron ``DistributedDataParallel`` with grad buffers (fp32 grad reduction) and,
    when configured, the distributed optimizer's sharded buffers;
@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
-from genlip_megatron.config import GenLIPConfig, ParallelConfig, PrecisionConfig, \
-    microbatch_count
-from genlip_megatron.training.config import OptimizerConfig, SchedulerConfig
+from genlip_megatron.compat import apply_torch_adam_fixes
+from genlip_megatron.compat.optimizer import megatron_uses_torch_adam
+from genlip_megatron.config import ParallelConfig, PrecisionConfig, RunConfig, microbatch_count
+from genlip_megatron.config.training import OptimizerConfig, SchedulerConfig
+from genlip_megatron.model.genlip import build_genlip_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ class Topology:
 
 def initialize_topology(p: ParallelConfig) -> Topology:
     """Create megatron's process groups for (tp, pp, vpp); DP takes the remaining ranks."""
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tp,
                                      pipeline_model_parallel_size=p.pp,
@@ -62,11 +63,7 @@ def initialize_topology(p: ParallelConfig) -> Topology:
 
 
 def build_model_chunks(tconfig, topo: Topology) -> list[torch.nn.Module]:
-    """One GenLIPModel per virtual stage of this pipeline rank, on the training device."""
-    from megatron.core import parallel_state as ps
-
-    from genlip_megatron.model.genlip import build_genlip_model
-
+    """One GenLIPMegatronModel per virtual stage of this pipeline rank, on the training device."""
     chunks = []
     for vp_stage in range(topo.vpp or 1):
         vp = vp_stage if topo.vpp else None
@@ -138,9 +135,6 @@ def apply_torch_adam_fixes_if_needed() -> bool:
     Returns:
         True when megatron uses torch's Adam (and the fixes are now in place).
     """
-    from genlip_megatron.compat import apply_torch_adam_fixes
-    from genlip_megatron.compat.optimizer import megatron_uses_torch_adam
-
     if not megatron_uses_torch_adam():
         return False
     apply_torch_adam_fixes()
@@ -175,6 +169,6 @@ def configure_schedule_hooks(tconfig, ddp_chunks: list, optimizer, p: ParallelCo
     tconfig.finalize_model_grads_func = finalize_model_grads
 
 
-def num_microbatches(cfg: GenLIPConfig, topo: Topology) -> int:
+def num_microbatches(cfg: RunConfig, topo: Topology) -> int:
     """global_batch_size / (micro_batch_size × dp), refusing remainders."""
     return microbatch_count(cfg.training, cfg.parallel, topo.dp)

@@ -19,10 +19,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
-from genlip_megatron.config import GenLIPConfig
+from genlip_megatron.config import RunConfig
 from genlip_megatron.data.batch import PackedBatch
+from genlip_megatron.model.attention_probe import capture_attention_sink
+from genlip_megatron.model.transformer_config import build_transformer_config
 from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
@@ -91,9 +94,9 @@ class RunSummary:
 
 
 class Trainer:
-    """Builds everything from a validated GenLIPConfig and runs the loop."""
+    """Builds everything from a validated RunConfig and runs the loop."""
 
-    def __init__(self, cfg: GenLIPConfig, config_path: Optional[str] = None,
+    def __init__(self, cfg: RunConfig, config_path: Optional[str] = None,
                  overrides: Optional[list[str]] = None):
         self.cfg = cfg
         self.config_dict = cfg.to_dict()
@@ -114,8 +117,6 @@ class Trainer:
             dp_size=self.topo.dp, micro_batch_size=cfg.training.micro_batch_size,
             per_rank=self.n_micro, seed=cfg.training.seed)
         # ---- model + optimizer --------------------------------------------------------
-        from genlip_megatron.model.transformer_config import build_transformer_config
-
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision,
                                                init_seed=cfg.training.seed)
         self.tconfig.calculate_per_token_loss = True
@@ -260,10 +261,6 @@ class Trainer:
 
     def attention_sink(self) -> dict[str, float]:
         """Attention mass on each sample's first image token, per layer, on the probe batch."""
-        from megatron.core import parallel_state as ps
-
-        from genlip_megatron.model.attention_probe import capture_attention_sink
-
         probe, layers = self._probe_batch, self.cfg.model.num_layers
         seq_len = probe.tokens.shape[1]
         for chunk in self.model:

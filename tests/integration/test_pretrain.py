@@ -41,7 +41,8 @@ def test_golden_loss_curve(data_dir, tmp_path):
     losses = read_jsonl_losses(tmp_path / "metrics.jsonl")
     assert sorted(losses) == list(range(1, 9))
     assert proc.stdout.splitlines()[-1].startswith("RUN steps=8 final_loss=")
-    assert losses[8] < losses[1] - 0.3, losses  # it learns
+    # it learns: the golden curve drops 2.2 in 8 steps, so the 0.3 bound cannot flip with kernels
+    assert losses[8] < losses[1] - 0.3, losses
     if update_golden_requested():
         write_golden(losses)
     assert_losses_close(losses, read_golden(), what="single-rank tiny run vs golden file")

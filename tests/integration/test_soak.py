@@ -26,7 +26,7 @@ import pytest
 from training_helpers import ROOT, make_tiny_data, pretrain_command, pretrain_env, \
     read_jsonl_losses, run_pretrain, tiny_overrides
 
-from genlip_megatron.training.checkpointing import finished_checkpoints, read_latest
+from genlip_megatron.training.checkpoint_layout import finished_checkpoints, read_latest
 
 STEPS = 20
 KILLS = 8

@@ -1,6 +1,6 @@
 """A throw-away single-host Slurm cluster on loopback for tests (Debian packages, root).
 
-Recipe measured in shared/reference/local-slurm.md: slurmctld + slurmd with proctrack/linuxproc
+Recipe (measured on the CI machine): slurmctld + slurmd with proctrack/linuxproc
 and task/none (no cgroups, no systemd), auth/none (no munged to run), a fresh state directory
 and free ports per cluster. Every daemon is stopped by the PID it wrote. A requeued job may
 start again only after the job credential expired (cred_expire, default 120 s) and is then

@@ -62,7 +62,7 @@ def test_argparse_errors_are_one_line_too(launcher_module, capsys):
 
 @needs_nemo_run
 def test_dryrun_slurm_script(tmp_path):
-    """README "Launching": the NeMo-Run Slurm command, printed with --dryrun."""
+    """docs/launching.md: the NeMo-Run Slurm command, printed with --dryrun."""
     tokenizer = ROOT / ".cache" / "launch_test" / "tokenizer.json"   # untracked, ignored dir
     tokenizer.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.write_text("{}")
@@ -121,7 +121,7 @@ def test_git_packager_ships_the_untracked_tokenizer(launcher_module, tmp_path, m
 
 @needs_nemo_run
 def test_local_executor_runs_a_few_steps(tmp_path):
-    """README "Launching": NeMo-Run on this machine (torchrun, 2 processes)."""
+    """docs/launching.md: NeMo-Run on this machine (torchrun, 2 processes)."""
     data = make_tiny_data(tmp_path / "data")
     sets = tiny_overrides(data, tmp_path / "run", training__train_steps=2)
     proc = launch(["--config", CONFIG, "--local", "--nproc-per-node", "2", "--set", *sets],

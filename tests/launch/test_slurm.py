@@ -47,7 +47,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def submit(slurm: LocalSlurm, data_dir: Path, save_dir: Path, torchrun: bool = False) -> str:
-    """The commands from README "Launching" (CPU, 2 ranks), run from the checkout root."""
+    """The commands from docs/launching.md (CPU, 2 ranks), run from the checkout root."""
     env = {**slurm.env, "GENLIP_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     for key in ("MASTER_PORT", "MASTER_ADDR", "OMP_NUM_THREADS"):
         env.pop(key, None)   # the scripts derive them from the allocation

@@ -1,4 +1,4 @@
-"""GenLIPModel under TP / SP / PP (gloo, CPU) equals the TP=1/PP=1 model, loss and gradients.
+"""GenLIPMegatronModel under TP / SP / PP (gloo, CPU) equals the TP=1/PP=1 model: loss, grads.
 
 Every rank also builds the TP=1/PP=1 reference itself (same init seed: the reference init is
 layout-invariant), runs it on the same micro-batches, and compares its own shards against the
@@ -19,7 +19,7 @@ from reference_genlip import make_packed_batch
 
 from genlip_megatron.config import ParallelConfig, PrecisionConfig, RecomputeConfig, \
     decode_variant
-from genlip_megatron.model.genlip import GenLIPModel
+from genlip_megatron.model.genlip import GenLIPMegatronModel
 from genlip_megatron.model.transformer_config import build_transformer_config
 
 SEQ = 48
@@ -75,7 +75,7 @@ def _global_name(name: str, model) -> str:
 def _reference(batches, **overrides):
     """TP=1/PP=1 loss (mean over micro-batches of token-mean CE), params and grads by name."""
     _init_parallel(1, 1)
-    model = GenLIPModel(_config(**overrides))
+    model = GenLIPMegatronModel(_config(**overrides))
     model.train()
     losses = []
     for b in batches:
@@ -126,7 +126,7 @@ def _check_against_reference(model, ref_params, ref_grads, grad_scale=1.0):
 
 def _run_tp(tp, sp, batches, **overrides):
     _init_parallel(tp, 1)
-    model = GenLIPModel(_config(tp=tp, sp=sp, **overrides))
+    model = GenLIPMegatronModel(_config(tp=tp, sp=sp, **overrides))
     model.train()
     total = torch.zeros(())
     for b in batches:
@@ -174,7 +174,7 @@ def _run_pipeline(tp, pp, sp, batches, vpp=None, **overrides):
     chunks = []
     for vp_stage in range(vpp or 1):
         kwargs = {"vp_stage": vp_stage} if vpp else {}
-        chunks.append(GenLIPModel(
+        chunks.append(GenLIPMegatronModel(
             cfg, pre_process=parallel_state.is_pipeline_first_stage(False, **kwargs),
             post_process=parallel_state.is_pipeline_last_stage(False, **kwargs),
             vp_stage=vp_stage if vpp else None))
@@ -247,7 +247,7 @@ def test_dist_checkpoint_tp2_save_loads_into_pp2():
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     _init_parallel(2, 1)
-    saved = GenLIPModel(_config(tp=2, sp=True))
+    saved = GenLIPMegatronModel(_config(tp=2, sp=True))
     dist_checkpointing.save(saved.sharded_state_dict(), str(root))
     _, ref_params, _ = _reference([])
 
@@ -255,7 +255,7 @@ def test_dist_checkpoint_tp2_save_loads_into_pp2():
     from megatron.core import parallel_state
 
     fresh_cfg = dataclasses.replace(_config(pp=2), init_seed=SEED + 1)
-    loaded = GenLIPModel(fresh_cfg, pre_process=parallel_state.is_pipeline_first_stage(),
+    loaded = GenLIPMegatronModel(fresh_cfg, pre_process=parallel_state.is_pipeline_first_stage(),
                          post_process=parallel_state.is_pipeline_last_stage())
     state = dist_checkpointing.load(loaded.sharded_state_dict(), str(root))
     loaded.load_state_dict(state)
@@ -275,7 +275,7 @@ def test_tp2_sp_megatron_ddp_finalize_model_grads():
     ref_loss, ref_params, ref_grads = _reference(batches)
     _init_parallel(2, 1)
     cfg = _config(tp=2, sp=True)
-    model = DistributedDataParallel(cfg, DistributedDataParallelConfig(), GenLIPModel(cfg))
+    model = DistributedDataParallel(cfg, DistributedDataParallelConfig(), GenLIPMegatronModel(cfg))
     cfg.finalize_model_grads_func = finalize_model_grads
 
     def forward_step(data_iterator, chunk):

@@ -37,8 +37,8 @@ def test_plain_step_flops_equal_flops_py_and_it_learns():
 @pytest.mark.slow
 def test_cpu_sweep_writes_csv_markdown_and_png(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--sweep",
-           "--sweep-limit", "3", "--out-dir", str(tmp_path / "out"),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sweep.py"),
+           "--limit", "3", "--out-dir", str(tmp_path / "out"),
            "--data-dir", str(tmp_path / "data")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,7 +5,7 @@ switched on inside a pytest process that has already imported megatron (every ot
 module does). The worker is a fresh ``spawn`` process: :func:`activate` puts
 ``standin_site/`` first on its ``sys.path`` before anything imports megatron, applies the CPU
 compat layer and opens a gloo world of size 1. The pytest process itself never sees the
-stand-in (``tests/te_standin/test_standin_isolation`` checks it), so nothing leaks into other
+stand-in (tests/unit/model/test_model_attention.py checks it), so nothing leaks into other
 tests. One worker serves the whole session (megatron's import costs ~10 s on 2 cores); every
 scenario sets up and tears down megatron's parallel state itself.
 """

@@ -50,9 +50,9 @@ def _tconfig(te: bool, *, precision=None, init_seed: int = 1234, **model_overrid
 
 
 def _model(te: bool, **kwargs):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    return GenLIPModel(_tconfig(te, **kwargs))
+    return GenLIPMegatronModel(_tconfig(te, **kwargs))
 
 
 def _batch(rows=ROWS, seq: int = SEQ) -> dict:
@@ -68,14 +68,9 @@ def _loss(model, b: dict) -> torch.Tensor:
 
 def _canonical_grads(model) -> dict:
     """name → grad with the local norms renamed to TE's fused ``layer_norm_*`` names."""
-    from genlip_megatron.model.layer_spec import LOCAL_TO_TE_KEYS
+    from genlip_megatron.model.layer_spec import canonical_name
 
-    out = {}
-    for name, p in model.named_parameters():
-        for local, te_name in LOCAL_TO_TE_KEYS.items():
-            name = name.replace(local, te_name)
-        out[name] = p.grad.detach().clone()
-    return out
+    return {canonical_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def _attention_calls() -> list[dict]:
@@ -113,13 +108,9 @@ def spec_classes() -> dict:
     attn = layer.self_attention
     te_keys = {k for k in te_model.state_dict() if not k.endswith("_extra_state")}
     local_keys = {k for k in local_model.state_dict() if not k.endswith("_extra_state")}
-    from genlip_megatron.model.layer_spec import LOCAL_TO_TE_KEYS
+    from genlip_megatron.model.layer_spec import canonical_name
 
-    renamed = set()
-    for k in local_keys:
-        for local, te_name in LOCAL_TO_TE_KEYS.items():
-            k = k.replace(local, te_name)
-        renamed.add(k)
+    renamed = {canonical_name(k) for k in local_keys}
     return {"linear_qkv": type(attn.linear_qkv).__name__,
             "linear_proj": type(attn.linear_proj).__name__,
             "core_attention": type(attn.core_attention).__name__,
@@ -191,7 +182,7 @@ def cudnn_96(round_maxima: bool) -> dict:
 def extra_state_resume(tmp: str, drop_hook: bool, break_weight: bool = False) -> dict:
     """Save a TE model with CheckpointManager, load it into a freshly initialised one."""
     from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
-    from genlip_megatron.training.config import CheckpointConfig
+    from genlip_megatron.config.training import CheckpointConfig
 
     hook = {"TE_STANDIN_DROP_EXTRA_STATE_HOOK": "1" if drop_hook else "0"}
     out = {}
@@ -292,7 +283,7 @@ def convert_roundtrip(ckpt: str, tmp: str) -> dict:
     """Megatron (TE) → HF → Megatron, then ``init_from``-style load into a TE model."""
     from genlip_megatron.convert.converter import hf_to_megatron, megatron_to_hf
     from genlip_megatron.training.checkpointing import CheckpointManager
-    from genlip_megatron.training.config import CheckpointConfig
+    from genlip_megatron.config.training import CheckpointConfig
 
     hf_dir, back_dir = Path(tmp) / "hf", Path(tmp) / "back"
     megatron_to_hf(ckpt, hf_dir, dtype="fp32", progress=False)
@@ -380,7 +371,7 @@ def wgrad_fusion() -> dict:
     """TE linears with ``gradient_accumulation_fusion`` under megatron DDP vs without."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     grads = {}
     with mp_state():
@@ -389,7 +380,7 @@ def wgrad_fusion() -> dict:
             cfg = _tconfig(True)
             cfg.gradient_accumulation_fusion = fused
             model = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True), GenLIPModel(cfg))
+                grad_reduce_in_fp32=True), GenLIPMegatronModel(cfg))
             model.zero_grad_buffer()
             _loss(model, b).backward()
             model.finish_grad_sync()
@@ -423,7 +414,7 @@ def gpu_smoke(tmp: str, data_dir: str, checks: list) -> list:
 def cross_backend_init(tmp: str, src_te: bool, dst_te: bool) -> dict:
     """Checkpoint a model of one implementation, ``init_from`` it into the other."""
     from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
-    from genlip_megatron.training.config import CheckpointConfig
+    from genlip_megatron.config.training import CheckpointConfig
 
     with env(TE_STANDIN_DROP_EXTRA_STATE_HOOK="1"), mp_state():
         src, dst = _model(src_te, init_seed=1), _model(dst_te, init_seed=2)
@@ -437,16 +428,11 @@ def cross_backend_init(tmp: str, src_te: bool, dst_te: bool) -> dict:
             mgr.load(tmp, [dst], None, None, None, {"model": {}}, with_optimizer=False)
         except Exception as exc:  # noqa: BLE001
             return {"error": f"{type(exc).__name__}: {exc}"[-600:]}
-        from genlip_megatron.model.layer_spec import LOCAL_TO_TE_KEYS
+        from genlip_megatron.model.layer_spec import canonical_name
 
         def canon(sd):
-            out = {}
-            for k, v in sd.items():
-                if torch.is_tensor(v) and not k.endswith("_extra_state"):
-                    for local, te_name in LOCAL_TO_TE_KEYS.items():
-                        k = k.replace(local, te_name)
-                    out[k] = v
-            return out
+            return {canonical_name(k): v for k, v in sd.items()
+                    if torch.is_tensor(v) and not k.endswith("_extra_state")}
 
         a, b = canon(src.state_dict()), canon(dst.state_dict())
         return {"error": None, "dropped": dropped,

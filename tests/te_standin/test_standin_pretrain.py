@@ -27,5 +27,7 @@ def test_pretrain_with_te_layers_trains_and_saves(tiny_data, tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("RUN steps=3 ") and "iter_0000003" in last, last
     losses = read_jsonl_losses(tmp_path / "metrics.jsonl")
+    # golden curve: step 3 is 0.038 below step 1 (tests/assets/losses/tiny_train_cpu.txt), a
+    # margin ~1000x the fp32 kernel noise of the stand-in (its loss matches dense within 2e-5)
     assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1]
     assert (tmp_path / "latest").read_text().strip() == "iter_0000003"

@@ -2,7 +2,8 @@
 
 Copied into every export with a ``preprocessor_config.json`` written from the training config,
 so ``AutoImageProcessor.from_pretrained(export, trust_remote_code=True)`` preprocesses images
-exactly as training did (``genlip_megatron.data.image``, reference notes §4):
+exactly as training did (``genlip_megatron.data.image``, docs/reference-architecture.md, Image
+processor):
 
 1. decode to RGB (palette images through RGBA, as PIL-based training does);
 2. size: ``fixed`` = ``image_size`` × ``image_size`` (stage 1), or ``native`` = the reference

@@ -20,7 +20,7 @@ interleaved MRoPE, pre-norm blocks with elementwise sigmoid-gated attention (``q
 ``[query | gate]``), SwiGLU ``fc2(silu(gate_fc x) * fc1 x)``, two LayerScales per block,
 ``ln_post``, ``proj`` and an untied bias-free ``lm_head``.
 
-Fixes of the reference's inference pitfalls (reference notes §7.10):
+Fixes of the reference's inference pitfalls (docs/reference-architecture.md, Inference pitfalls):
 - the prefix-LM mask is built per row, so batch size > 1 and packed rows both work;
 - missing ``position_ids`` are built from the image grids (image (0, r, c); text
   t = h = w = max(gh, gw) + k per sample), never 1-D positions;
@@ -30,7 +30,7 @@ Fixes of the reference's inference pitfalls (reference notes §7.10):
   re-initialise loaded weights.
 
 Encoder features are the ``ln_post`` output (width E) of an image-only pass with bidirectional
-attention inside each image (reference notes §2.8).
+attention inside each image (docs/reference-architecture.md).
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def _runs(flags: torch.Tensor, keys: torch.Tensor) -> list[tuple[int, int]]:
 
 def build_position_ids(image_mask: torch.Tensor, segment_ids: torch.Tensor,
                        image_grids: Optional[torch.Tensor]) -> torch.Tensor:
-    """MRoPE ids ``[B, 3, L]`` as the reference data pipeline builds them (notes §2.4).
+    """MRoPE ids ``[B, 3, L]`` as the reference data pipeline builds them
+    (docs/reference-architecture.md).
 
     Per sample (a run of equal ``segment_ids`` >= 0): an image run with grid (gh, gw) gets
     (0, r, c) in raster order; text continues at t = h = w = max(gh, gw) of the latest image
@@ -239,7 +240,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class GenLIPRotaryEmbedding(nn.Module):
-    """Interleaved MRoPE: cos/sin ``[B, L, hd]`` from (t, h, w) ids (reference notes §2.4).
+    """Interleaved MRoPE: cos/sin ``[B, L, hd]`` from (t, h, w) ids
+    (docs/reference-architecture.md).
 
     Frequency channel i takes the H position if i % 3 == 1 (i < 3·section[1]), the W position if
     i % 3 == 2 (i < 3·section[2]), else T. ``inv_freq`` is recomputed on the fly (no buffer:
@@ -424,7 +426,8 @@ def _grid_list(grids: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class GenLIPPreTrainedModel(PreTrainedModel):
-    """Init rules of the reference ``_init_weights`` (notes §2.7); guarded in transformers 5.
+    """Init rules of the reference ``_init_weights`` (docs/reference-architecture.md); guarded
+    in transformers 5.
 
     Also the image-only pass shared by :class:`GenLIPVisionModel` and :class:`GenLIPModel`
     (both own ``vision_embeddings``, ``visual``, ``rotary_emb`` and ``ln_post``).

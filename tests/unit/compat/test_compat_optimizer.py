@@ -140,7 +140,7 @@ def test_build_optimizer_applies_the_fixes_when_cpu_compat_is_off(mp_state):
 
     from genlip_megatron.compat.optimizer import megatron_uses_torch_adam
     from genlip_megatron.config import ParallelConfig, PrecisionConfig
-    from genlip_megatron.training.config import OptimizerConfig
+    from genlip_megatron.config.training import OptimizerConfig
     from genlip_megatron.training.parallel import build_optimizer
 
     assert megatron_uses_torch_adam()  # no TE/Apex in this environment

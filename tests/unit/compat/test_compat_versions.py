@@ -82,7 +82,7 @@ def _pins(path) -> dict[str, str]:
 
 
 def test_tested_versions_match_the_ci_pins():
-    """compat.versions.TESTED (what the README and scopes claim) is what the two lanes install."""
+    """compat.versions.TESTED (what docs/versions.md and scopes claim) is what the lanes install."""
     root = Path(__file__).resolve().parents[3]
     for lane, pin_file in (("main", root / "requirements/ci.txt"),
                            ("newest-stack", root / ".ci/newest_stack/requirements.lock")):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from genlip_megatron.config import ConfigError, GenLIPConfig, load_config
-from genlip_megatron.config_loader import load_yaml, parse_override_value
-from genlip_megatron.training.run import parse_args
+from genlip_megatron.config import ConfigError, RunConfig, load_config
+from genlip_megatron.config.loader import load_yaml, parse_override_value
+from genlip_megatron.run import parse_args
 
 
 @pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("1.0e6", 1e6), ("-2E+2", -200.0),
@@ -52,7 +52,7 @@ def test_bad_yaml_value_names_the_key(tmp_path):
     ("checkpoint", "keep_last", -1, "checkpoint.keep_last"),
 ])
 def test_section_rules_name_the_key(section, field, value, key):
-    cfg = GenLIPConfig()
+    cfg = RunConfig()
     cfg.validate(world_size=1)
     setattr(getattr(cfg, section), field, value)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -21,7 +21,8 @@ def validate(raw: dict, world_size: int = 8, has_cuda: bool = False, has_te: boo
 
 
 def test_reference_presets_are_exact():
-    # reference configs/model_configs/genlip/genlip_{l16,so16,g16}_224.json (notes §1)
+    # reference configs/model_configs/genlip/genlip_{l16,so16,g16}_224.json
+    # (docs/reference-architecture.md)
     L, So, g = decode_variant("L/16"), decode_variant("So/16"), decode_variant("g/16")
     assert (L.hidden_size, L.num_layers, L.num_attention_heads, L.ffn_hidden_size,
             L.mrope_section, L.drop_path_rate) == (1152, 24, 16, 2752, [8, 12, 12], 0.1)
@@ -81,7 +82,7 @@ def test_fp8_needs_te_and_gpu_unless_emulated():
 
 
 def test_fp8_ffn_shard_must_be_multiple_of_16():
-    # So400m-style FFN 4304 / tp 2 = 2152 (anchors §0.6)
+    # So400m-style FFN 4304 / tp 2 = 2152 (a So400m-width FFN under TP=2)
     raw = {"model": {"variant": "So/16", "ffn_hidden_size": 4304},
            "parallel": {"tp": 2}, "precision": {"fp8": {"emulate": True}}}
     with pytest.raises(ConfigError, match=r"4304/2 = 2152\) is not a multiple of 16.*use tp in"):

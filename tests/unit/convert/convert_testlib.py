@@ -11,7 +11,7 @@ import torch
 from reference_genlip import make_packed_batch
 from safetensors.torch import save_file
 
-from genlip_megatron.config import GenLIPConfig, ModelConfig, ParallelConfig, PrecisionConfig, \
+from genlip_megatron.config import RunConfig, ModelConfig, ParallelConfig, PrecisionConfig, \
     decode_variant
 from genlip_megatron.convert.converter import write_hf_files
 from genlip_megatron.convert.registry import hf_shapes
@@ -74,7 +74,7 @@ def full_config_dict(m: ModelConfig, tp: int = 1, pp: int = 1, data=None) -> dic
     """The run config dict a trainer saves in a checkpoint's common state (``data``: a
     ``DataConfig``, default the defaults)."""
     extra = {"data": data} if data is not None else {}
-    return GenLIPConfig(model=m, parallel=ParallelConfig(tp=tp, pp=pp), **extra).to_dict()
+    return RunConfig(model=m, parallel=ParallelConfig(tp=tp, pp=pp), **extra).to_dict()
 
 
 def transformer_config(m: ModelConfig, tp: int = 1, pp: int = 1, seed: int = 1234):
@@ -89,7 +89,7 @@ def save_megatron(models: list, m: ModelConfig, save_dir: Path, step: int = 3,
                   tp: int = 1, pp: int = 1, data=None) -> Path:
     """Save model chunks the way the trainer does (CheckpointManager, no optimizer)."""
     from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
-    from genlip_megatron.training.config import CheckpointConfig
+    from genlip_megatron.config.training import CheckpointConfig
 
     mgr = CheckpointManager(CheckpointConfig(save_dir=str(save_dir)))
     return mgr.save(models, None, None, TrainingState(step=step), None,
@@ -99,7 +99,7 @@ def save_megatron(models: list, m: ModelConfig, save_dir: Path, step: int = 3,
 def load_megatron(models: list, m: ModelConfig, path: Path) -> None:
     """The trainer's ``training.init_from`` path (weights only)."""
     from genlip_megatron.training.checkpointing import CheckpointManager
-    from genlip_megatron.training.config import CheckpointConfig
+    from genlip_megatron.config.training import CheckpointConfig
 
     CheckpointManager(CheckpointConfig()).load(path, models, None, None, None,
                                                full_config_dict(m), with_optimizer=False)

@@ -1,4 +1,4 @@
-"""Checkpoint conversion with the real megatron GenLIPModel (TP=1, one process) and its errors.
+"""Checkpoint conversion with the real GenLIPMegatronModel (TP=1, one process) and its errors.
 
 Must-shows covered here: the HF export run through the bundled modeling file gives the Megatron
 model's logits (fp32, atol 1e-4) on a packed batch and its encoder features; HF → Megatron loads
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -25,9 +26,10 @@ ROWS = [[(2, 3, 7), (3, 3, 5), (1, 2, 6)], [(4, 2, 9), (2, 2, 12)]]
 
 
 def _model(seed=1234):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    model = GenLIPModel(transformer_config(dataclasses.replace(TINY, init_std=0.2), seed=seed))
+    tconfig = transformer_config(dataclasses.replace(TINY, init_std=0.2), seed=seed)
+    model = GenLIPMegatronModel(tconfig)
     with torch.no_grad():   # move LayerNorm/LayerScale/biases off their init values
         gen = torch.Generator().manual_seed(seed)
         for p in model.parameters():
@@ -212,9 +214,11 @@ def test_wrong_preset_and_wrong_directory_kinds(tmp_path):
         megatron_to_hf(tmp_path, tmp_path / "out", progress=False, require_tokenizer=False)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf_to_megatron(tmp_path, tmp_path / "mg", progress=False)
-    hf_to_megatron(src, tmp_path / "mg", progress=False)
+    ckpt = hf_to_megatron(src, tmp_path / "mg", progress=False)
     (tmp_path / "mg" / "latest").write_text("iter_0000099\n")
-    with pytest.raises(ConversionError, match="names iter_0000099, which is not a finished"):
+    shutil.rmtree(ckpt)   # a dangling pointer and nothing finished to fall back to
+    with pytest.raises(ConversionError, match="names iter_0000099, which is not a finished "
+                                              r"checkpoint, and .* holds no finished"):
         megatron_to_hf(tmp_path / "mg", tmp_path / "out", progress=False, require_tokenizer=False)
 
 

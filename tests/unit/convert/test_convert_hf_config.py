@@ -13,7 +13,8 @@ from genlip_megatron.convert.hf_config import check_against_variant, hf_config_d
     match_variant, read_hf_config
 from genlip_megatron.convert.registry import ConversionError
 
-# Every key of configs/model_configs/genlip/genlip_g16_224.json (reference notes §1), minus the
+# Every key of configs/model_configs/genlip/genlip_g16_224.json (docs/reference-architecture.md),
+# minus the
 # g/16-only unused "num_patches".
 REFERENCE_KEYS = {
     "model_type", "architectures", "num_channels", "patch_size", "attention_dropout",
@@ -99,3 +100,26 @@ def test_variant_check_names_every_difference():
     with pytest.raises(ConversionError, match="text_dim: checkpoint 1152 vs So/16 1024"):
         check_against_variant(tiny(**{**decode_variant("So/16").__dict__, "text_dim": 1152}),
                               "So/16")
+
+
+def test_self_contained_hf_code_keeps_the_training_image_defaults():
+    """The exported HF files cannot import the package, so they repeat the image defaults;
+    this pins them to the one home (``ImageConfig`` via ``image_settings``)."""
+    from genlip_megatron.convert.hf.configuration_genlip import GenLIPConfig
+    from genlip_megatron.convert.hf.image_processing_genlip import GenLIPImageProcessor
+    from genlip_megatron.convert.hf_config import image_section_from_export, image_settings
+
+    expected = image_settings(None, 16)
+    config, processor = GenLIPConfig(), GenLIPImageProcessor()
+    for key, value in expected.items():
+        if key != "resample":   # a bare processor resamples like the reference (PIL)
+            assert getattr(processor, key) == value, key
+        if key != "patch_size":
+            assert getattr(config, key) == value, key
+    # and the export → run renaming inverts the run → export one
+    from genlip_megatron.config import ImageConfig
+
+    assert image_section_from_export(expected) == {
+        k: v for k, v in vars(ImageConfig()).items()
+        if k in ("policy", "fixed_size", "min_pixels", "max_pixels", "max_aspect_ratio",
+                 "patch_size", "decoder")}

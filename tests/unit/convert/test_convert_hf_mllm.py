@@ -18,7 +18,7 @@ from torch import nn
 from genlip_megatron.convert.hf.image_processing_genlip import GenLIPImageProcessor, \
     smart_resize
 from genlip_megatron.convert.hf_config import image_settings
-from genlip_megatron.data.config import DataConfig, ImageConfig
+from genlip_megatron.config.data import DataConfig, ImageConfig
 from genlip_megatron.data.image import normalize_patches
 from genlip_megatron.data.image import smart_resize as training_smart_resize
 from genlip_megatron.data.inference import image_to_patches
@@ -185,6 +185,9 @@ def test_llava_style_consumer_trains(exports, images):
             assert tower.ln_post.weight.grad is None   # last_hidden_state was not used
         opt.step()
         losses.append(loss.item())
+    # margins stated, far above CPU-kernel noise (~1e-6): on AMD EPYC at 1 and 2 threads the
+    # losses are 5.05 4.63 4.37 4.13 3.93 3.78 (each step >= 0.15 lower; the end 0.5 below the
+    # 0.85 bound), so neither check can flip with the CPU vendor's kernels
     assert all(np.isfinite(losses)) and losses[-1] == min(losses), losses
     assert losses[-1] < 0.85 * losses[0], losses
 

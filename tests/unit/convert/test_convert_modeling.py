@@ -1,6 +1,7 @@
 """The bundled HF modeling file against an independent plain-PyTorch GenLIP (fp32).
 
-The oracle is tests/reference_genlip.py (written from the reference notes, with HF key names;
+The oracle is tests/reference_genlip.py (written from docs/reference-architecture.md, with HF key
+names;
 it shares no code with modeling_genlip.py). Covers packed rows, batch > 1 with padding, built
 position ids, ``AutoModel.from_pretrained(trust_remote_code=True)`` loading exactly the stored
 weights (transformers 5 re-initialisation pitfall), encoder features and vision-only exports.

@@ -37,7 +37,7 @@ def test_qkv_gate_layout_is_megatron_per_group_q_g_k_v():
 
 
 def test_qkv_reference_formula():
-    """The derivation in the reference notes §2.3 (stack of [Wq, Wg, Wk, Wv] per head)."""
+    """The derivation in docs/reference-architecture.md (stack of [Wq, Wg, Wk, Wv] per head)."""
     e, nh = 12, 3
     qp, kp, vp = torch.randn(2 * e, e), torch.randn(e, e), torch.randn(e, e)
     want = torch.stack([qp[:e].view(nh, -1, e), qp[e:].view(nh, -1, e), kp.view(nh, -1, e),

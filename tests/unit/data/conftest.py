@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from genlip_megatron.data.config import DataConfig, ImageConfig, PackingConfig, ReaderConfig, \
+from genlip_megatron.config.data import DataConfig, ImageConfig, PackingConfig, ReaderConfig, \
     SourceConfig, TextConfig
 from genlip_megatron.data.shard_writer import write_shards
 from genlip_megatron.data.synthetic import caption_corpus, demo_samples

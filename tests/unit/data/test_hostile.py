@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from genlip_megatron.data import image as image_mod
 from genlip_megatron.data import sample as sample_mod
-from genlip_megatron.data.config import ImageConfig, SourceConfig
+from genlip_megatron.config.data import ImageConfig, SourceConfig
 from genlip_megatron.data.image import CRASH_MARKER_ENV, DaliDecoder, PillowDecoder, \
     dali_can_decode, stderr_to_debug_log, target_size
 from genlip_megatron.data.loader import build_train_loader
@@ -406,7 +406,7 @@ def test_native_decoder_crash_is_contained_and_counted(tmp_path, data_root, monk
 TRAINER = textwrap.dedent("""
     import json, sys, time
     import psutil
-    from genlip_megatron.data.config import DataConfig, ImageConfig, ReaderConfig, \\
+    from genlip_megatron.config.data import DataConfig, ImageConfig, ReaderConfig, \\
         SourceConfig, TextConfig
     from genlip_megatron.data.loader import build_train_loader
     root = sys.argv[1]

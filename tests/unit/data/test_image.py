@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from genlip_megatron.data import image as image_mod
-from genlip_megatron.data.config import ImageConfig
+from genlip_megatron.config.data import ImageConfig
 from genlip_megatron.data.image import DaliDecoder, PillowDecoder, build_decoder, \
     normalize_patches, patchify, resize_uint8, smart_resize, target_size
 from genlip_megatron.data.synthetic import bad_sample, encode_image, render_sample
@@ -26,7 +26,7 @@ HAND = {
     (64, 64): (64, 64),        # exactly min_pixels
     (512, 512): (512, 512),    # exactly max_pixels
 }
-# More sizes, from the rule in the reference notes §4 (round to 16; above max_pixels: beta =
+# More sizes, from the rule in docs/reference-architecture.md (round to 16; above max_pixels: beta =
 # sqrt(HW/max), floor(H/beta/16)·16; below min_pixels: beta = sqrt(min/HW), ceil(H·beta/16)·16).
 # Spot checks: (480, 640): beta 1.0825 → floor(27.7)=27, floor(36.9)=36 → 432×576;
 # (1, 2): rounds to 0×0 → beta 45.25 → ceil(2.83)=3, ceil(5.66)=6 → 48×96;

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from genlip_megatron.data.batch import IGNORE_INDEX
-from genlip_megatron.data.config import SourceConfig
+from genlip_megatron.config.data import SourceConfig
 from genlip_megatron.data.image import normalize_patches
 from genlip_megatron.data.inference import encode_prompt, extend_batch, iter_eval_samples
 from genlip_megatron.data.loader import build_train_loader

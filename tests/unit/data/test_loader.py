@@ -9,7 +9,7 @@ import torch
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch
 from genlip_megatron.data import sample as sample_mod
-from genlip_megatron.data.config import SourceConfig
+from genlip_megatron.config.data import SourceConfig
 from genlip_megatron.data.loader import build_train_loader, packing_efficiency
 from genlip_megatron.data.shard_writer import write_shards
 from genlip_megatron.data.synthetic import BAD_KINDS, BAD_REASON, ODD_KINDS, bad_sample, \

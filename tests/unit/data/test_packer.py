@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from genlip_megatron.data.config import PackingConfig
+from genlip_megatron.config.data import PackingConfig
 from genlip_megatron.data.image import normalize_patches
 from genlip_megatron.data.packer import Packer, collate_rows, select_row, subset_fill
 from genlip_megatron.data.sample import ProcessedSample

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from webdataset.tariterators import tarfile_samples
 
-from genlip_megatron.data.config import SourceConfig
+from genlip_megatron.config.data import SourceConfig
 from genlip_megatron.data.shards import ShardStream, SourceSchedule, StreamCursor, \
     build_streams, expand_shards, iter_tar_samples, rank_streams
 

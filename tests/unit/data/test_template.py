@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from genlip_megatron.data.config import TextConfig
+from genlip_megatron.config.data import TextConfig
 from genlip_megatron.data.template import SampleError, TextEncoder, conversation_from_json, \
     parse_json_bytes
 
@@ -33,7 +33,7 @@ def test_caption_is_stripped_and_prompt_configurable(qwen3_tok):
 
 def test_conversations_every_assistant_turn_labelled(qwen3_tok):
     tok = qwen3_tok
-    meta = {"conversation": [  # README spelling
+    meta = {"conversation": [  # the reference README's spelling
         {"from": "human", "value": "<image>\nDescribe this image in detail."},
         {"from": "gpt", "value": "A red circle."},
         {"from": "human", "value": "What is the first shape?"},

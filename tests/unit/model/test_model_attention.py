@@ -168,11 +168,11 @@ def _logits(model, b):
 @pytest.fixture
 def models(mp_state, make_config):
     """The same weights with the dense, the flex and the CPU varlen backend."""
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     cfg = make_config(init_std=0.2)
-    dense = GenLIPModel(cfg).eval()
-    others = [GenLIPModel(dataclasses.replace(cfg, prefix_attention_backend=name)).eval()
+    dense = GenLIPMegatronModel(cfg).eval()
+    others = [GenLIPMegatronModel(dataclasses.replace(cfg, prefix_attention_backend=name)).eval()
               for name in ("flex", "varlen")]
     for other in others:
         assert all(torch.equal(a, b) for a, b in zip(dense.parameters(), other.parameters()))

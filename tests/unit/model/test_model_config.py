@@ -74,20 +74,20 @@ def test_bad_configs_are_refused_with_the_key(overrides, parallel, message):
 
 
 def test_te_without_transformer_engine_is_a_clear_error(mp_state):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     cfg = _build(transformer_impl="te", attention_backend="te")
     with pytest.raises(RuntimeError, match="Transformer Engine"):
-        GenLIPModel(cfg)
+        GenLIPMegatronModel(cfg)
     cfg = _build(transformer_impl="local", attention_backend="dense")
     with pytest.raises(RuntimeError, match="Transformer Engine"):
-        GenLIPModel(dataclasses.replace(cfg, transformer_impl="transformer_engine"))
+        GenLIPMegatronModel(dataclasses.replace(cfg, transformer_impl="transformer_engine"))
 
 
 def test_sequence_length_not_divisible_under_sp(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    model = GenLIPModel(make_config())
+    model = GenLIPMegatronModel(make_config())
     model.config.sequence_parallel = True           # as a TP=2 run would have it
     model.tp_group = type("G", (), {"size": lambda self: 2, "rank": lambda self: 0})()
     seg = torch.zeros(1, 7, dtype=torch.int32)
@@ -97,18 +97,19 @@ def test_sequence_length_not_divisible_under_sp(mp_state, make_config):
 
 def test_fp8_emulation_selects_emulated_linears_per_layer(mp_state):
     fe = pytest.importorskip("genlip_megatron.model.fp8_emulation")
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     fp8 = Fp8Config(emulate=True, first_last_layers_bf16=True)
     cfg = _build(precision=PrecisionConfig(params_dtype="fp32", fp8=fp8), num_layers=4)
     assert cfg.fp8 is None and cfg.fp8_emulation_format == "hybrid"
     assert cfg.fp8_emulation_layers == [2, 3]
-    model = GenLIPModel(cfg)
+    model = GenLIPMegatronModel(cfg)
     emulated = [isinstance(layer.self_attention.linear_qkv, fe.Fp8EmulatedColumnParallelLinear)
                 and isinstance(layer.mlp.linear_fc2, fe.Fp8EmulatedRowParallelLinear)
                 for layer in model.decoder.layers]
     assert emulated == [False, True, True, False]
-    plain = GenLIPModel(_build(precision=PrecisionConfig(params_dtype="fp32"), num_layers=4))
+    plain = GenLIPMegatronModel(_build(precision=PrecisionConfig(params_dtype="fp32"),
+                                       num_layers=4))
     assert plain.state_dict().keys() == model.state_dict().keys()
 
 

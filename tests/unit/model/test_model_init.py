@@ -1,4 +1,4 @@
-"""Reference initialisation (notes §2.7): per-tensor rules, determinism, TP slicing."""
+"""Reference initialisation (docs/reference-architecture.md): per-tensor rules, TP slicing."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ NORMAL = ("linear_fc1.weight", "linear_fc2.weight", "word_embeddings.weight",
 
 @pytest.fixture
 def model(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    return GenLIPModel(make_config())
+    return GenLIPMegatronModel(make_config())
 
 
 def test_rules(model):
@@ -50,13 +50,13 @@ def test_rules(model):
 
 
 def test_deterministic_and_seeded_by_config(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     torch.manual_seed(0)
-    a = GenLIPModel(make_config())
+    a = GenLIPMegatronModel(make_config())
     torch.manual_seed(999)                    # the global generator does not matter
-    b = GenLIPModel(make_config())
-    c = GenLIPModel(make_config(init_seed=7))
+    b = GenLIPMegatronModel(make_config())
+    c = GenLIPMegatronModel(make_config(init_seed=7))
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
         if pa.unique().numel() > 1:                   # random tensors only
@@ -64,10 +64,10 @@ def test_deterministic_and_seeded_by_config(mp_state, make_config):
 
 
 def test_bf16_params_are_the_rounded_fp32_init(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    fp32 = GenLIPModel(make_config())
-    bf16 = GenLIPModel(make_config(params_dtype="bf16"))
+    fp32 = GenLIPMegatronModel(make_config())
+    bf16 = GenLIPMegatronModel(make_config(params_dtype="bf16"))
     for (name, p32), p16 in zip(fp32.named_parameters(), bf16.parameters()):
         assert p16.dtype == torch.bfloat16 and torch.equal(p32.to(torch.bfloat16), p16), name
 
@@ -96,9 +96,9 @@ def test_names_and_unknown_parameters():
 
 
 def test_perform_initialization_false_keeps_megatron_init(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     cfg = dataclasses.replace(make_config(), perform_initialization=False)
-    model = GenLIPModel(cfg)                  # no reference init: layer scale still 0.1 (ctor)
+    model = GenLIPMegatronModel(cfg)          # no reference init: layer scale still 0.1 (ctor)
     assert all(torch.all(m.layer_scale == 0.1) for m in model.modules()
                if hasattr(m, "layer_scale"))

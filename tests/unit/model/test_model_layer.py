@@ -97,9 +97,9 @@ CANONICAL = {
 
 
 def test_canonical_checkpoint_keys(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
-    model = GenLIPModel(make_config())
+    model = GenLIPMegatronModel(make_config())
     tensors = {}
     for value in model.sharded_state_dict().values():
         if type(value).__name__ in ("ShardedTensor", "ShardedTensorFactory"):

@@ -1,6 +1,7 @@
 """Parameter counts of the released sizes, built on the meta device (nothing materialised).
 
-Expected numbers are computed here from the reference module shapes (notes §1/§3, HF keys), not
+Expected numbers are computed here from the reference module shapes
+(docs/reference-architecture.md, HF keys), not
 from our model: per layer LN1, q_proj [2H, H] (query + gate), k/v/out [H, H], LN2, fc1 and
 gate_fc [F, H], fc2 [H, F], all with biases, plus two LayerScale vectors; vision trunk = patch
 conv [H, 3, 16, 16] + bias, layers, ln_post; text side = embeddings [V, T] + lm_head [V, T]
@@ -32,19 +33,19 @@ def reference_counts(H: int, F: int, L: int, T: int, V: int = 151936) -> dict:
 
 
 @pytest.mark.parametrize("variant, per_layer_m, trunk_m, text_m", [
-    ("L/16", 16.17, 388.9, 313.5),     # notes §1 table
+    ("L/16", 16.17, 388.9, 313.5),     # docs/reference-architecture.md table
     ("So/16", 17.27, 467.2, 313.5),
     ("g/16", 30.70, 1229.1, 314.3),
 ])
 def test_param_counts_match_reference_shapes(mp_state, variant, per_layer_m, trunk_m, text_m):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     m = decode_variant(variant)
     cfg = build_transformer_config(m, ParallelConfig(), PrecisionConfig(params_dtype="bf16"),
                                    has_cuda=False)
     cfg = dataclasses.replace(cfg, perform_initialization=False)
     with torch.device("meta"):
-        model = GenLIPModel(cfg)
+        model = GenLIPMegatronModel(cfg)
     assert all(p.device.type == "meta" for p in model.parameters())
 
     def count(prefixes):

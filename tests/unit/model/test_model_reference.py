@@ -1,6 +1,7 @@
-"""GenLIPModel (megatron, TP=1) against the independent plain-PyTorch reference (fp32).
+"""GenLIPMegatronModel (megatron, TP=1) against the independent plain-PyTorch reference (fp32).
 
-The reference (tests/reference_genlip.py) is written from the reference notes with HF key names;
+The reference (tests/reference_genlip.py) is written from docs/reference-architecture.md with HF
+key names;
 our weights are mapped into it with the documented layout. Packed rows hold several samples with
 different image sizes; the tiny preset has text_dim (48) ≠ hidden (64), so in_proj/proj are on.
 """
@@ -31,10 +32,10 @@ def _reference_for(model, cfg) -> RefGenLIP:
 
 @pytest.fixture
 def model_and_ref(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     cfg = make_config(init_std=0.2)   # larger than 0.02 so logits are O(1)
-    model = GenLIPModel(cfg).eval()
+    model = GenLIPMegatronModel(cfg).eval()
     # Perturb LayerScale/LayerNorm/biases away from their init so every tensor matters.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(7)
@@ -108,24 +109,24 @@ def _loss_and_grads(model, b):
 def test_activation_recompute_is_exact(mp_state, make_config, granularity):
     """Recompute (incl. the per-forward prefix-LM params, passed by closure) changes nothing."""
     from genlip_megatron.config import ParallelConfig, RecomputeConfig
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     b = make_packed_batch(ROWS, SEQ, 256, seed=5)
-    loss, grads = _loss_and_grads(GenLIPModel(make_config()).train(), b)
+    loss, grads = _loss_and_grads(GenLIPMegatronModel(make_config()).train(), b)
     recompute = RecomputeConfig(granularity=granularity, num_layers=1)
     cfg = make_config(parallel=ParallelConfig(recompute=recompute))
-    loss_r, grads_r = _loss_and_grads(GenLIPModel(cfg).train(), b)
+    loss_r, grads_r = _loss_and_grads(GenLIPMegatronModel(cfg).train(), b)
     assert torch.equal(loss, loss_r)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_r[name], grad, atol=1e-7, rtol=1e-6, msg=name)
 
 
 def test_bf16_model_trains_close_to_fp32(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     b = make_packed_batch(ROWS, SEQ, 256, seed=6)
-    loss32, _ = _loss_and_grads(GenLIPModel(make_config()).train(), b)
-    model = GenLIPModel(make_config(params_dtype="bf16")).train()
+    loss32, _ = _loss_and_grads(GenLIPMegatronModel(make_config()).train(), b)
+    model = GenLIPMegatronModel(make_config(params_dtype="bf16")).train()
     loss16, grads16 = _loss_and_grads(model, b)
     assert loss16.dtype == torch.float32
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
@@ -133,10 +134,10 @@ def test_bf16_model_trains_close_to_fp32(mp_state, make_config):
 
 
 def test_text_only_micro_batch(mp_state, make_config):
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     b = make_packed_batch([[(0, 0, 20)], [(0, 0, 9), (0, 0, 11)]], 24, 256, seed=7)
-    model = GenLIPModel(make_config()).eval()
+    model = GenLIPMegatronModel(make_config()).eval()
     with torch.no_grad():
         a = model(b["tokens"], b["position_ids"], b["image_mask"], b["segment_ids"], None,
                   labels=b["labels"])

@@ -14,7 +14,7 @@ import numpy as np
 from convert_testlib import TINY, save_megatron, transformer_config
 from test_probes_cli import _cli
 
-from genlip_megatron.data.config import DataConfig, ImageConfig, TextConfig
+from genlip_megatron.config.data import DataConfig, ImageConfig, TextConfig
 
 
 def _grid(cli, ckpt, img, out, *extra):
@@ -28,13 +28,13 @@ def test_tools_take_size_and_tokenizer_from_the_checkpoint(mp_state, tmp_path, m
                                                            caplog, capsys):
     from genlip_megatron.data.synthetic import caption_corpus, render_sample
     from genlip_megatron.data.tokenizer import train_tiny_bpe
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
 
     run = tmp_path / "run"
     train_tiny_bpe(caption_corpus(), 256, run / "data" / "tok.json")
     data = DataConfig(image=ImageConfig(policy="fixed", fixed_size=32, decoder="pillow"),
                       text=TextConfig(tokenizer_path="data/tok.json"))   # relative to run/
-    save_megatron([GenLIPModel(transformer_config(TINY))], TINY, run / "runs" / "ckpt",
+    save_megatron([GenLIPMegatronModel(transformer_config(TINY))], TINY, run / "runs" / "ckpt",
                   data=data)
     ckpt = run / "runs" / "ckpt"
     image, _ = render_sample(np.random.default_rng(0), p_two=0.0, p_word=0.0)

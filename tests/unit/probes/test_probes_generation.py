@@ -110,7 +110,7 @@ def test_megatron_and_hf_checkpoints_load_the_same_module(mp_state, tmp_path):
     from convert_testlib import load_megatron, transformer_config
 
     from genlip_megatron.convert import hf_to_megatron
-    from genlip_megatron.model.genlip import GenLIPModel
+    from genlip_megatron.model.genlip import GenLIPMegatronModel
     from genlip_megatron.probes import from_megatron_state_dict
 
     sd = random_hf_state_dict(TINY, seed=8)
@@ -122,7 +122,7 @@ def test_megatron_and_hf_checkpoints_load_the_same_module(mp_state, tmp_path):
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and va.dtype == torch.float32 and torch.equal(va, vb)
     # a live megatron model (the trainer's caption evaluation path)
-    model = GenLIPModel(transformer_config(TINY, seed=4))
+    model = GenLIPMegatronModel(transformer_config(TINY, seed=4))
     load_megatron([model], TINY, tmp_path / "mg")
     c = from_megatron_state_dict(model.state_dict(), TINY)
     for (ka, va), (kc, vc) in zip(a.state_dict().items(), c.state_dict().items()):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from genlip_megatron.training.checkpointing import CheckpointManager, load_model_state
-from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.config.training import CheckpointConfig
 
 
 class _CoreAttention(torch.nn.Module):

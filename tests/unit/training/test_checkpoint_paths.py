@@ -6,11 +6,12 @@ import os
 
 import pytest
 
-from genlip_megatron.training.checkpointing import COMPLETE, CheckpointError, \
-    CheckpointManager, check_model_compatible, check_resume_compatible, diagnose_checkpoint, \
+from genlip_megatron.config.training import CheckpointConfig
+from genlip_megatron.training.checkpoint_layout import COMPLETE, CheckpointError, \
     finished_checkpoints, is_finished, iteration_dir, publish_checkpoint, read_latest, \
     recover_interrupted_publish, resolve_checkpoint, write_latest
-from genlip_megatron.training.config import CheckpointConfig
+from genlip_megatron.training.checkpointing import CheckpointManager, check_model_compatible, \
+    check_resume_compatible, diagnose_checkpoint
 
 
 def _finished(path):

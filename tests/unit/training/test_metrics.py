@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from genlip_megatron.training.config import LoggingConfig
+from genlip_megatron.config.training import LoggingConfig
 from genlip_megatron.training.metrics import MetricLogger, console_line
 
 

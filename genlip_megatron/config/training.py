@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from genlip_megatron.config_loader import ConfigError
+from genlip_megatron.config.loader import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:

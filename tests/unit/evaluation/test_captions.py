@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from genlip_megatron.training.evaluation import unigram_loss
+from genlip_megatron.evaluation.captions import unigram_loss
 from genlip_megatron.training.metrics import RunTotals
 
 

@@ -9,7 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from genlip_megatron.compat.te import transformer_engine_available
 from genlip_megatron.config import Fp8Config
-from genlip_megatron.training.fp8 import (
+from genlip_megatron.model.fp8 import (
     build_te_fp8_recipe,
     fp8_gemm_shape_problems,
     te_transformer_config_kwargs,

@@ -13,8 +13,11 @@ from typing import Optional
 
 import torch
 
-from genlip_megatron.data.config import DataConfig
-from genlip_megatron.training.config import EvalConfig
+from genlip_megatron.config.data import DataConfig
+from genlip_megatron.config.training import EvalConfig
+from genlip_megatron.data.inference import iter_eval_samples
+from genlip_megatron.data.tokenizer import load_tokenizer
+from genlip_megatron.probes import caption_exact_match, load_genlip_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +37,6 @@ def unigram_loss(label_counts: Optional[torch.Tensor]) -> float:
 def caption_accuracy(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig
                      ) -> tuple[float, int]:
     """Exact-match rate of greedy captions on ``data.eval_sources`` (≤ cfg.max_samples)."""
-    from genlip_megatron.data.inference import iter_eval_samples
-    from genlip_megatron.data.tokenizer import load_tokenizer
-    from genlip_megatron.probes import caption_exact_match, load_genlip_for_inference
-
     model, _ = load_genlip_for_inference(str(checkpoint))
     tokenizer = load_tokenizer(data.text.tokenizer_path)
     samples = list(iter_eval_samples(data, tokenizer, limit=cfg.max_samples))

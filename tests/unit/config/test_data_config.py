@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from genlip_megatron.config import config_from_dict
-from genlip_megatron.config_loader import ConfigError
-from genlip_megatron.data.config import DataConfig, ImageConfig, SourceConfig, TextConfig
+from genlip_megatron.config.loader import ConfigError
+from genlip_megatron.config.data import DataConfig, ImageConfig, SourceConfig, TextConfig
 
 YAML = """
 data:

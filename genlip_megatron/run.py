@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.config_loader import ConfigError
+from genlip_megatron.config.loader import ConfigError
 from genlip_megatron.training.checkpointing import CheckpointError
 from genlip_megatron.training.logging_setup import silence_expected_warnings
 from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY
@@ -113,7 +113,7 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
     setup_logging(launch.rank, launch.world_size)
     prepare_demo_data(cfg)
 
-    from genlip_megatron.training.evaluation import caption_accuracy, unigram_loss
+    from genlip_megatron.evaluation.captions import caption_accuracy, unigram_loss
     from genlip_megatron.training.trainer import Trainer
 
     trainer = Trainer(cfg, config_path=config_path, overrides=overrides)

@@ -10,10 +10,8 @@ Without TE or a CUDA GPU both the recipe builder and the config validation refus
 that points to ``precision.fp8.emulate`` (the CPU numerics emulation in
 ``genlip_megatron.model.fp8_emulation``).
 
-FP8 GEMM shapes: TE needs the last dim of each GEMM operand to be a multiple of 16 and the
-product of the leading dims a multiple of 8 (``transformer_engine/pytorch/utils.py``
-``assert_dim_for_fp8_exec``); MXFP8 needs 32 for both (``MXFP8Quantizer.is_quantizable``).
-:func:`fp8_gemm_shape_problems` checks a list of shapes against that.
+FP8 GEMM shapes: :func:`fp8_gemm_shape_problems` checks a list of shapes against the alignment
+rule of ``genlip_megatron.config.precision.fp8_alignment`` (its one home).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import math
 from collections.abc import Sequence
 
 from genlip_megatron.compat.te import require_transformer_engine
-from genlip_megatron.config import Fp8Config
+from genlip_megatron.config.precision import Fp8Config, fp8_alignment
 
 __all__ = ["build_te_fp8_recipe", "fp8_gemm_shape_problems", "te_transformer_config_kwargs"]
 
@@ -135,7 +133,7 @@ def fp8_gemm_shape_problems(shapes: Sequence[Sequence[int]] | dict[str, Sequence
     Returns:
         One sentence per bad shape; empty when all shapes are fine.
     """
-    last_mult, lead_mult = (32, 32) if recipe == "mxfp8" else (16, 8)
+    last_mult, lead_mult = fp8_alignment(recipe)
     named = shapes.items() if isinstance(shapes, dict) else ((None, s) for s in shapes)
     problems = []
     for name, shape in named:

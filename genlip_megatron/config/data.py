@@ -5,7 +5,7 @@ component: ``image`` by :mod:`~genlip_megatron.data.image`, ``text`` by
 :mod:`~genlip_megatron.data.template`, ``packing`` by :mod:`~genlip_megatron.data.packer`,
 ``reader`` by :mod:`~genlip_megatron.data.shards` and :mod:`~genlip_megatron.data.loader`.
 Data-only rules live in :meth:`DataConfig.validate`; rules that involve other sections (for
-example ``data.image.patch_size == model.patch_size``) belong to ``GenLIPConfig.validate``.
+example ``data.image.patch_size == model.patch_size``) belong to ``RunConfig.validate``.
 
 Example (stage 2, two sources mixed 3:1)::
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from genlip_megatron.config_loader import ConfigError
+from genlip_megatron.config.loader import ConfigError
 
 DEFAULT_PROMPT = "Describe the image in detail."
 
@@ -49,7 +49,7 @@ class SourceConfig:
 
 @dataclass(kw_only=True)
 class ImageConfig:
-    """Decoding, resizing and patching of images (reference notes §4, image processor)."""
+    """Decoding, resizing and patching of images (docs/reference-architecture.md, Image processor)."""
 
     policy: Literal["fixed", "native"] = "fixed"
     """fixed: resize to fixed_size × fixed_size, no crop (stage 1); native: keep the aspect ratio

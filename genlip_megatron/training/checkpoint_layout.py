@@ -1,0 +1,290 @@
+"""The checkpoint folder layout: the one place that knows how a ``save_dir`` is organised.
+
+Layout of ``save_dir``::
+
+    iter_0000100/            one finished checkpoint (holds megatron's metadata.json and COMPLETE)
+    iter_0000200.tmp/        a save in progress (or one that crashed): never chosen, removed later
+    iter_0000200.old/        the previous copy of a re-saved step, moved aside during the swap
+    iter_0000050.removing/   a checkpoint being pruned (renamed first, then deleted)
+    latest                   text file naming the newest finished checkpoint ("iter_0000200")
+
+Publish protocol (:func:`publish_checkpoint`): a save writes into ``iter_N.tmp``; once every shard
+is on disk the :data:`COMPLETE` marker is written (and fsynced) into it, an existing ``iter_N``
+is moved aside to ``iter_N.old`` (never deleted before the new copy is in place), ``.tmp`` is
+renamed to ``iter_N`` and ``latest`` is replaced atomically (write, fsync, rename, fsync dir).
+A crash at any instant leaves a finished copy of every published step, and
+:func:`recover_interrupted_publish` (the trainer, at start-up) completes the publication.
+
+Which checkpoint a path means (:func:`resolve_checkpoint`), for every reader alike (trainer
+resume and ``training.init_from``, ``to-hf``, the probes): a checkpoint directory itself; else
+the one ``latest`` names when that is a finished checkpoint; else (pointer missing, garbage or
+dangling: logged) the newest finished checkpoint, by step number.
+
+"Finished" means an ``iter_N`` directory (exact name, no suffix) holding megatron's
+``metadata.json``, which ``dist_checkpointing.save`` writes after every shard: checkpoints
+saved before the ``COMPLETE`` marker existed, and those of other Megatron writers, stay
+loadable. A trainer-published ``iter_N`` only ever appears by the rename of a complete ``.tmp``.
+
+No torch and no megatron import here: the CLI tools, the probes and tests read the layout
+without loading the training stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+"""Pointer file in ``save_dir`` naming the newest finished checkpoint."""
+COMPLETE = "COMPLETE"
+"""Marker file written (and fsynced) last into ``iter_N.tmp`` once every rank's shards are on
+disk: a ``.tmp`` holding it is a complete checkpoint whose publication was interrupted."""
+METADATA = "metadata.json"
+"""megatron ``dist_checkpointing``'s backend file, written after every shard of a save."""
+TMP, OLD, REMOVING = ".tmp", ".old", ".removing"
+"""Suffixes of the sibling directories that are never a finished checkpoint."""
+
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the user must act on (damaged file, refused resume): one line."""
+
+
+# ------------------------------------------------------------------------------ names
+def iteration_dir(save_dir: str | Path, step: int) -> Path:
+    """``save_dir/iter_000000N`` (7 digits at least, as Megatron-LM names them)."""
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def sibling(final: Path, suffix: str) -> Path:
+    """``iter_N`` + one of :data:`TMP`, :data:`OLD`, :data:`REMOVING`."""
+    return final.with_name(final.name + suffix)
+
+
+def unsuffixed(path: Path) -> Path:
+    """``iter_N`` of an ``iter_N.tmp``/``.old``/``.removing`` sibling."""
+    for suffix in (TMP, OLD, REMOVING):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def checkpoint_step(path: str | Path) -> Optional[int]:
+    """N of an ``iter_N`` directory name, None for anything else (``.tmp`` siblings too)."""
+    match = _ITER_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether ``path`` itself holds a checkpoint (any name: the user pointed at it)."""
+    return (Path(path) / METADATA).is_file()
+
+
+def is_finished(path: str | Path) -> bool:
+    """A published ``iter_N`` directory holding megatron's ``metadata.json``."""
+    path = Path(path)
+    return checkpoint_step(path) is not None and is_checkpoint_dir(path)
+
+
+def finished_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Finished checkpoint directories, oldest first by step number (siblings excluded)."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_finished(p)),
+                  key=checkpoint_step)
+
+
+def interrupted_publications(save_dir: str | Path) -> list[Path]:
+    """``iter_N.tmp`` saves holding :data:`COMPLETE` with no ``iter_N`` beside them, oldest
+    first: finished saves a crash stopped before the rename (the trainer publishes them at
+    start-up, :func:`recover_interrupted_publish`)."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    found = [tmp for tmp in root.glob("iter_*" + TMP)
+             if (tmp / COMPLETE).is_file() and checkpoint_step(unsuffixed(tmp)) is not None
+             and not unsuffixed(tmp).exists()]
+    return sorted(found, key=lambda tmp: checkpoint_step(unsuffixed(tmp)))
+
+
+# ------------------------------------------------------------------------------ latest
+def read_latest(save_dir: str | Path) -> tuple[Optional[Path], str]:
+    """(checkpoint named by ``latest``, "") or (None, why the pointer is unusable).
+
+    The reason is "" when there is no pointer at all.
+    """
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None, ("" if not pointer.exists() else f"{pointer} is not a file")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"{pointer} is unreadable ({type(exc).__name__})"
+    if not _ITER_RE.match(name):   # a bare name: a path could leave save_dir
+        return None, f"{pointer} holds {name[:40]!r}, not an iter_N name"
+    target = Path(save_dir) / name
+    if not is_finished(target):
+        return None, f"{pointer} names {name}, which is not a finished checkpoint"
+    return target, ""
+
+
+def write_latest(save_dir: str | Path, name: str) -> None:
+    """Point ``latest`` at ``name`` atomically and durably (write, fsync, rename, fsync dir):
+    a crash leaves the old pointer or the new one, never a torn file."""
+    root = Path(save_dir)
+    tmp_pointer = root / (LATEST + TMP)
+    _write_durable(tmp_pointer, name + "\n")
+    os.replace(tmp_pointer, root / LATEST)
+    _fsync_dir(root)
+
+
+def mark_complete(tmp: Path, name: str) -> None:
+    """Write the :data:`COMPLETE` marker into a save whose files are all on disk."""
+    _write_durable(tmp / COMPLETE, name + "\n")
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ resolution
+def resolve_checkpoint(path: str | Path, warn: Callable[..., None] = logger.warning
+                       ) -> Optional[Path]:
+    """The checkpoint ``path`` means: itself when it holds one; for a save dir the one
+    ``latest`` names, else (pointer missing, garbage or dangling) the newest finished one.
+
+    Only reads: a complete save whose publication a crash interrupted (a marked ``.tmp``) is
+    not chosen, but named in a warning when it is newer; the trainer publishes it at start-up
+    (:func:`recover_interrupted_publish`) before it resolves.
+
+    Args:
+        warn: logs the fallback (``logging`` style); the trainer passes a rank-0-only logger.
+
+    Returns:
+        None for a save dir without finished checkpoints and without a pointer.
+
+    Raises:
+        CheckpointError: a damaged pointer and no finished checkpoint to fall back to.
+    """
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        return path
+    target, problem = read_latest(path)
+    if target is None:
+        done = finished_checkpoints(path)
+        if not done:
+            if problem:
+                raise CheckpointError(f"{problem}, and {path} holds no finished checkpoint.")
+            return None
+        target = done[-1]
+        warn("%s; using the newest finished checkpoint %s instead.",
+             problem or f"{path / LATEST} is missing", target.name)
+    pending = interrupted_publications(path)
+    if pending and checkpoint_step(unsuffixed(pending[-1])) > checkpoint_step(target):
+        warn("%s is a complete save whose publication a crash interrupted (the trainer "
+             "publishes it when it restarts); reading %s. Pass %s itself to read that one.",
+             pending[-1].name, target.name, pending[-1])
+    return target
+
+
+# ------------------------------------------------------------------------------ publish
+def publish_checkpoint(tmp: Path, final: Path, fault=lambda point: None) -> None:
+    """Make the complete save in ``tmp`` the checkpoint ``final`` and point ``latest`` at it.
+
+    Crash-safe at every instant: a finished copy of the step (old or new) always exists, either
+    as ``final`` or as a marked ``.tmp``/``.old`` that :func:`recover_interrupted_publish` turns
+    back into ``final``; ``latest`` always names a finished checkpoint. ``fault(point)`` is the
+    fault-injection hook of the crash tests.
+    """
+    mark_complete(tmp, final.name)
+    fault("marked")
+    old = sibling(final, OLD)
+    replaced = final.exists()
+    if replaced:  # re-saving a step: move the previous copy aside, never delete it first
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        fault("moved_aside")
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    fault("renamed")
+    write_latest(final.parent, final.name)
+    if replaced:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
+    """Finish publications a crash interrupted (one process, before anyone looks for
+    checkpoints).
+
+    - ``iter_N.tmp`` holding :data:`COMPLETE` with no ``iter_N``: renamed to ``iter_N`` and
+      ``latest`` moved to it when newer than the pointer's target;
+    - ``iter_N.old`` (the previous copy of a re-saved step, moved aside): removed when ``iter_N``
+      is finished, renamed back otherwise.
+    Incomplete ``.tmp`` directories are left for :func:`prune_checkpoints`.
+    Returns the recovered checkpoints.
+    """
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    recovered = []
+    for tmp in interrupted_publications(root):
+        final = unsuffixed(tmp)
+        os.replace(tmp, final)
+        recovered.append(final)
+        logger.warning("recovered %s: its save had finished but a crash interrupted the "
+                       "publication.", final)
+    for old in sorted(root.glob("iter_*" + OLD)):
+        final = unsuffixed(old)
+        if is_finished(final):
+            shutil.rmtree(old, ignore_errors=True)
+        elif not final.exists():
+            os.replace(old, final)
+            logger.warning("restored %s from %s (a crash interrupted its replacement).",
+                           final, old.name)
+    if recovered:
+        _fsync_dir(root)
+        current, _ = read_latest(root)
+        newest = max(recovered, key=checkpoint_step)
+        if current is None or checkpoint_step(current) < checkpoint_step(newest):
+            write_latest(root, newest.name)
+    return recovered
+
+
+# ------------------------------------------------------------------------------ removal
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory; renamed aside first, so a kill mid-removal never leaves
+    a half-deleted directory that still looks finished."""
+    doomed = sibling(path, REMOVING)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune_checkpoints(save_dir: Path, keep: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` finished checkpoints (all when 0, and always ``keep``, the
+    one just published); remove incomplete ``.tmp`` saves and interrupted removals."""
+    done = finished_checkpoints(save_dir)
+    if keep_last > 0:
+        for old in done[: max(0, len(done) - keep_last)]:
+            if old != keep:
+                remove_checkpoint(old)
+    for stale in [*save_dir.glob("iter_*" + TMP), *save_dir.glob("iter_*" + REMOVING)]:
+        shutil.rmtree(stale, ignore_errors=True)
