@@ -28,10 +28,10 @@ between two further blocks of (b). Warm-up steps are excluded; each figure is th
 repetitions. Rates are model FLOPs (flops.py convention) per second. Ratios:
 ``stack_vs_plain = rate(c)/rate(b)``, ``e2e_vs_plain = rate(d)/rate(b)``, ``cpu_mfu =
 rate(c)/rate(a)``, ``plain_mfu = rate(b)/rate(a)`` (summed over workloads: total FLOPs / total
-median time). Peak memory: (b) and (c) each run 3 steps on the same pre-built batches in a
-fresh subprocess; ``peak_mem_vs_plain`` = the larger, over workloads, of (c)'s peak RSS above its
-start over (b)'s (kernel high-water mark, ``benchmarks/peak_rss.py``; model, optimizer state,
-activations).
+median time). Peak memory: (b) and (c) each build their model, then run 3 steps on the same
+pre-built batches, in a fresh subprocess; ``peak_mem_vs_plain`` = the larger, over workloads, of
+(c)'s step peak over (b)'s (kernel high-water mark above the built model,
+``benchmarks/peak_rss.py``: activations, gradients, optimizer state).
 The packed-row check measures a 4096-token native-resolution row (and 16384 in the full run)
 against its samples one by one, with the package's default attention backend (``auto``,
 resolved for CPU) and ``dense``. The last line is machine-readable:
@@ -454,11 +454,13 @@ def measure(w: Workload, data_root: Path, backend: str, reps: int, warmup: int,
 
 def peak_memory_worker(path: str, w: Workload, data_root: Path, backend: str,
                        batches_file: Path, steps: int) -> int:
-    """Build ``path``'s model + optimizer, run ``steps`` steps; bytes above the start RSS.
+    """Bytes ``steps`` training steps of ``path`` allocate at their peak (model built before).
 
-    The high-water mark is reset after imports, the process group and the (shared, pre-built)
-    batches (``benchmarks/peak_rss.py``), so the figure is what the model, its optimizer state
-    and the step allocate at their peak.
+    Both models are built first (the trainer's data loader, which the plain step does not have,
+    is closed), then the kernel's high-water mark is reset (``benchmarks/peak_rss.py``) and the
+    steps run: activations, gradients, optimizer state (created at the first step in both) and
+    temporaries. The plain step allocates its gradients inside the steps; megatron DDP holds
+    its grad buffer from construction, so its bytes are added to the stack's figure.
     """
     from benchmarks.peak_rss import PeakRss
     from genlip_megatron.training.trainer import Trainer
@@ -466,20 +468,23 @@ def peak_memory_worker(path: str, w: Workload, data_root: Path, backend: str,
     batches = torch.load(batches_file, weights_only=False)
     cfg = load_cfg(w, ensure_data(data_root, w.stage), backend, 0)
     torch.manual_seed(0)
-    with PeakRss() as meter:
-        if path == "plain":
-            plain = PlainGenLIP(cfg.model)
+    if path == "plain":
+        plain = PlainGenLIP(cfg.model)
+        with PeakRss() as meter:
             for r in range(steps):
                 plain.step(batches[r % len(batches)])
-        else:
-            trainer = Trainer(cfg)
-            for chunk in trainer.model:
-                chunk.train()
-            trainer.loader.close()
-            trainer.loader = PrebuiltBatches(batches)
-            for _ in range(steps):
-                trainer_step(trainer)
-    return meter.peak_bytes
+        return meter.peak_bytes
+    trainer = Trainer(cfg)
+    for chunk in trainer.model:
+        chunk.train()
+    trainer.loader.close()
+    trainer.loader = PrebuiltBatches(batches)
+    grad_buffer = sum(p.main_grad.numel() * p.main_grad.element_size()
+                      for chunk in trainer.model for p in chunk.parameters())
+    with PeakRss() as meter:
+        for _ in range(steps):
+            trainer_step(trainer)
+    return meter.peak_bytes + grad_buffer
 
 
 def peak_memory_ratio(w: Workload, data_root: Path, backend: str, batches: list) -> dict:
@@ -707,8 +712,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     gemm = statistics.median(r.gemm for r in results)
     peaks = [peak_memory_ratio(w, data_root, args.backend, r.batches)
              for w, r in zip(workloads(args.quick), results)]
-    print("\npeak memory above the process start (model, optimizer state, step), fresh process "
-          "each")
+    print("\npeak memory of 3 steps (activations, grads, optimizer state), fresh process each")
     for r, pk in zip(results, peaks):
         print(f"  {r.name:14s} plain {pk['plain'] / 2**20:8.1f} MiB, stack "
               f"{pk['stack'] / 2**20:8.1f} MiB, ratio {pk['stack'] / pk['plain']:.3f}")
