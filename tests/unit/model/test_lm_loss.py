@@ -125,7 +125,7 @@ def test_fused_wgrad_goes_into_main_grad_like_megatron():
 
 
 def test_model_chunked_loss_equals_full_logits_loss(mp_state, make_config):
-    """GenLIPMegatronModel's default head (chunked) equals its full-logits oracle, loss and grads."""
+    """The model's default head (chunked) equals its full-logits oracle, loss and grads."""
     from reference_genlip import make_packed_batch
 
     from genlip_megatron.model.genlip import GenLIPMegatronModel
