@@ -196,8 +196,9 @@ class GenLIPMegatronModel(MegatronModule):
         """ln_post output ``[S(/tp), B, H]`` → per-token loss ``[B, S]`` or logits.
 
         With labels, only positions that carry a target go through proj, lm_head and the
-        cross-entropy: image and prompt tokens have none (≈ 70 % of a stage-1 row), and at
-        V = 151936 the full logits of one 16384-token row would take ~5 GB in bf16.
+        cross-entropy: image and prompt tokens have none (≈ 70 % of a stage-1 row). Even so, at
+        V = 151936 their logits would take 1.5 GB in bf16 per 16384-token row, so by default
+        (``loss_impl: chunked``) the head and the loss run one vocabulary block at a time.
         """
         if self.config.sequence_parallel:   # [S/tp, B, H] -> [S, B, H]; grad: split back
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
@@ -211,7 +212,8 @@ class GenLIPMegatronModel(MegatronModule):
         if self.config.loss_impl == "chunked":   # one block of logits alive (model/lm_loss.py)
             picked = chunked_linear_cross_entropy(
                 selected, self.output_layer.weight, target[where], self.tp_group,
-                self.config.loss_chunk_logits, self.output_layer.gradient_accumulation_fusion)
+                self.config.loss_chunk_logits,
+                getattr(self.output_layer, "gradient_accumulation_fusion", False))
         else:   # "full": all N × V/tp logits at once (the oracle)
             logits, _ = self.output_layer(selected.unsqueeze(1))  # [N, 1, V/tp]
             picked = tensor_parallel.vocab_parallel_cross_entropy(
