@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from transformers import PretrainedConfig
+from transformers import LlavaConfig, PretrainedConfig
 
 
 class GenLIPConfig(PretrainedConfig):
@@ -110,6 +110,25 @@ class GenLIPConfig(PretrainedConfig):
     def head_dim(self) -> int:
         """Per-head width E / heads (72 for L/16 and So/16, 96 for g/16)."""
         return self.hidden_size // self.num_attention_heads
+
+    def llava_config(self, text_config, **overrides):
+        """transformers' ``LlavaConfig`` with this config as its vision tower, set for GenLIP.
+
+        GenLIP has no CLS token, so ``vision_feature_select_strategy="full"`` (LLaVA's
+        ``"default"`` would drop the first patch), and ``vision_feature_layer=-1`` takes
+        ``hidden_states[-1]`` of ``GenLIPVisionModel``, the ``ln_post`` output the model was
+        trained to give. ``image_seq_length`` is the patch count of a ``fixed`` image (the
+        image tokens per image in the prompt). Call ``modeling_genlip.register()`` before
+        building the model.
+
+        Args:
+            text_config: the language model's config (or its dict).
+            overrides: any other ``LlavaConfig`` argument (``image_token_id``, ...).
+        """
+        kwargs = {"vision_feature_select_strategy": "full", "vision_feature_layer": -1,
+                  "image_seq_length": (self.image_size // self.patch_size) ** 2}
+        kwargs.update(overrides)
+        return LlavaConfig(vision_config=self, text_config=text_config, **kwargs)
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -14,9 +14,18 @@ processor):
 4. patchify in raster (row, col) order, each patch flattened (C, ph, pw);
 5. normalise ``(x / 255 - mean) / std`` (mean = std = 0.5: ``x * 2/255 - 1``, float32).
 
-Output (Qwen2-VL's layout): ``pixel_values`` ``[sum N_i, C*p*p]`` packed over the images and
-``image_grid_thw`` ``[n, 3]`` = (1, gh, gw), what ``GenLIPVisionModel`` and ``GenLIPModel``
-take.
+Output, chosen by ``layout`` (a constructor setting or a per-call override):
+
+- ``"packed"`` (default; Qwen2-VL's layout): ``pixel_values`` ``[sum N_i, C*p*p]`` packed over
+  the images and ``image_grid_thw`` ``[n, 3]`` = (t=1, gh, gw). This is exactly what
+  transformers' Qwen2-VL image processor emits with ``patch_size=p``, ``temporal_patch_size=1``
+  and ``merge_size=1`` (``self.merge_size``, ``self.temporal_patch_size``): patches in raster
+  order, each flattened (C, T=1, ph, pw), t counting frames after temporal grouping.
+- ``"images"`` (LLaVA's layout): ``pixel_values`` ``[B, C, H, W]`` only, the same normalised
+  pixels un-patched; it needs every image at one size (always true for ``fixed``; ``native``
+  only when the images resize alike) and is refused otherwise.
+
+``GenLIPVisionModel`` takes both; ``[B, C, H, W]`` needs nothing else (its shape gives the grid).
 """
 
 from __future__ import annotations
@@ -31,10 +40,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, bytes, str, Path]
 
-__all__ = ["GenLIPImageProcessor", "smart_resize"]
+__all__ = ["GenLIPImageProcessor", "smart_resize", "LAYOUTS"]
+
+LAYOUTS = ("packed", "images")
 
 
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 4096,
@@ -98,8 +110,24 @@ def _resize(image: Image.Image, size: tuple[int, int], resample: str) -> torch.T
     return y[0].permute(1, 2, 0).contiguous()
 
 
+class GenLIPImagesKwargs(ImagesKwargs, total=False):
+    """Our settings as transformers' typed image kwargs: ``from_pretrained(export, layout=...)``
+    then reaches the constructor (and its checks) instead of being set on the instance
+    unchecked, and composite processors (``LlavaProcessor``) route them to this processor."""
+
+    image_policy: str
+    image_size: int
+    patch_size: int
+    min_pixels: int
+    max_pixels: int
+    max_aspect_ratio: float
+    resample: str
+    layout: str
+
+
 class GenLIPImageProcessor(BaseImageProcessor):
-    """Images → ``pixel_values`` ``[sum N_i, C*p*p]`` + ``image_grid_thw`` ``[n, 3]``.
+    """Images → ``pixel_values`` ``[sum N_i, C*p*p]`` + ``image_grid_thw`` ``[n, 3]`` (packed),
+    or ``pixel_values`` ``[B, C, H, W]`` (``layout="images"``, for LLaVA).
 
     Args:
         image_policy: ``"fixed"`` (square ``image_size``) or ``"native"`` (smart-resize).
@@ -109,16 +137,24 @@ class GenLIPImageProcessor(BaseImageProcessor):
         max_aspect_ratio: longer/shorter side above this is refused (training skips it).
         resample: ``"pil"`` (PIL BILINEAR) or ``"torch"`` (antialiased bilinear).
         image_mean / image_std: per-channel normalisation (0.5 each in GenLIP).
+        layout: ``"packed"`` (Qwen2-VL) or ``"images"`` (LLaVA); see the module docstring.
     """
 
     model_input_names = ["pixel_values", "image_grid_thw"]
+    valid_kwargs = GenLIPImagesKwargs
+    # Qwen2-VL consumers (its processor, its model) read these: one frame, no 2x2 token merge.
+    temporal_patch_size = 1
+    merge_size = 1
 
     def __init__(self, image_policy: str = "fixed", image_size: int = 224, patch_size: int = 16,
                  min_pixels: int = 4096, max_pixels: int = 262144,
                  max_aspect_ratio: float = 200.0, resample: str = "pil",
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 image_std: Sequence[float] = (0.5, 0.5, 0.5), **kwargs: Any) -> None:
+                 image_std: Sequence[float] = (0.5, 0.5, 0.5), layout: str = "packed",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not 'packed' (Qwen2-VL) or 'images' (LLaVA).")
         if image_policy not in ("fixed", "native"):
             raise ValueError(f"image_policy {image_policy!r} is not 'fixed' or 'native'.")
         if resample not in ("pil", "torch"):
@@ -135,6 +171,7 @@ class GenLIPImageProcessor(BaseImageProcessor):
         self.resample = resample
         self.image_mean = [float(x) for x in image_mean]
         self.image_std = [float(x) for x in image_std]
+        self.layout = layout
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) an image of this size is resized to (the training rule)."""
@@ -153,18 +190,20 @@ class GenLIPImageProcessor(BaseImageProcessor):
         h, w = self.target_size(height, width)
         return (h // self.patch_size) * (w // self.patch_size)
 
-    def _normalize(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[N, C*p*p]`` → float32; the same float ops as training for uniform mean/std."""
-        out = patches.to(torch.float32)
+    def _normalize(self, pixels: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+        """uint8 → float32 with channels along ``channel_dim`` (patches ``[N, C*p*p]``: dim 1,
+        C-major); the same float ops as training for uniform mean/std."""
+        out = pixels.to(torch.float32)
         mean, std = self.image_mean, self.image_std
         if len(set(mean)) == 1 and len(set(std)) == 1:
             return out.mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
         c = len(mean)
-        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).repeat_interleave(
-            patches.shape[1] // c)
-        shift = torch.tensor([m / s for m, s in zip(mean, std)]).repeat_interleave(
-            patches.shape[1] // c)
-        return out.mul_(scale).sub_(shift)
+        per = pixels.shape[channel_dim] // c
+        shape = [1] * pixels.dim()
+        shape[channel_dim] = pixels.shape[channel_dim]
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).repeat_interleave(per)
+        shift = torch.tensor([m / s for m, s in zip(mean, std)]).repeat_interleave(per)
+        return out.mul_(scale.reshape(shape)).sub_(shift.reshape(shape))
 
     def preprocess_one(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int],
                                                         torch.Tensor]:
@@ -185,35 +224,56 @@ class GenLIPImageProcessor(BaseImageProcessor):
         Args:
             images: PIL images, uint8 ``[H, W, 3]`` arrays, encoded bytes or file paths.
             return_tensors: ``"pt"`` (default) or ``"np"``.
-            kwargs: per-call overrides of the constructor settings (e.g. ``image_size=224``).
+            kwargs: per-call overrides of the constructor settings (e.g. ``image_size=224``,
+                ``layout="images"``).
         """
         if kwargs:
-            unknown = sorted(set(kwargs) - set(self.to_dict()))
+            unknown = sorted(set(kwargs) - set(_SETTINGS))
             if unknown:
                 raise ValueError(f"unknown GenLIPImageProcessor options {unknown}.")
-            settings = {**{k: v for k, v in self.to_dict().items()
-                           if k in ("image_policy", "image_size", "patch_size", "min_pixels",
-                                    "max_pixels", "max_aspect_ratio", "resample", "image_mean",
-                                    "image_std")}, **kwargs}
+            settings = {**{k: getattr(self, k) for k in _SETTINGS}, **kwargs}
             return GenLIPImageProcessor(**settings).preprocess(images, return_tensors)
         flat = list(_flatten(images))
         if not flat:
             raise ValueError("no images given.")
-        pixels, grids = [], []
-        for im in flat:
-            px, (gh, gw), _ = self.preprocess_one(im)
-            pixels.append(px)
-            grids.append([1, gh, gw])
-        data = {"pixel_values": torch.cat(pixels),
-                "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        data = self._images_layout(flat) if self.layout == "images" else self._packed(flat)
         if return_tensors == "np":
             data = {k: v.numpy() for k, v in data.items()}
         elif return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors {return_tensors!r} is not 'pt' or 'np'.")
         return BatchFeature(data=data, tensor_type=None)
 
+    def _packed(self, flat: list) -> dict[str, torch.Tensor]:
+        """Qwen2-VL layout: packed patches + ``image_grid_thw`` (t=1, gh, gw)."""
+        pixels, grids = [], []
+        for im in flat:
+            px, (gh, gw), _ = self.preprocess_one(im)
+            pixels.append(px)
+            grids.append([1, gh, gw])
+        return {"pixel_values": torch.cat(pixels),
+                "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def _images_layout(self, flat: list) -> dict[str, torch.Tensor]:
+        """LLaVA layout: ``[B, C, H, W]`` of the same normalised pixels (one size for all)."""
+        resized = []
+        for im in flat:
+            pil = _to_pil(im)
+            resized.append(_resize(pil, self.target_size(pil.height, pil.width), self.resample))
+        sizes = sorted({tuple(r.shape[:2]) for r in resized})
+        if len(sizes) > 1:
+            raise ValueError(f"layout='images' stacks [B, C, H, W] but the {self.image_policy} "
+                             f"policy resized these images to {len(sizes)} sizes (h, w) "
+                             f"{sizes}; use layout='packed' (+ image_grid_thw) for native "
+                             "resolution.")
+        batch = torch.stack(resized).permute(0, 3, 1, 2)   # uint8 [B, C, H, W]
+        return {"pixel_values": self._normalize(batch, channel_dim=1).contiguous()}
+
     def __call__(self, images, *args, **kwargs) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
+
+
+_SETTINGS = ("image_policy", "image_size", "patch_size", "min_pixels", "max_pixels",
+             "max_aspect_ratio", "resample", "image_mean", "image_std", "layout")
 
 
 def _flatten(images):

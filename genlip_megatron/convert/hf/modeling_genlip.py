@@ -42,7 +42,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, \
+    AutoProcessor, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -52,6 +53,8 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
 from .configuration_genlip import GenLIPConfig
+from .image_processing_genlip import GenLIPImageProcessor
+from .processing_genlip import GenLIPProcessor
 
 IGNORE_INDEX = -100
 
@@ -86,9 +89,13 @@ def normalize_pixel_values(pixel_values: torch.Tensor, image_grid_thw: Optional[
     if image_grid_thw is not None:
         grid = torch.as_tensor(image_grid_thw).reshape(-1, image_grid_thw.shape[-1])[:, -2:]
     if pixel_values.dim() == 2:
-        if pixel_values.shape[1] != c * p * p:
-            raise ValueError(f"pixel_values [N, {pixel_values.shape[1]}] must be flattened patches"
-                             f" of length C*p*p = {c * p * p}.")
+        d = pixel_values.shape[1]
+        if d != c * p * p:
+            hint = (f" (it looks like Qwen2-VL patches of temporal_patch_size={d // (c * p * p)}; "
+                    "GenLIP takes temporal_patch_size=1, merge_size=1: GenLIPImageProcessor's "
+                    "packed layout)") if d % (c * p * p) == 0 else ""
+            raise ValueError(f"pixel_values [N, {d}] must be flattened patches of length "
+                             f"C*p*p = {c * p * p}{hint}.")
         return pixel_values, grid
     if pixel_values.dim() == 4 and pixel_values.shape[1] == c:
         if tuple(pixel_values.shape[2:]) == (p, p):
@@ -463,7 +470,8 @@ class GenLIPPreTrainedModel(PreTrainedModel):
 
         Returns:
             (``ln_post`` output ``[n, Lmax, E]``, valid ``[n, Lmax]`` bool, per-layer hidden
-            states ``[n, Lmax, E]`` (embeddings, then each block's output) or None).
+            states ``[n, Lmax, E]`` (embeddings, each block's output, the last one through
+            ``ln_post``) or None).
         """
         cfg = self.config
         sizes = [h * w for h, w in grids]
@@ -488,7 +496,10 @@ class GenLIPPreTrainedModel(PreTrainedModel):
             hidden = layer(hidden, cos, sin, mask)
             if states is not None:
                 states.append(hidden)
-        return self.ln_post(hidden), valid, states
+        feats = self.ln_post(hidden)
+        if states is not None:   # transformers' convention: the last entry is the final output
+            states[-1] = feats
+        return feats, valid, states
 
 
 class GenLIPVisionModel(GenLIPPreTrainedModel):
@@ -505,9 +516,14 @@ class GenLIPVisionModel(GenLIPPreTrainedModel):
     - images ``[B, C, H, W]`` (already normalised) → ``[B, H/p * W/p, E]``.
 
     ``pooler_output`` is the mean over each image's patches ``[n, E]`` (GenLIP has no CLS
-    token). ``hidden_states`` (``output_hidden_states=True``) holds the patch embeddings and
-    every block's output (before ``ln_post``), laid out like ``last_hidden_state``:
-    ``hidden_states[-1]`` is the last block, ``[-2]`` the penultimate (LLaVA's choice).
+    token). ``hidden_states`` (``output_hidden_states=True``) holds ``num_hidden_layers + 1``
+    tensors laid out like ``last_hidden_state``: the patch embeddings, then every block's
+    output, the last one after ``ln_post`` (transformers' language-model convention), so
+    ``hidden_states[-1]`` is ``last_hidden_state``, the encoder feature GenLIP was trained to
+    give (what LLaVA takes with ``vision_feature_layer=-1``), and ``[-2]`` the penultimate block.
+
+    In composite models (LLaVA builds its tower with ``AutoModel.from_config``) call
+    :func:`register` once first; docs/hf-mllm.md has the recipes.
     """
 
     main_input_name = "pixel_values"
@@ -523,12 +539,24 @@ class GenLIPVisionModel(GenLIPPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,
-                output_hidden_states: bool = False, return_dict: bool = True, **kwargs):
-        """Encode images; see the class docstring for the input layouts and outputs."""
+                output_hidden_states=False, return_dict: bool = True,
+                grid_thw: Optional[torch.Tensor] = None, **kwargs):
+        """Encode images; see the class docstring for the input layouts and outputs.
+
+        ``grid_thw`` is Qwen2-VL's name for ``image_grid_thw``. ``output_hidden_states`` may be
+        a layer index or list (LLaVA passes its ``vision_feature_layer``): any such request,
+        index 0 included, returns every hidden state.
+        """
         if kwargs:
             raise ValueError(f"GenLIPVisionModel (the vision tower; what a vision-only export "
                              f"loads as) takes pixel_values and image_grid_thw, not "
                              f"{sorted(kwargs)}.")
+        if grid_thw is not None:
+            if image_grid_thw is not None:
+                raise ValueError("give image_grid_thw or its Qwen2-VL name grid_thw, not both.")
+            image_grid_thw = grid_thw
+        output_hidden_states = output_hidden_states is not None and \
+            output_hidden_states is not False
         cfg = self.config
         d = cfg.num_channels * cfg.patch_size ** 2
         padded = pixel_values.dim() == 3 and pixel_values.shape[-1] == d
@@ -844,6 +872,37 @@ def _local_embedding_width(path) -> Optional[int]:
     return None
 
 
+def register() -> None:
+    """Register this file's GenLIP classes with transformers' Auto classes (idempotent).
+
+    Composite models build their parts from configs without ``trust_remote_code``: LLaVA's
+    tower is ``AutoModel.from_config(config.vision_config)``, and ``LlavaConfig`` rebuilds its
+    ``vision_config`` from ``model_type`` when loaded. After this one call::
+
+        AutoConfig "genlip"            -> GenLIPConfig
+        AutoModel(GenLIPConfig)        -> GenLIPVisionModel (the tower composite models want)
+        AutoModelForCausalLM           -> GenLIPForCausalLM
+        AutoImageProcessor / Processor -> GenLIPImageProcessor / GenLIPProcessor
+
+    and ``AutoConfig.from_pretrained(export)`` (no ``trust_remote_code``) returns this file's
+    ``GenLIPConfig``, the class ``AutoModel.from_config`` maps. Call it from the module that
+    will be used: ``genlip_megatron.convert.hf.register()`` with this package installed, or,
+    from an export alone, ``get_class_from_dynamic_module("modeling_genlip.register",
+    export_dir)()`` (``transformers.dynamic_module_utils``). A later call from another copy of
+    these files re-points the names to that copy's classes.
+    """
+    AutoConfig.register(GenLIPConfig.model_type, GenLIPConfig, exist_ok=True)
+    AutoModel.register(GenLIPConfig, GenLIPVisionModel, exist_ok=True)
+    AutoModelForCausalLM.register(GenLIPConfig, GenLIPForCausalLM, exist_ok=True)
+    try:   # transformers >= 5 names image-processor backends
+        AutoImageProcessor.register(GenLIPConfig, image_processor_classes={
+            "pil": GenLIPImageProcessor}, exist_ok=True)
+    except TypeError:   # pragma: no cover - transformers 4.x
+        AutoImageProcessor.register(GenLIPConfig, slow_image_processor_class=GenLIPImageProcessor,
+                                    exist_ok=True)
+    AutoProcessor.register(GenLIPConfig, GenLIPProcessor, exist_ok=True)
+
+
 def stack_grids(grids: Sequence[Sequence[int]]) -> torch.Tensor:
     """``[[gh, gw], ...]`` → ``[num_images, 3]`` (1, gh, gw)."""
     return torch.tensor([[1, int(h), int(w)] for h, w in grids], dtype=torch.long)
@@ -851,4 +910,4 @@ def stack_grids(grids: Sequence[Sequence[int]]) -> torch.Tensor:
 
 __all__ = ["GenLIPConfig", "GenLIPModel", "GenLIPVisionModel", "GenLIPForCausalLM",
            "GenLIPOutput", "GenLIPKVCache", "patchify", "build_position_ids",
-           "build_prefix_lm_mask", "stack_grids"]
+           "build_prefix_lm_mask", "stack_grids", "register"]

@@ -86,14 +86,20 @@ class GenLIPProcessor(ProcessorMixin):
 
         Returns:
             ``input_ids`` / ``attention_mask`` ``[B, L]`` (left-padded), ``pixel_values``
-            ``[sum N_i, C*p*p]``, ``image_grid_thw`` ``[B, 3]``.
+            ``[sum N_i, C*p*p]``, ``image_grid_thw`` ``[B, 3]`` (with ``layout="images"``:
+            ``pixel_values`` ``[B, C, H, W]`` and no grid, which the model derives).
         """
         if images is None:
             texts = [text] if isinstance(text, str) else list(text or [])
             rows = [self.tokenizer.encode(t.rstrip(), add_special_tokens=False) for t in texts]
             return BatchFeature(self._pad(rows))
         vision = self.image_processor(images, **kwargs)
-        n = len(vision["image_grid_thw"])
+        grids = vision.get("image_grid_thw")
+        if grids is None:   # layout="images": [B, C, H, W], one grid for all
+            b, _, h, w = vision["pixel_values"].shape
+            p = self.image_processor.patch_size
+            grids = torch.tensor([[1, h // p, w // p]] * b)
+        n = len(grids)
         prompts = [self.prompt if text is None else text] * n if text is None or \
             isinstance(text, str) else list(text)
         if len(prompts) != n:
@@ -101,7 +107,7 @@ class GenLIPProcessor(ProcessorMixin):
                              "single string.")
         img = self.image_token_id
         rows = []
-        for (_, gh, gw), p in zip(vision["image_grid_thw"].tolist(), prompts):
+        for (_, gh, gw), p in zip(torch.as_tensor(grids).tolist(), prompts):
             rows.append([img] * (gh * gw) +
                         self.tokenizer.encode(p.rstrip(), add_special_tokens=False))
         return BatchFeature({**self._pad(rows), **vision})
