@@ -38,7 +38,7 @@ from genlip_megatron.training.tracking import new_run_id
 from genlip_megatron.training.watchdog import HangWatchdog
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
-    wrap_with_ddp
+    resolve_distributed_optimizer, wrap_with_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class Trainer:
             if torch.cuda.is_available() else torch.device("cpu")
         # ---- topology --------------------------------------------------------------
         self.topo: Topology = initialize_topology(cfg.parallel)
+        # Resolved once; the saved config then records what ran (resume checks compare it).
+        cfg.parallel.use_distributed_optimizer = resolve_distributed_optimizer(cfg.parallel,
+                                                                               self.topo.dp)
         set_seeds(cfg.training.seed)
         self.n_micro = num_microbatches(cfg, self.topo)
         # ---- data -------------------------------------------------------------------
@@ -416,7 +419,9 @@ class Trainer:
         lines = [f"config {config_path or '-'}; overrides: {' '.join(overrides) or 'none'}",
                  f"model {c.model.variant}: {count.item() / 1e6:.2f}M parameters, "
                  f"{c.model.num_layers} layers, hidden {c.model.hidden_size}, "
-                 f"{c.precision.params_dtype}",
+                 f"{c.precision.params_dtype}, attention {self.tconfig.prefix_attention_backend}"
+                 f" (model.attention_backend: {c.model.attention_backend}), loss "
+                 f"{self.tconfig.loss_impl}",
                  f"layout tp={p.tp} pp={p.pp} vpp={c.parallel.vpp} dp={p.dp} sp={c.parallel.sp} "
                  f"distributed_optimizer={c.parallel.use_distributed_optimizer}; batch "
                  f"micro={t.micro_batch_size} global={t.global_batch_size} "
