@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from genlip_megatron.config import ConfigError
+from genlip_megatron.data.energon import resolve_data_config
 from genlip_megatron.data.image import dali_available
 from genlip_megatron.data.shards import expand_shards
+from genlip_megatron.data.storage import is_remote
 
 
 def check_data_inputs(cfg, shard_ranks: int) -> None:
@@ -30,12 +32,15 @@ def check_data_inputs(cfg, shard_ranks: int) -> None:
     if not cfg.sources:
         raise ConfigError("data.sources is empty; list at least one source of tar shards, "
                           "e.g. data.sources='[{paths: /data/train/{00000..00099}.tar}]'.")
+    cfg = resolve_data_config(cfg)   # Energon datasets → their shards (reads .nv-meta only)
     for where, sources in (("data.sources", cfg.sources), ("data.eval_sources",
                                                            cfg.eval_sources)):
         for i, src in enumerate(sources):
             key = f"{where}[{i}]"
             try:
-                found = [f for f in expand_shards(src.paths, key) if Path(f).exists()]
+                # object keys are checked by the loader's start-up shard check (one listing)
+                found = [f for f in expand_shards(src.paths, key)
+                         if is_remote(f) or Path(f).exists()]
             except FileNotFoundError as exc:
                 raise ConfigError(str(exc)) from None
             if not found:   # literal paths, none of which exists
