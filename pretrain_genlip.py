@@ -10,9 +10,8 @@ Everything lives in genlip_megatron.run (importable and tested); this file only
 forwards the command line.
 """
 
-import sys
-
 from genlip_megatron.run import main
+from genlip_megatron.training.preemption import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -4,6 +4,7 @@
     python benchmarks/data_pipeline.py --quick     # smoke check, ~2 min on 2 cores
     python benchmarks/data_pipeline.py             # docs/benchmarks.md figures, ~6 min on 2 cores
     python benchmarks/data_pipeline.py --workers 4 --data-dir /tmp/bench_data   # keep the data
+    python benchmarks/data_pipeline.py --s3 --quick  # our loader: S3 on loopback vs local files
 
 Generates its own synthetic webdataset shards (in --data-dir, reused when present):
 - stage-1-like: JPEGs of 256–640 px per side (photo-like noise + shapes, ~40–90 KB), captions of
@@ -33,6 +34,10 @@ background load hits both alike. The last line is machine-readable:
     baseline_samples_per_s=<baseline> stage1_speedup=... stage2_speedup=...
     cpu_ms_per_sample=<ours> baseline_cpu_ms_per_sample=<baseline> window_rows=<min rows>
 (speedup, samples/s and efficiency are totals over both stages; per-stage lines come first).
+
+``--s3`` measures our loader only, on the same shards read from local files and from
+``s3://`` served by moto's S3 server in a separate process on 127.0.0.1 (alternating, same
+windows), and ends in ``BENCH s3_loader s3_vs_local=<s3/local samples/s> ...`` (goal ≥ 0.8).
 """
 
 from __future__ import annotations
@@ -326,13 +331,15 @@ def run_baseline(shards: list[str], tok: TextTokenizer, stage: int, workers: int
 
 
 # ----------------------------------------------------------------------------- ours
-def run_ours(root: Path, tok: TextTokenizer, stage: int, workers: int,
+def run_ours(root: Path | str, tok: TextTokenizer, stage: int, workers: int,
              window: tuple[int, float]) -> dict:
+    """Our loader over ``root``/s{stage}/*.tar (``root`` may be an ``s3://bucket/prefix``)."""
+    paths = f"{root}/s{stage}/*.tar"
     if stage == 1:
-        src = SourceConfig(paths=str(root / "s1" / "*.tar"), format="caption")
+        src = SourceConfig(paths=paths, format="caption")
         image = ImageConfig(policy="fixed")
     else:
-        src = SourceConfig(paths=str(root / "s2" / "*.tar"), format="conversations")
+        src = SourceConfig(paths=paths, format="conversations")
         image = ImageConfig(policy="native")
     cfg = DataConfig(sources=[src], max_seq_len=SEQ, image=image, text=TextConfig(),
                      packing=PackingConfig(buffer_size=200),
@@ -351,6 +358,70 @@ def run_ours(root: Path, tok: TextTokenizer, stage: int, workers: int,
     return result
 
 
+# ----------------------------------------------------------------------------- S3
+def start_s3(root: Path) -> tuple[object, str]:
+    """moto's S3 server as a separate process on 127.0.0.1 (a free port), with the shards of
+    ``root`` uploaded; returns (process, ``s3://bench/data``). Endpoint and credentials go
+    into the standard AWS_* variables, which our reader (and its workers) take them from."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_REGION": "us-east-1"})
+    client = boto3.client("s3")
+    for _ in range(100):  # up to ~20 s for the server to listen
+        try:
+            client.create_bucket(Bucket="bench")
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start on 127.0.0.1")
+    for stage in (1, 2):
+        for f in sorted((root / f"s{stage}").glob("*.tar")):
+            client.upload_file(str(f), "bench", f"data/s{stage}/{f.name}")
+    return proc, "s3://bench/data"
+
+
+def main_s3(root: Path, tok: TextTokenizer, workers: int, rounds: int,
+            window: tuple[int, float]) -> str:
+    """Our loader over the same shards from local files and from S3 on loopback."""
+    server, url = start_s3(root)
+    acc = {(name, k): [0.0, 0.0] for name in ("local", "s3") for k in (1, 2)}
+    try:
+        for r in range(rounds):
+            for stage in (1, 2):
+                for name, where in (("local", root), ("s3", url)):
+                    res = run_ours(where, tok, stage, workers, window)
+                    acc[name, stage][0] += res["samples"]
+                    acc[name, stage][1] += res["seconds"]
+                    print(f"  round {r} stage{stage} {name}: "
+                          f"{res['samples'] / res['seconds']:.1f} samples/s over "
+                          f"{res['rows']} rows", flush=True)
+    finally:
+        server.kill()
+        server.wait()
+    ratios = [(acc["s3", k][0] / acc["s3", k][1]) / (acc["local", k][0] / acc["local", k][1])
+              for k in (1, 2)]
+    tot = {n: sum(acc[n, k][0] for k in (1, 2)) / sum(acc[n, k][1] for k in (1, 2))
+           for n in ("local", "s3")}
+    line = (f"BENCH s3_loader s3_vs_local={tot['s3'] / tot['local']:.3f} "
+            f"s3_samples_per_s={tot['s3']:.1f} local_samples_per_s={tot['local']:.1f} "
+            f"stage1_ratio={ratios[0]:.3f} stage2_ratio={ratios[1]:.3f} "
+            f"window_rows={window[0]}")
+    print(line, flush=True)
+    return line
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -358,6 +429,9 @@ def main(argv=None) -> str:
     p.add_argument("--workers", type=int, default=2, help="worker processes for both pipelines")
     p.add_argument("--rounds", type=int, default=None, help="alternating measurement rounds")
     p.add_argument("--data-dir", type=Path, default=None, help="where to generate/reuse data")
+    p.add_argument("--s3", action="store_true",
+                   help="our loader from S3 on loopback (moto server) vs local files, same "
+                   "shards: ends in BENCH s3_loader s3_vs_local=<ratio>")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -370,6 +444,8 @@ def main(argv=None) -> str:
     shards = {k: sorted(str(x) for x in (root / f"s{k}").glob("*.tar")) for k in (1, 2)}
     print(f"cores={os.cpu_count()} workers={args.workers} seq={SEQ} rounds={rounds} "
           f"tokenizer={tok.path}", flush=True)
+    if args.s3:
+        return main_s3(root, tok, args.workers, rounds, window)
     keys = ("samples", "seconds", "cpu", "real", "slots", "rows")
     acc = {(name, k): dict.fromkeys(keys, 0.0) for name in ("base", "ours") for k in (1, 2)}
     # Alternate baseline and ours, stage by stage, so background load hits both alike.

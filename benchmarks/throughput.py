@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --quick     # CI-sized, < 5 min on 2 busy cores
     python benchmarks/throughput.py             # L/16 width, 1024 + 2048-token rows, 2 mixes
     python benchmarks/throughput.py --profile   # + torch.profiler top entries of our step
+    python benchmarks/throughput.py --packed-row-only   # packed 4096-token row vs its samples
     python benchmarks/sweep.py --out-dir /tmp/sweep                # tiny CPU points (sweep.py)
     python benchmarks/sweep.py --gpu-recipe                        # the GPU grid (one node)
 
@@ -27,11 +28,16 @@ between two further blocks of (b). Warm-up steps are excluded; each figure is th
 repetitions. Rates are model FLOPs (flops.py convention) per second. Ratios:
 ``stack_vs_plain = rate(c)/rate(b)``, ``e2e_vs_plain = rate(d)/rate(b)``, ``cpu_mfu =
 rate(c)/rate(a)``, ``plain_mfu = rate(b)/rate(a)`` (summed over workloads: total FLOPs / total
-median time). The packed-row check measures a 4096-token native-resolution row (and 16384 in the
-full run) against its samples one by one, with the ``varlen`` and ``dense`` attention backends.
-The last line is machine-readable:
+median time). Peak memory: (b) and (c) each build their model, then run 3 steps on the same
+pre-built batches, in a fresh subprocess; ``peak_mem_vs_plain`` = the larger, over workloads, of
+(c)'s step peak over (b)'s (kernel high-water mark above the built model,
+``benchmarks/peak_rss.py``: activations, gradients, optimizer state).
+The packed-row check measures a 4096-token native-resolution row (and 16384 in the full run)
+against its samples one by one, with the package's default attention backend (``auto``,
+resolved for CPU) and ``dense``. The last line is machine-readable:
 
     BENCH throughput stack_vs_plain=<c/b> e2e_vs_plain=<d/b> cpu_mfu=<c/a> plain_mfu=<b/a>
+        peak_mem_vs_plain=<c/b> row4096_vs_samples=<packed/one by one, default backend>
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -377,6 +383,7 @@ class Result:
     plain: float          # FLOP/s, median over steps
     stack: float
     e2e: float
+    batches: list = field(default_factory=list, repr=False)   # for the peak-memory workers
 
 
 class Recording:
@@ -438,7 +445,68 @@ def measure(w: Workload, data_root: Path, backend: str, reps: int, warmup: int,
     trainer.close()
     _reset_parallel_state()
     return Result(w.name, statistics.mean(flops), gemm, statistics.median(plain_rates),
-                  statistics.median(stack_rates), statistics.median(e2e_rates))
+                  statistics.median(stack_rates), statistics.median(e2e_rates), batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory: plain step vs our step, each in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+def peak_memory_worker(path: str, w: Workload, data_root: Path, backend: str,
+                       batches_file: Path, steps: int) -> int:
+    """Bytes ``steps`` training steps of ``path`` allocate at their peak (model built before).
+
+    Both models are built first (the trainer's data loader, which the plain step does not have,
+    is closed), then the kernel's high-water mark is reset (``benchmarks/peak_rss.py``) and the
+    steps run: activations, gradients, optimizer state (created at the first step in both) and
+    temporaries. The plain step allocates its gradients inside the steps; megatron DDP holds
+    its grad buffer from construction, so its bytes are added to the stack's figure.
+    """
+    from benchmarks.peak_rss import PeakRss
+    from genlip_megatron.training.trainer import Trainer
+
+    batches = torch.load(batches_file, weights_only=False)
+    cfg = load_cfg(w, ensure_data(data_root, w.stage), backend, 0)
+    torch.manual_seed(0)
+    if path == "plain":
+        plain = PlainGenLIP(cfg.model)
+        with PeakRss() as meter:
+            for r in range(steps):
+                plain.step(batches[r % len(batches)])
+        return meter.peak_bytes
+    trainer = Trainer(cfg)
+    for chunk in trainer.model:
+        chunk.train()
+    trainer.loader.close()
+    trainer.loader = PrebuiltBatches(batches)
+    grad_buffer = sum(p.main_grad.numel() * p.main_grad.element_size()
+                      for chunk in trainer.model for p in chunk.parameters())
+    with PeakRss() as meter:
+        for _ in range(steps):
+            trainer_step(trainer)
+    return meter.peak_bytes + grad_buffer
+
+
+def peak_memory_ratio(w: Workload, data_root: Path, backend: str, batches: list) -> dict:
+    """Peak bytes of (c) and (b) on the same batches, each in its own subprocess."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        batches_file = Path(tmp) / "batches.pt"
+        torch.save(batches, batches_file)
+        out = {}
+        for path in ("plain", "stack"):
+            cmd = [sys.executable, __file__, "--peak-worker", path, "--peak-workload", w.name,
+                   "--peak-batches", str(batches_file), "--backend", backend,
+                   "--data-dir", str(data_root)]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("PEAK ")]
+            if proc.returncode or not lines:
+                raise SystemExit(f"error: peak-memory worker {path} failed:\n"
+                                 f"{proc.stderr[-3000:]}")
+            out[path] = int(lines[-1].split()[1])
+    return out
 
 
 def _reset_parallel_state() -> None:
@@ -508,7 +576,8 @@ def _fwd_bwd(model, row: dict) -> float:
 
 
 def packed_row_check(seqs: list[int], reps: int, dense_up_to: int) -> list[dict]:
-    """Time fwd+bwd of a packed native-resolution row vs its samples one row each."""
+    """Time fwd+bwd of a packed native-resolution row vs its samples one row each, with the
+    package's default attention backend (``auto``, resolved for CPU) and the dense oracle."""
     from genlip_megatron.config import ParallelConfig, PrecisionConfig, decode_variant
     from genlip_megatron.model.genlip import GenLIPMegatronModel
     from genlip_megatron.model.transformer_config import build_transformer_config
@@ -519,11 +588,12 @@ def packed_row_check(seqs: list[int], reps: int, dense_up_to: int) -> list[dict]
                 ffn_hidden_size=704, text_dim=256, mrope_section=[8, 12, 12], vocab_size=4096)
     gen = torch.Generator().manual_seed(0)
     models = {}
-    for backend in ("varlen", "dense"):
+    for name, backend in (("default", m.attention_backend), ("dense", "dense")):
         tc = build_transformer_config(replace(m, attention_backend=backend), ParallelConfig(),
                                       PrecisionConfig(params_dtype="fp32"), init_seed=1,
                                       has_cuda=False)
-        models[backend] = GenLIPMegatronModel(tc)
+        models[name] = GenLIPMegatronModel(tc)
+    resolved = models["default"].config.prefix_attention_backend
     out = []
     for seq in seqs:
         # ~1000-token native-resolution samples: 31×31 … 32×30 grids + 40–60 text tokens
@@ -532,7 +602,7 @@ def packed_row_check(seqs: list[int], reps: int, dense_up_to: int) -> list[dict]
         row = synthetic_row(samples, seq, m.vocab_size, m.patch_dim, gen)
         singles = [synthetic_row([s], s[0] * s[1] + s[2], m.vocab_size, m.patch_dim, gen)
                    for s in samples]
-        rec = {"seq": seq, "samples": n}
+        rec = {"seq": seq, "samples": n, "backend": f"{m.attention_backend}->{resolved}"}
         for backend, model in models.items():
             if backend == "dense" and seq > dense_up_to:
                 continue
@@ -581,8 +651,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (< 5 min)")
     p.add_argument("--reps", type=int, default=None, help="measured steps per figure")
-    p.add_argument("--backend", default="varlen", choices=["varlen", "dense"],
-                   help="our model's attention backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "varlen", "dense"],
+                   help="our model's attention backend (auto: the package default)")
+    p.add_argument("--packed-row-only", action="store_true",
+                   help="only the packed-row check (default backend and dense)")
+    p.add_argument("--peak-worker", choices=["plain", "stack"], help=argparse.SUPPRESS)
+    p.add_argument("--peak-workload", help=argparse.SUPPRESS)
+    p.add_argument("--peak-batches", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=None,
                    help="loader worker processes for (d) (default: 1; 0 with --quick or "
                         "--clock cpu)")
@@ -601,6 +676,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     torch.manual_seed(0)
     init_single_process()
+    if args.peak_worker:
+        w = next(x for x in workloads(True) + workloads(False) if x.name == args.peak_workload)
+        peak = peak_memory_worker(args.peak_worker, w, Path(args.data_dir), args.backend,
+                                  Path(args.peak_batches), steps=3)
+        print(f"PEAK {peak}")
+        return 0
+    if args.packed_row_only:
+        _print_packed_rows(packed_row_check([4096], reps=1 if args.quick else 2,
+                                            dense_up_to=4096), bench=True)
+        return 0
     reps = args.reps or (3 if args.quick else 5)
     workers = args.workers if args.workers is not None else \
         (0 if args.quick or args.clock == "cpu" else 1)
@@ -625,25 +710,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     rate = {k: total / sum(r.flops / getattr(r, k) for r in results)
             for k in ("plain", "stack", "e2e")}
     gemm = statistics.median(r.gemm for r in results)
+    peaks = [peak_memory_ratio(w, data_root, args.backend, r.batches)
+             for w, r in zip(workloads(args.quick), results)]
+    print("\npeak memory of 3 steps (activations, grads, optimizer state), fresh process each")
+    for r, pk in zip(results, peaks):
+        print(f"  {r.name:14s} plain {pk['plain'] / 2**20:8.1f} MiB, stack "
+              f"{pk['stack'] / 2**20:8.1f} MiB, ratio {pk['stack'] / pk['plain']:.3f}")
+    peak_ratio = max(pk["stack"] / pk["plain"] for pk in peaks)
     rows = packed_row_check([4096] if args.quick else [4096, 16384], reps=1 if args.quick else 2,
                             dense_up_to=4096)
-    print("\npacked native-resolution row vs its samples one by one (fwd+bwd, H 256, 2 layers)")
-    for rec in rows:
-        for backend in ("varlen", "dense"):
-            if backend in rec:
-                tp, ta = rec[backend]
-                print(f"  {rec['seq']:6d} tokens, {rec['samples']:2d} samples, {backend:6s}: "
-                      f"packed {tp:7.2f} s, one by one {ta:7.2f} s, ratio {tp / ta:5.2f}")
+    _print_packed_rows(rows)
     if args.profile:
         print("\ntorch.profiler, our step (top entries by self CPU time)")
         print(profile_stack(workloads(args.quick)[0], data_root, args.backend, 3, 15))
-    row4096 = next(r for r in rows if r["seq"] == 4096)["varlen"]
+    row4096 = next(r for r in rows if r["seq"] == 4096)["default"]
     print(f"\nwall time {time.time() - t_start:.0f} s")
     print(f"BENCH throughput stack_vs_plain={rate['stack'] / rate['plain']:.3f} "
           f"e2e_vs_plain={rate['e2e'] / rate['plain']:.3f} "
           f"cpu_mfu={rate['stack'] / gemm:.3f} plain_mfu={rate['plain'] / gemm:.3f} "
+          f"peak_mem_vs_plain={peak_ratio:.3f} "
           f"row4096_vs_samples={row4096[0] / row4096[1]:.3f}", flush=True)
     return 0
+
+
+def _print_packed_rows(rows: list[dict], bench: bool = False) -> None:
+    print("\npacked native-resolution row vs its samples one by one (fwd+bwd, H 256, 2 layers)")
+    for rec in rows:
+        for backend in ("default", "dense"):
+            if backend in rec:
+                tp, ta = rec[backend]
+                print(f"  {rec['seq']:6d} tokens, {rec['samples']:2d} samples, {backend:7s}: "
+                      f"packed {tp:7.2f} s, one by one {ta:7.2f} s, ratio {tp / ta:5.2f}")
+    row = next(r for r in rows if r["seq"] == 4096)["default"]
+    if bench:   # --packed-row-only; the full run puts the ratio in its throughput line
+            print(f"BENCH packed_row backend={rows[0]['backend']} row4096_vs_samples="
+              f"{row[0] / row[1]:.3f}", flush=True)
 
 
 if __name__ == "__main__":

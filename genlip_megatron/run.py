@@ -25,7 +25,7 @@ import torch.distributed as dist
 from genlip_megatron.config.loader import ConfigError
 from genlip_megatron.training.checkpointing import CheckpointError
 from genlip_megatron.training.logging_setup import silence_expected_warnings
-from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY
+from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY, StopCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ def load_and_check(config_path: str, overrides: list[str], world_size: int):
     cfg = load_config(config_path, overrides)
     cfg.validate(world_size=world_size)
     check_writable_outputs(cfg)
+    if cfg.demo is None:   # the demo's data is generated after start-up (prepare_demo_data)
+        from genlip_megatron.data.preflight import check_data_inputs
+
+        dp = max(1, world_size // (cfg.parallel.tp * cfg.parallel.pp))
+        check_data_inputs(cfg.data, 1 if cfg.training.dp_invariant_data else dp)
     return cfg
 
 
@@ -201,7 +206,8 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
         return
     tag = "DEMO" if cfg.demo is not None else "RUN"
     eval_glob = ",".join(str(p) for s in cfg.data.eval_sources
-                         for p in ([s.paths] if isinstance(s.paths, str) else s.paths))
+                         for p in ([s.paths or s.path] if not isinstance(s.paths, list)
+                                   else s.paths))
     acc = "nan" if report.caption_accuracy is None else f"{report.caption_accuracy:.4f}"
     evals = _eval_fields(report, with_init=tag == "DEMO")
     print(f"{tag} steps={report.steps} final_loss={report.final_loss:.4f} "
@@ -216,7 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     0: trained to training.train_steps. 2: configuration/checkpoint error, printed as one
     line ``error: <message>`` by rank 0. 75 (EXIT_STOPPED_EARLY): stopped on an exit signal
     or training.exit_duration_mins after publishing a checkpoint; rerun to resume (the
-    sbatch scripts requeue). 1: stopped that way without checkpoint.save_dir.
+    sbatch scripts requeue). 1: stopped that way without checkpoint.save_dir, or its
+    checkpoint could not be written (one line ``error: ...``; not requeued).
     """
     args = parse_args(argv)
     try:
@@ -224,6 +231,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         report_error(exc)
         return 2
+    except StopCheckpointError as exc:
+        report_error(exc)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -33,16 +33,30 @@ DEFAULT_PROMPT = "Describe the image in detail."
 
 @dataclass(kw_only=True)
 class SourceConfig:
-    """One webdataset source: a set of tar shards in one sample format."""
+    """One source: a set of webdataset tar shards, or an Energon dataset (docs/data.md)."""
 
-    paths: Union[str, list[str]]
+    paths: Union[str, list[str], None] = None
     """Shard paths: a glob ("/d/*.tar"), a brace range ("/d/{00000..00099}.tar"), or a list of
-    either. Matched shards are sorted by path before the seeded per-epoch shuffle."""
+    either; local files or ``s3://bucket/key`` objects. Matched shards are sorted by path before
+    the seeded per-epoch shuffle. Not used by format energon (which takes ``path``)."""
+    path: Optional[str] = None
+    """format energon: a folder prepared by ``energon prepare`` (it has ``.nv-meta/``) or an
+    Energon metadataset YAML (a blend of such folders); local or ``s3://``."""
+    split: str = "train"
+    """format energon: the split of ``.nv-meta/split.yaml`` (or of the metadataset) to read."""
     weight: float = 1.0
-    """Relative sampling weight when several sources are mixed (normalised over all sources)."""
-    format: Literal["caption", "conversations"] = "caption"
-    """Sample json layout: stage 1 ``{"caption": ...}``; stage 2 ``{"conversations": [...]}``
-    (``conversation`` is accepted too; a sample without either falls back to ``caption``)."""
+    """Relative sampling weight when several sources are mixed (normalised over all sources;
+    a metadataset's blend weights are multiplied by it)."""
+    format: Literal["caption", "conversations", "vqa", "energon"] = "caption"
+    """Sample layout: stage 1 ``{"caption": ...}`` json; stage 2 ``{"conversations": [...]}``
+    json (``conversation`` is accepted too; a sample without either falls back to ``caption``);
+    vqa: one question/answer turn taken from ``field_map`` (context, answers); energon: read
+    ``path`` as an Energon dataset and take the layout from its ``dataset.yaml``."""
+    field_map: Optional[dict[str, str]] = None
+    """Which tar members hold the sample fields, in Energon's field_map syntax: ``"jpg,png"``
+    takes the first member present, ``"json[caption]"`` a key of a json member. Fields: image,
+    caption (caption) or context and answers (vqa). null: image in jpg/jpeg/png/webp, text in
+    json. Filled from dataset.yaml for format energon."""
     name: Optional[str] = None
     """Short name used in logs; defaults to ``source<i>``."""
 
@@ -146,6 +160,14 @@ class ReaderConfig:
     max_worker_restarts: int = 3
     """A worker that dies (killed, or a native decoder crash) is restarted from its position;
     after this many deaths in a row without delivering a sample the run stops."""
+    remote_retries: int = 5
+    """s3:// shards: retries of a failed GET (connection error, timeout, HTTP 5xx/429) before
+    the rest of the shard is skipped and counted as ``shards/unreadable``."""
+    remote_backoff_s: float = 0.5
+    """s3:// shards: wait before the first retry, doubled after each (capped at 30 s); the
+    default rides out ~15 s of outage."""
+    remote_read_ahead_mib: int = 32
+    """s3:// shards: bytes fetched ahead of the reader per open shard (in 8 MiB ranged GETs)."""
 
 
 @dataclass(kw_only=True)
@@ -185,9 +207,7 @@ class DataConfig:
         _validate_reader(self.reader)
         for key, sources in (("sources", self.sources), ("eval_sources", self.eval_sources)):
             for i, src in enumerate(sources):
-                _check(bool(src.paths), f"data.{key}[{i}].paths is empty; give a glob, a brace "
-                       "range or a list of tar shards.")
-                _check(src.weight > 0, f"data.{key}[{i}].weight ({src.weight}) must be > 0.")
+                _validate_source(src, f"data.{key}[{i}]")
         return self
 
 
@@ -198,6 +218,25 @@ def _round_up(x: int, m: int) -> int:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _validate_source(src: SourceConfig, key: str) -> None:
+    _check(src.weight > 0, f"{key}.weight ({src.weight}) must be > 0.")
+    if src.format == "energon":
+        _check(bool(src.path) and src.paths is None,
+               f"{key}: format energon reads an Energon dataset folder or metadataset YAML from "
+               f"{key}.path (got path={src.path!r}, paths={src.paths!r}); set path, drop paths.")
+        _check(src.field_map is None, f"{key}.field_map is read from the Energon dataset.yaml "
+               "for format energon; remove it.")
+        return
+    _check(src.path is None, f"{key}.path is only read by format energon; use {key}.paths "
+           "for tar shards.")
+    _check(bool(src.paths), f"{key}.paths is empty; give a glob, a brace range or a list of "
+           "tar shards.")
+    if src.format == "vqa":
+        _check(src.field_map is not None and {"image", "context", "answers"} <= set(
+            src.field_map), f"{key}: format vqa needs field_map with image, context and "
+            "answers (e.g. {image: jpg, context: 'json[question]', answers: 'json[answer]'}).")
 
 
 def _validate_image(c: ImageConfig) -> None:
@@ -240,6 +279,10 @@ def _validate_reader(c: ReaderConfig) -> None:
            f"data.reader.max_consecutive_skips ({c.max_consecutive_skips}) must be ≥ 1.")
     _check(c.max_worker_restarts >= 0,
            f"data.reader.max_worker_restarts ({c.max_worker_restarts}) must be ≥ 0.")
+    _check(c.remote_retries >= 0 and c.remote_backoff_s >= 0 and c.remote_read_ahead_mib >= 1,
+           f"data.reader.remote_retries ({c.remote_retries}) and remote_backoff_s "
+           f"({c.remote_backoff_s}) must be ≥ 0, remote_read_ahead_mib "
+           f"({c.remote_read_ahead_mib}) ≥ 1.")
     _check(c.prefetch >= 1 and c.snapshot_interval >= 1,
            f"data.reader.prefetch ({c.prefetch}) and data.reader.snapshot_interval "
            f"({c.snapshot_interval}) must be ≥ 1.")

@@ -67,11 +67,21 @@ class ModelConfig:
     """Dropout on attention probabilities (reference: 0)."""
     init_std: float = 0.02
     """Std of the normal init of linears and embeddings (attention projections use xavier)."""
-    attention_backend: Literal["dense", "flex", "te", "varlen"] = "dense"
-    """Prefix-LM core attention: dense mask (oracle, CPU), torch flex_attention, TE two-call, or
-    varlen (per-sample torch SDPA: the fast CPU path for packed rows, see model/attention.py)."""
+    attention_backend: Literal["auto", "dense", "flex", "te", "varlen"] = "auto"
+    """Prefix-LM core attention: auto (resolved once at start-up and logged: te with
+    transformer_impl te on a GPU, flex on a GPU otherwise, varlen on CPU; dense when
+    attention_dropout > 0 outside TE), dense mask (the oracle; O(S²) memory), torch
+    flex_attention, TE two-call, or varlen (per-sample torch SDPA, see model/attention.py)."""
     transformer_impl: Literal["local", "te"] = "local"
     """megatron-core layer implementation: local (torch, CPU-capable) or transformer_engine."""
+    loss_impl: Literal["chunked", "full"] = "chunked"
+    """LM-head loss on the label positions: chunked (the vocabulary in blocks, one block of
+    logits alive at a time, recomputed in backward; exact vocab-parallel softmax, see
+    model/lm_loss.py) or full (all logits at once: the oracle, and 1.5 GB of bf16 logits per
+    16k-token row at V = 151936)."""
+    loss_chunk_logits: int = 16777216
+    """Logits alive at a time in the chunked loss (2^24: 64 MiB in fp32); larger blocks mean
+    fewer, bigger GEMMs, smaller ones less memory."""
 
     @property
     def kv_channels(self) -> int:
@@ -111,4 +121,7 @@ def validate_model(m: ModelConfig) -> None:
                           f"{m.mrope_section}.")
     if not 0.0 <= m.drop_path_rate < 1.0:
         raise ConfigError(f"model.drop_path_rate ({m.drop_path_rate}) must be in [0, 1).")
+    if m.loss_chunk_logits < 1:
+        raise ConfigError(f"model.loss_chunk_logits ({m.loss_chunk_logits}) must be at least 1; "
+                          "the default is 16777216.")
 

@@ -39,8 +39,10 @@ class ParallelConfig:
     """Sequence parallelism (needs tp > 1)."""
     cp: int = 1
     """Context parallel size; GenLIP's prefix-LM attention supports only 1."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state (and fp32 main params) across data-parallel ranks."""
+    use_distributed_optimizer: Optional[bool] = None
+    """Shard optimizer state (and fp32 main params) across data-parallel ranks. None (default):
+    on when data-parallel size > 1, off (with a log line) at DP = 1, where it shards nothing
+    and costs three full-buffer copies per step; true/false force it."""
     overlap_grad_reduce: bool = False
     """Overlap the gradient reduce-scatter/all-reduce with the backward pass."""
     overlap_param_gather: bool = False

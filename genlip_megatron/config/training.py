@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -101,6 +102,11 @@ class TrainingConfig:
     exit_duration_mins: Optional[float] = None
     """Stop the same way once the process has run this many minutes (wall clock, from process
     start); set it a few checkpoint-durations below the job's time limit. None disables."""
+    hang_timeout_mins: Optional[float] = None
+    """When a rank makes no step progress for this many minutes (stuck in a collective, a hung
+    read, a stopped loader worker), every rank dumps its Python stacks to the log and exits
+    with status 76 (training/watchdog.py); must exceed the slowest step and checkpoint save.
+    None disables."""
 
     def validate(self) -> "TrainingConfig":
         """Counts and sizes of the loop; raises ConfigError."""
@@ -114,6 +120,13 @@ class TrainingConfig:
                  "be ≥ 1.")
         _require(self.spike_factor == 0 or self.spike_factor > 1, f"training.spike_factor "
                  f"({self.spike_factor}) must be 0 (off) or > 1.")
+        _require(self.hang_timeout_mins is None or self.hang_timeout_mins > 0,
+                 f"training.hang_timeout_mins ({self.hang_timeout_mins}) must be > 0 or null "
+                 "(off); make it longer than the slowest step and checkpoint save.")
+        _require(self.exit_duration_mins is None or self.exit_duration_mins > 0,
+                 f"training.exit_duration_mins ({self.exit_duration_mins}) must be > 0 or null "
+                 "(≤ 0 would stop every requeued job after one step); set it a few checkpoint "
+                 "durations below the job's time limit.")
         return self
 
 
@@ -157,7 +170,24 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     """TensorBoard event directory; None disables."""
     wandb_project: Optional[str] = None
-    """Weights & Biases project; None disables."""
+    """Weights & Biases project; None disables (docs/tracking.md)."""
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """W&B mode; offline writes the run under wandb_dir with no network (``wandb sync`` it
+    later). None: W&B's default (the WANDB_MODE variable, else online)."""
+    wandb_flush_interval_s: float = 2.0
+    """Seconds between W&B's writes of its run file; a killed run loses at most this much
+    of its W&B history (W&B's own default is 15 s)."""
+    wandb_dir: Optional[str] = None
+    """Directory for W&B's files (``<dir>/wandb/``); None: W&B's default (the working dir)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking URI: a file store (``file:///abs/path/mlruns``) or a tracking server
+    (``http://host:5000``); None disables."""
+    mlflow_experiment: str = "genlip"
+    """MLflow experiment the run is logged under (created when missing)."""
+    run_name: Optional[str] = None
+    """Display name of the run in W&B and MLflow (None: the tracker picks one)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the run in W&B and MLflow (and TensorBoard's text tab)."""
     jsonl_path: Optional[str] = None
     """Append every logged metric dict to this JSON-lines file; None disables."""
     attention_sink_interval: int = 0
@@ -171,6 +201,11 @@ class LoggingConfig:
                  "≥ 1.")
         _require(self.attention_sink_interval >= 0, f"logging.attention_sink_interval "
                  f"({self.attention_sink_interval}) must be ≥ 0 (0 disables it).")
+        for key, module in (("wandb_project", "wandb"), ("mlflow_tracking_uri", "mlflow")):
+            # checked on every rank before anything starts (only the logging rank imports it)
+            _require(not getattr(self, key) or importlib.util.find_spec(module) is not None,
+                     f"logging.{key} is set but {module} is not installed; `pip install "
+                     f"{module}` or unset logging.{key}.")
         return self
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from genlip_megatron.data.batch import IGNORE_INDEX, PackedBatch
 from genlip_megatron.config.data import DataConfig
+from genlip_megatron.data.energon import mapped_fields, resolve_data_config
 from genlip_megatron.data.image import patchify, pil_decode, resize_uint8, target_size
 from genlip_megatron.data.packer import collate_rows
 from genlip_megatron.data.sample import ProcessedSample, SampleProcessor
@@ -162,15 +163,21 @@ def iter_eval_samples(cfg: DataConfig, tokenizer: Optional[TextTokenizer] = None
         if cfg.text.tokenizer_path is None:
             raise ValueError("data.text.tokenizer_path is not set.")
         tokenizer = load_tokenizer(cfg.text.tokenizer_path)
+    cfg = resolve_data_config(cfg)
     formats = [s.format for s in cfg.eval_sources]
-    processor = SampleProcessor(cfg, tokenizer, decode=True, formats=formats, device="cpu")
+    field_maps = [s.field_map for s in cfg.eval_sources]
+    processor = SampleProcessor(cfg, tokenizer, decode=True, formats=formats, device="cpu",
+                                field_maps=field_maps)
     count = 0
     for raws in eval_raw_batches(cfg, dp_rank, dp_size):
         for (_, raw), item in zip(raws, processor.process(raws)):
             if not isinstance(item, ProcessedSample):
                 continue
-            conv = conversation_from_json(parse_json_bytes(raw.members["json"]),
-                                          formats[raw.source], cfg.text.prompt)
+            fmap, fmt = field_maps[raw.source], formats[raw.source]
+            meta = mapped_fields(raw.members, fmap, fmt)[1] if fmap is not None \
+                else parse_json_bytes(raw.members["json"])
+            conv = conversation_from_json(meta, "conversations" if fmt == "vqa" else fmt,
+                                          cfg.text.prompt)
             caption = next(t for r, t in conv.turns if r == "assistant").strip()
             n_prompt = int(np.argmax(item.text_labels != IGNORE_INDEX))
             yield EvalSample(item.key, item.url, caption, item.text_ids[:n_prompt],

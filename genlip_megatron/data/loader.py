@@ -25,7 +25,8 @@ Hostile data and dying workers (nothing stops, hangs or silently thins a run):
   a second; it is restarted from the cursor of the last sample it delivered, with the samples
   it had in flight marked as suspects (decoded in isolation, see sandbox.py), up to
   ``data.reader.max_worker_restarts`` deaths in a row;
-- workers (and the forkserver) exit when the trainer dies (procguard.py).
+- workers (and the forkserver) exit when the trainer dies, ignore the trainer's stop signals
+  and end on SIGTERM (procguard.py).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ import torch
 
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.config.data import DataConfig
+from genlip_megatron.data.energon import resolve_data_config
 from genlip_megatron.data.image import dali_available, resolve_device
 from genlip_megatron.data.packer import Packer, collate_rows
-from genlip_megatron.data.procguard import exit_with
+from genlip_megatron.data.procguard import exit_with, ignore_stop_signals
 from genlip_megatron.data.sample import SKIP_REASONS, ProcessedSample, SampleProcessor, \
     SampleResult, Skipped
 from genlip_megatron.data.shards import SHARD_PROBLEMS, StreamCursor, build_streams, \
     source_shards
+from genlip_megatron.data.storage import configure, policy_of
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class Producer:
                  dp_size: int, worker: int, num_workers: int, start: ResumePoint,
                  decode: bool, shards: Optional[list[list[str]]] = None,
                  inflight=None) -> None:
+        configure(policy_of(cfg.reader))
         self.streams, self.schedule = build_streams(
             cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
             streams_per_source=cfg.reader.streams_per_source,
@@ -109,7 +113,8 @@ class Producer:
             if g % self.num_workers != self.worker:
                 continue
             raw = next(self.streams[g])
-            results.append(SampleResult(n, g, raw.cursor_after, raw.shard_errors))
+            results.append(SampleResult(n, g, raw.cursor_after, raw.shard_errors,
+                                        retries=raw.retries))
             if n >= start.replay_until or n in start.keep:
                 todo.append((len(results) - 1, (n, raw)))
             if len(todo) >= self.batch_size or len(results) >= 4 * self.batch_size:
@@ -139,6 +144,7 @@ def _worker_main(worker: int, num_workers: int, cfg: DataConfig, tokenizer: Text
                  out: "mp.Queue", log_level: int, shards: list[list[str]], inflight,
                  trainer_pid: int) -> None:
     """Entry point of a loader worker process."""
+    ignore_stop_signals()   # the trainer stops on them, not its workers (procguard.py)
     exit_with(trainer_pid)
     logging.basicConfig(level=log_level,
                         format=f"[data worker {worker} rank {dp_rank}] %(levelname)s %(message)s")
@@ -177,7 +183,8 @@ class PackedLoader:
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,
                  seed: int, tokenizer: Optional[TextTokenizer] = None) -> None:
-        cfg.validate()
+        cfg = resolve_data_config(cfg.validate())
+        configure(policy_of(cfg.reader))
         if not cfg.sources:
             raise ValueError("data.sources is empty; list at least one source of tar shards.")
         if not 0 <= dp_rank < dp_size:
@@ -323,7 +330,8 @@ class PackedLoader:
     def _zero_counters(self) -> dict[str, int]:
         names = ["samples/read", "samples/used", "samples/packed", "rows", "tokens/real",
                  "tokens/total", "info/unknown_keys", "decode_fallbacks", "worker_restarts",
-                 "shards/unreadable"] + [f"shards/{p}" for p in SHARD_PROBLEMS] + \
+                 "shards/unreadable", "shards/retries"] + \
+            [f"shards/{p}" for p in SHARD_PROBLEMS] + \
             [f"skipped/{r}" for r in SKIP_REASONS]
         return {k: 0 for k in names}
 
@@ -544,6 +552,7 @@ class PackedLoader:
         c = self._counters
         c["samples/read"] += 1
         c["shards/unreadable"] += len(res.shard_errors)
+        c["shards/retries"] += res.retries
         item = res.item
         if getattr(item, "unknown_keys", False):
             c["info/unknown_keys"] += 1

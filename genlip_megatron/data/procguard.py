@@ -11,6 +11,15 @@ to stay alive and pile up over restarts. Two guards, both Linux-only and harmles
 
 Importing this module in the forkserver (it is in the forkserver's preload list) arms the prctl
 guard of the forkserver itself.
+
+Stop signals are the trainer's business (training/preemption.py): a scheduler or launcher may
+send them to the whole process group or cgroup (Slurm's srun forwarding, ``scancel``), and
+USR1's default action would kill every worker and the forkserver mid-step, after which the
+loader restarts them with their in-flight samples under suspicion. So workers and the
+forkserver ignore USR1/USR2/INT/HUP (:func:`ignore_stop_signals`), and a worker forked from
+the trainer does not keep the trainer's SIGTERM handler: SIGTERM ends it at once (the trainer
+stops its workers with SIGTERM; the inherited handler only recorded it, so each stop waited
+for the kill timeout).
 """
 
 from __future__ import annotations
@@ -37,6 +46,19 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+IGNORED_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore the trainer's stop signals; SIGTERM back to its default (end the process).
+
+    Call from the main thread of a loader helper process (worker or forkserver).
+    """
+    for sig in IGNORED_STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _alive(pid: int) -> bool:
@@ -79,3 +101,4 @@ def _in_forkserver() -> bool:
 
 if _in_forkserver():
     set_parent_death_signal()
+    ignore_stop_signals()   # inherited by every worker the forkserver forks

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from genlip_megatron.config.data import DataConfig
+from genlip_megatron.data.energon import mapped_fields
 from genlip_megatron.data.image import FallbackRefused, build_decoder, patchify, probe_image, \
     target_size
 from genlip_megatron.data.sandbox import Isolated, decode_isolated
@@ -101,6 +102,7 @@ class SampleResult:
     cursor_after: list[int]    # that stream's cursor after this sample
     shard_errors: list[str] = field(default_factory=list)
     item: Union[ProcessedSample, Skipped, None] = None  # None: replayed, not processed
+    retries: int = 0           # object-store reads retried (shards.RawSample.retries)
 
 
 class SampleProcessor:
@@ -111,13 +113,18 @@ class SampleProcessor:
         tokenizer: the tokenizer of ``cfg.text``.
         decode: decode images here (False: keep the bytes for a decode in the main process).
         formats: per-source json format; defaults to ``cfg.sources``.
+        field_maps: per-source Energon field_map (None: our layout); defaults to
+            ``cfg.sources``.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, *, decode: bool = True,
-                 formats: Optional[Sequence[str]] = None, device: str = "cpu") -> None:
+                 formats: Optional[Sequence[str]] = None, device: str = "cpu",
+                 field_maps: Optional[Sequence[Optional[dict]]] = None) -> None:
         self.cfg = cfg
         self.text = TextEncoder(cfg.text, tokenizer)
         self.formats = list(formats) if formats is not None else [s.format for s in cfg.sources]
+        self.field_maps = list(field_maps) if field_maps is not None else \
+            [s.field_map for s in cfg.sources]
         self.max_len = cfg.text.max_sample_len or cfg.max_seq_len
         self.decoder = build_decoder(cfg.image, device) if decode else None
         self.crashed: set[tuple[str, str]] = set()  # (url, key) that crashed the decoder
@@ -241,17 +248,22 @@ class SampleProcessor:
 
     def _inspect(self, raw: RawSample):
         """Members, json, conversation, header and size; raises SampleError."""
-        image_key = next((k for k in IMAGE_KEYS if k in raw.members), None)
-        if image_key is None:
-            raise SampleError("missing_image", f"members {sorted(raw.members)}")
-        meta = parse_json_bytes(raw.members.get("json"))
-        conv = conversation_from_json(meta, self.formats[raw.source], self.cfg.text.prompt)
+        fmt = self.formats[raw.source]
+        field_map = self.field_maps[raw.source] if raw.source < len(self.field_maps) else None
+        if field_map is not None:  # Energon field_map (data/energon.py)
+            data, meta = mapped_fields(raw.members, field_map, fmt)
+        else:
+            image_key = next((k for k in IMAGE_KEYS if k in raw.members), None)
+            if image_key is None:
+                raise SampleError("missing_image", f"members {sorted(raw.members)}")
+            data, meta = raw.members[image_key], parse_json_bytes(raw.members.get("json"))
+        conv = conversation_from_json(meta, "conversations" if fmt == "vqa" else fmt,
+                                      self.cfg.text.prompt)
         for _, text in conv.turns:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:  # e.g. a lone surrogate from "\ud800" in JSON
                 raise SampleError("bad_text", f"not encodable as UTF-8: {exc}"[:120]) from None
-        data = raw.members[image_key]
         info = probe_image(data)
         size = target_size(self.cfg.image, info.height, info.width)
         p = self.cfg.image.patch_size

@@ -23,17 +23,19 @@ every rank and stream gets readable shards (or the loader refuses to start, nami
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
 
 from genlip_megatron.config.data import SourceConfig
+from genlip_megatron.data.storage import expand_pattern, is_remote, open_stream, read_head, \
+    take_retries
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +59,8 @@ def expand_shards(paths: str | list[str], where: str = "data.sources") -> list[s
     out: set[str] = set()
     for pattern in patterns:
         for p in braceexpand(pattern):
-            hits = glob.glob(p)
             # A literal path is kept even if missing: it is reported as an unreadable shard.
-            out.update(hits if hits or glob.has_magic(p) else [p])
+            out.update(expand_pattern(p))
     if not out:
         raise FileNotFoundError(f"{where}.paths {paths!r} matches no files; check the path or "
                                 "build shards with tools/make_shards.py.")
@@ -67,7 +68,7 @@ def expand_shards(paths: str | list[str], where: str = "data.sources") -> list[s
 
 
 # Shard problems found at start-up (counter ``shards/<problem>``).
-SHARD_PROBLEMS = ("missing", "directory", "empty", "not_a_tar")
+SHARD_PROBLEMS = ("missing", "directory", "empty", "not_a_tar", "unreachable")
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 
@@ -77,6 +78,14 @@ def check_shard(path: str) -> Optional[str]:
     Reads at most one 512-byte tar header: a tar of zero members is "empty" (not an error),
     a first header with a bad checksum is "not_a_tar". Compressed tars are accepted unread.
     """
+    if is_remote(path):
+        try:
+            head = read_head(path, 512)
+        except FileNotFoundError:
+            return "missing"
+        except OSError:
+            return "unreachable"
+        return _check_head(head)
     if not os.path.lexists(path):
         return "missing"
     if os.path.isdir(path):
@@ -86,6 +95,11 @@ def check_shard(path: str) -> Optional[str]:
             head = f.read(512)
     except OSError:
         return "missing"  # e.g. a dangling link or no permission: nothing can be read
+    return _check_head(head)
+
+
+def _check_head(head: bytes) -> Optional[str]:
+    """Problem of a shard whose first (up to) 512 bytes are ``head``, or None."""
     if not head:
         return "empty"
     if head.startswith(_COMPRESSED_MAGIC):
@@ -105,8 +119,11 @@ def check_shards(shards: list[str], where: str) -> tuple[list[str], dict[str, li
     """Split ``shards`` into the readable ones and ``{problem: [paths]}``; logs each problem."""
     good: list[str] = []
     bad: dict[str, list[str]] = {}
+    remote = [p for p in shards if is_remote(p)]
+    with ThreadPoolExecutor(16) as pool:  # one small ranged GET per object, in parallel
+        found = dict(zip(remote, pool.map(check_shard, remote)))
     for path in shards:
-        problem = check_shard(path)
+        problem = found[path] if path in found else check_shard(path)
         if problem is None:
             good.append(path)
         else:
@@ -145,7 +162,7 @@ def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
         return sample
 
     try:
-        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+        with open_stream(url) as f, tarfile.open(fileobj=f, mode="r|*") as stream:
             for info in stream:
                 name = info.name
                 if not info.isreg() or re.match(r"__[^/]*__($|/)", name) or \
@@ -212,6 +229,7 @@ class RawSample:
     cursor_after: list[int]    # StreamCursor.to_list() after this sample was emitted
     shard_errors: list[str] = field(default_factory=list)  # unreadable shards met before it
     duplicate: bool = False    # its key already appeared earlier in the same shard
+    retries: int = 0           # object-store reads retried in this process since the last report
 
 
 class ShardStream:
@@ -325,7 +343,7 @@ class ShardStream:
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
         return RawSample(members, sample.get("__key__", "?"), sample.get("__url__", "?"),
                          self.source, c.to_list(), list(errors),
-                         duplicate=sample.get("__duplicate__", False))
+                         duplicate=sample.get("__duplicate__", False), retries=take_retries())
 
 
 class SourceSchedule:

@@ -2,7 +2,8 @@
 
 Pipeline stages: embeddings only on the first stage (``pre_process``); final LayerNorm
 (``ln_post``), ``output_proj`` (H→T, only when T ≠ H), untied ``output_layer`` (lm_head, no bias,
-vocab-parallel) and vocab-parallel cross-entropy only on the last stage (``post_process``).
+vocab-parallel) and vocab-parallel cross-entropy only on the last stage (``post_process``); by
+default the head and the loss run chunked over the label positions (``model/lm_loss.py``).
 
 Canonical tensor names (TP=1 shapes; H hidden, T text width, V vocab, F SwiGLU width, C·p·p
 patch length, L layers, i = GLOBAL layer index 0..L-1). They are the same for the local and TE
@@ -83,6 +84,7 @@ from genlip_megatron.model.attention import build_prefix_lm_params
 from genlip_megatron.model.embedding import GenLIPEmbedding
 from genlip_megatron.model.init import init_genlip_weights
 from genlip_megatron.model.layer_spec import get_genlip_block_spec
+from genlip_megatron.model.lm_loss import chunked_linear_cross_entropy
 from genlip_megatron.model.rope import MRoPERotaryEmbedding
 from genlip_megatron.model.transformer_config import GenLIPTransformerConfig, \
     local_linear_config
@@ -194,8 +196,9 @@ class GenLIPMegatronModel(MegatronModule):
         """ln_post output ``[S(/tp), B, H]`` → per-token loss ``[B, S]`` or logits.
 
         With labels, only positions that carry a target go through proj, lm_head and the
-        cross-entropy: image and prompt tokens have none (≈ 70 % of a stage-1 row), and at
-        V = 151936 the full logits of one 16384-token row would take ~5 GB in bf16.
+        cross-entropy: image and prompt tokens have none (≈ 70 % of a stage-1 row). Even so, at
+        V = 151936 their logits would take 1.5 GB in bf16 per 16384-token row, so by default
+        (``loss_impl: chunked``) the head and the loss run one vocabulary block at a time.
         """
         if self.config.sequence_parallel:   # [S/tp, B, H] -> [S, B, H]; grad: split back
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
@@ -205,11 +208,18 @@ class GenLIPMegatronModel(MegatronModule):
             return logits.transpose(0, 1).contiguous()
         target = labels.transpose(0, 1)                           # [S, B]
         where = (target != IGNORE_INDEX).nonzero(as_tuple=True)
-        selected = self._proj(hidden[where]).unsqueeze(1)         # [N, 1, T]
-        logits, _ = self.output_layer(selected)                   # [N, 1, V/tp]
-        picked = tensor_parallel.vocab_parallel_cross_entropy(logits, target[where][:, None])
+        selected = self._proj(hidden[where])                      # [N, T]
+        if self.config.loss_impl == "chunked":   # one block of logits alive (model/lm_loss.py)
+            picked = chunked_linear_cross_entropy(
+                selected, self.output_layer.weight, target[where], self.tp_group,
+                self.config.loss_chunk_logits,
+                getattr(self.output_layer, "gradient_accumulation_fusion", False))
+        else:   # "full": all N × V/tp logits at once (the oracle)
+            logits, _ = self.output_layer(selected.unsqueeze(1))  # [N, 1, V/tp]
+            picked = tensor_parallel.vocab_parallel_cross_entropy(
+                logits, target[where][:, None])[:, 0]
         loss = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
-        loss = loss.index_put(where, picked[:, 0].float())        # 0 where labels == -100
+        loss = loss.index_put(where, picked.float())              # 0 where labels == -100
         return loss.transpose(0, 1).contiguous()
 
     def _proj(self, hidden: Tensor) -> Tensor:

@@ -280,6 +280,7 @@ class CheckpointManager:
 
         if self.cfg.save_dir is None:
             raise RuntimeError("checkpoint.save_dir is not set; cannot save.")
+        self._fire_fault("begin", state.step)
         self.finalize_pending(blocking=True)
         final = iteration_dir(self.cfg.save_dir, state.step)
         tmp = sibling(final, TMP)
@@ -420,14 +421,13 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             recover_interrupted_publish(save_dir)
         dist.barrier()
-        done = finished_checkpoints(save_dir)
-        if not self.cfg.resume or not done:
+        done, ckpt = self._decide_resume(save_dir)
+        if ckpt is None:
             if not done and (save_dir / LATEST).exists():
                 _warn_once("%s exists but %s holds no finished checkpoint: starting fresh.",
                            save_dir / LATEST, save_dir)
             self._start_over(save_dir, done)
             return None
-        ckpt = resolve_checkpoint(save_dir, warn=_warn_once)
         newer = [p for p in done if checkpoint_step(p) > checkpoint_step(ckpt)]
         if newer:
             _warn_once("%s names %s, but the newer finished %s exists; following the "
@@ -439,6 +439,30 @@ class CheckpointManager:
                 return state, data_state, ckpt
             except DamagedCheckpoint as exc:
                 ckpt = self._fallback(exc, done)
+
+    def _decide_resume(self, save_dir: Path) -> tuple[list[Path], Optional[Path]]:
+        """(finished checkpoints, the one to resume or None): decided by rank 0, broadcast.
+
+        Each rank listing ``save_dir`` and reading ``latest`` itself could pick different steps
+        (attribute caching on a shared file system, one rank's read error) and then load
+        different steps or hang in the loading collectives; Megatron-LM likewise broadcasts
+        the iteration it read. A failure on rank 0 is raised on every rank.
+        """
+        decision: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                done = finished_checkpoints(save_dir)
+                ckpt = resolve_checkpoint(save_dir, warn=_warn_once) \
+                    if self.cfg.resume and done else None
+                decision = [("ok", [str(p) for p in done], str(ckpt) if ckpt else None)]
+            except Exception as exc:   # noqa: BLE001 - re-raised on every rank below
+                decision = [("error", exc, None)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        kind, value, ckpt = decision[0]
+        if kind == "error":
+            raise value
+        return [Path(p) for p in value], (Path(ckpt) if ckpt else None)
 
     def _fallback(self, exc: "DamagedCheckpoint", done: list[Path]) -> Path:
         """The finished checkpoint before the damaged one, if allowed; else one-line refusal."""

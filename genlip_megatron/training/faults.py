@@ -14,14 +14,20 @@ way a node failure or OOM-kill would (no ``finally`` blocks, no flushing):
 
 A point followed by ``=SIGNAME`` sends that signal instead of SIGKILL, optionally to one rank
 only (``after_step:3=SIGUSR1:rank1``): a scheduler's preemption signal at a known step, for the
-exit-signal drills (training/preemption.py).
+exit-signal drills (training/preemption.py). A point followed by ``=ENOSPC``, ``=EIO``,
+``=EACCES`` or ``=ESTALE`` raises that ``OSError`` there instead (a full disk, a failing file
+system): ``checkpoint:begin=ENOSPC`` makes every save fail before anything is written.
+``=HANG`` makes the process sleep there for good (``after_step:3=HANG:rank1``: a stuck rank, for
+the hang watchdog, training/watchdog.py).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +35,23 @@ ENV = "GENLIP_FAULT_INJECT"
 
 
 def maybe_inject(point: str) -> None:
-    """SIGKILL this process when ``point`` is listed in $GENLIP_FAULT_INJECT."""
+    """SIGKILL this process (or signal it, or raise an OSError) when ``point`` is listed in
+    $GENLIP_FAULT_INJECT."""
     wanted = {p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()}
     for entry in wanted:
         where, _, sig = entry.partition("=")
         name, _, rank = sig.partition(":rank")
-        if sig and where == point and rank in ("", os.environ.get("RANK", "0")):
-            logger.warning("%s: sending %s to this process at %s", ENV, name, point)
-            os.kill(os.getpid(), getattr(signal, name))
+        if not (sig and where == point and rank in ("", os.environ.get("RANK", "0"))):
+            continue
+        if name.startswith("E") and hasattr(errno, name):
+            code = getattr(errno, name)
+            raise OSError(code, f"{os.strerror(code)} ({ENV}: {entry})")
+        if name == "HANG":   # a rank stuck for good (hang-watchdog drills)
+            logger.warning("%s: hanging this process at %s", ENV, point)
+            while True:
+                time.sleep(3600)
+        logger.warning("%s: sending %s to this process at %s", ENV, name, point)
+        os.kill(os.getpid(), getattr(signal, name))
     if point in wanted:
         logger.error("%s: killing the process at %s", ENV, point)
         logging.shutdown()

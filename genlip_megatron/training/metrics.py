@@ -1,4 +1,4 @@
-"""Metric sinks: one ``log(metrics, step)`` call feeds console, JSONL, TensorBoard and W&B.
+"""Metric sinks: one ``log(metrics, step)`` call feeds console, JSONL, TensorBoard, W&B, MLflow.
 
 Keys are ``/``-namespaced and carry their unit (``loss/global_avg``, ``throughput/tps``,
 ``memory/max_allocated(GiB)``, ``data/skipped/<reason>``), as in torchtitan's metrics.
@@ -14,10 +14,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from genlip_megatron.config.training import LoggingConfig
+from genlip_megatron.training.tracking import build_trackers, new_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +170,12 @@ class MetricLogger:
     """Fan-out of metrics to the configured sinks; only the logging rank constructs sinks."""
 
     def __init__(self, cfg: LoggingConfig, enabled: bool, run_config: Optional[dict] = None,
-                 total_steps: int = 0):
+                 total_steps: int = 0, run_id: Optional[str] = None):
         self.cfg = cfg
         self.enabled = enabled
         self.total_steps = total_steps
         self._tb = None
-        self._wandb = None
+        self._trackers: list = []
         self._jsonl = None
         if not enabled:
             return
@@ -181,17 +183,17 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+            text = json.dumps(run_config or {}, indent=1, default=str)
+            self._tb.add_text("config", f"```\n{text}\n```")
+            if cfg.tags:
+                self._tb.add_text("tags", ", ".join(cfg.tags))
         if cfg.jsonl_path:
             Path(cfg.jsonl_path).parent.mkdir(parents=True, exist_ok=True)
             drop_partial_last_line(Path(cfg.jsonl_path))
             self._jsonl = open(cfg.jsonl_path, "a", encoding="utf-8")
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except Exception as exc:  # noqa: BLE001 - optional dependency
-                raise RuntimeError("logging.wandb_project is set but wandb is not importable "
-                                   f"({exc}); pip install wandb or unset it.") from exc
-            self._wandb = wandb.init(project=cfg.wandb_project, config=run_config or {})
+        # W&B and MLflow (tracking.py): same metric dicts, config and tags; a resumed run
+        # passes the run id saved in its checkpoint and continues the same tracker run.
+        self._trackers = build_trackers(cfg, run_id or new_run_id(), run_config)
 
     def log(self, metrics: dict[str, float], step: int, console: bool = True,
             note: str = "") -> None:
@@ -211,8 +213,19 @@ class MetricLogger:
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+        for tracker in self._trackers:
+            tracker.log(metrics, step)
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        """Log uint8 ``[H, W, 3]`` images (e.g. an evaluation gallery) to TensorBoard, W&B and
+        MLflow under their keys."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            for key, img in images.items():
+                self._tb.add_image(key, np.asarray(img), step, dataformats="HWC")
+        for tracker in self._trackers:
+            tracker.log_images(images, step)
 
     def close(self) -> None:
         """Flush and close every sink."""
@@ -220,5 +233,6 @@ class MetricLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

@@ -76,6 +76,21 @@ def build_model_chunks(tconfig, topo: Topology) -> list[torch.nn.Module]:
     return chunks
 
 
+def resolve_distributed_optimizer(p: ParallelConfig, dp: int) -> bool:
+    """``parallel.use_distributed_optimizer`` for this layout (None = auto: on iff DP > 1).
+
+    At DP = 1 the distributed optimizer shards nothing but still copies the whole grad buffer
+    into fp32 main grads and the updated params back (three full-buffer passes per step), so
+    auto switches it off there, with a log line; an explicit true/false is kept.
+    """
+    if p.use_distributed_optimizer is not None:
+        return p.use_distributed_optimizer
+    if dp == 1:
+        logger.info("distributed optimizer off: data-parallel size is 1, nothing to shard "
+                    "(set parallel.use_distributed_optimizer: true to force it)")
+    return dp > 1
+
+
 def wrap_with_ddp(chunks: list, tconfig, p: ParallelConfig) -> list:
     """Wrap each chunk in megatron DDP (only the first chunk uses bucketing overlap)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

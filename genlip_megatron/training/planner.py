@@ -27,8 +27,9 @@ SavedActivationMeter`, unit = ``N·H·b``):
 
 Embeddings (first stage): pixel rows ``P·C·p²·b``, text embeddings ``N·T·b``, token ids. Head
 (last stage): final-LN input (1 unit), selected rows ``n·(H + T)·b`` and fp32 logits
-``n·V/tp·4`` for the ``n`` label positions. Pipeline: the first stage holds
-``min(pp, micro-batches)`` micro-batches of activations (1F1B), interleaved
+``n·V/tp·4`` for the ``n`` label positions (``model.loss_impl: full``), or of one block of
+at most 2^24 logits with the default chunked loss (``model/lm_loss.py``). Pipeline:
+the first stage holds ``min(pp, micro-batches)`` micro-batches of activations (1F1B), interleaved
 ``(pp-1)·2 + (vpp-1)·pp + 1`` chunks.
 
 **Step time**: model FLOPs / (devices · peak · efficiency) + the pipeline bubble
@@ -124,6 +125,7 @@ class Layout:
     micro_batches: int = 1                 # per DP rank per step
     params_bytes: int = 2                  # 4 fp32, 2 bf16
     attention: str = "te"                  # dense | varlen | te | flex
+    loss_impl: str = "chunked"             # chunked | full (model.loss_impl)
 
     def set_flags(self, micro_batch_size: int) -> list[str]:
         """The ``--set`` overrides of this layout."""
@@ -245,10 +247,15 @@ def _activation_bytes(d: ModelDims, lay: Layout, mix: SampleMix, stage: int) -> 
     inflight = _in_flight(lay, stage)
     total = inflight * (chunk + first) + recomputed
     if stage == lay.pp - 1:
-        lab = mix.label_count
-        total += n * d.hidden * b + lab * (d.hidden + d.text_dim) * b \
-            + lab * (d.vocab // lay.tp) * 4
+        lab, shard = mix.label_count, d.vocab // lay.tp
+        logits = lab * shard if lay.loss_impl == "full" else min(lab * shard, CHUNK_LOGITS)
+        total += n * d.hidden * b + lab * (d.hidden + d.text_dim) * b + logits * 4
     return total
+
+
+CHUNK_LOGITS = 2 ** 24
+"""Logits per block of the default chunked loss: ``model/lm_loss.py``'s CHUNK_LOGITS (repeated
+so that the planner CLI stays free of megatron imports; a unit test keeps the two equal)."""
 
 
 @dataclass

@@ -26,16 +26,19 @@ from genlip_megatron.config import RunConfig
 from genlip_megatron.data.batch import PackedBatch
 from genlip_megatron.model.attention_probe import capture_attention_sink
 from genlip_megatron.model.transformer_config import build_transformer_config
+from genlip_megatron.training.agreement import agree_on_startup
 from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
-from genlip_megatron.training.preemption import PreemptionGuard
+from genlip_megatron.training.preemption import PreemptionGuard, StopCheckpointError
+from genlip_megatron.training.tracking import new_run_id
+from genlip_megatron.training.watchdog import HangWatchdog
 from genlip_megatron.training.parallel import Topology, build_model_chunks, build_optimizer, \
     build_scheduler, configure_schedule_hooks, initialize_topology, num_microbatches, \
-    wrap_with_ddp
+    resolve_distributed_optimizer, wrap_with_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +121,17 @@ class Trainer:
             if torch.cuda.is_available() else torch.device("cpu")
         # ---- topology --------------------------------------------------------------
         self.topo: Topology = initialize_topology(cfg.parallel)
+        # Resolved once; the saved config then records what ran (resume checks compare it).
+        cfg.parallel.use_distributed_optimizer = resolve_distributed_optimizer(cfg.parallel,
+                                                                               self.topo.dp)
         set_seeds(cfg.training.seed)
         self.n_micro = num_microbatches(cfg, self.topo)
         # ---- data -------------------------------------------------------------------
-        self.loader = build_microbatch_source(
-            cfg.data, dp_invariant=cfg.training.dp_invariant_data, dp_rank=self.topo.dp_rank,
-            dp_size=self.topo.dp, micro_batch_size=cfg.training.micro_batch_size,
-            per_rank=self.n_micro, seed=cfg.training.seed)
+        self.loader = agree_on_startup("building the data loader", partial(
+            build_microbatch_source, cfg.data, dp_invariant=cfg.training.dp_invariant_data,
+            dp_rank=self.topo.dp_rank, dp_size=self.topo.dp,
+            micro_batch_size=cfg.training.micro_batch_size, per_rank=self.n_micro,
+            seed=cfg.training.seed))
         # ---- model + optimizer --------------------------------------------------------
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision,
                                                init_seed=cfg.training.seed)
@@ -147,7 +154,7 @@ class Trainer:
         # ---- metrics ----------------------------------------------------------------
         self.log_rank = dist.get_rank() == dist.get_world_size() - 1  # last PP stage
         self.metrics = MetricLogger(cfg.logging, self.log_rank, self.config_dict,
-                                    cfg.training.train_steps)
+                                    cfg.training.train_steps, run_id=self._tracking_run_id())
         self.flop_dims = FlopDims.from_model_config(cfg.model)
         self.peak = None if cfg.precision.fp8 else peak_flops_per_device(cfg.logging.peak_tflops)
         self.summary = RunSummary(checkpoint=self.resumed_from,
@@ -160,6 +167,7 @@ class Trainer:
         self.totals = RunTotals(self.state.extra, cfg.model.vocab_size)
         self.held_out = self._build_held_out()
         self._log_startup_summary(config_path, overrides or [])
+        self.watchdog = HangWatchdog(cfg.training.hang_timeout_mins, dist.get_rank())
 
     # ------------------------------------------------------------------------ restore
     def _restore(self) -> TrainingState:
@@ -181,6 +189,16 @@ class Trainer:
             logger.info("initialised model weights from %s (fresh optimizer)", t.init_from)
         return TrainingState()
 
+    def _tracking_run_id(self) -> str:
+        """W&B/MLflow run id: drawn by rank 0 at a fresh start, broadcast, and saved with
+        every checkpoint (TrainingState.extra), so a resumed run continues the same run."""
+        extra = self.state.extra
+        if "tracking_run_id" not in extra:
+            box = [new_run_id() if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            extra["tracking_run_id"] = box[0]
+        return extra["tracking_run_id"]
+
     # ------------------------------------------------------------------------ loop
     def train(self) -> RunSummary:
         """Run until training.train_steps; saves at intervals and at the end."""
@@ -188,8 +206,12 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         while self.state.step < t.train_steps:
+            self.watchdog.beat(self.state.step, f"running step {self.state.step + 1} (data, "
+                               "forward/backward, optimizer)")
             self.state.step += 1
             result = self.train_step()
+            self.watchdog.beat(self.state.step, "finishing it (interval checkpoint, stop "
+                               "agreement)")
             self.summary.losses.append((self.state.step, result.loss, result.skipped))
             if not result.skipped:  # kept in the checkpoint: a relaunched finished run reports it
                 self.summary.final_loss = self.state.extra["final_loss"] = result.loss
@@ -204,10 +226,13 @@ class Trainer:
                 logger.warning("stopping after step %d: %s", self.state.step,
                                self.summary.stopped_early)
                 break
-        if self._final_save_needed():
+        if self.summary.stopped_early:
+            self._save_at_stop()
+        elif self._final_save_needed():
             self.save()
         self.ckpt.finalize_pending(blocking=True)
         self._sync_totals()
+        self.watchdog.close()   # evaluation follows: not a training step
         self.summary.label_counts = self.state.extra["label_counts"]
         self.summary.steps = self.state.step
         return self.summary
@@ -220,12 +245,29 @@ class Trainer:
             return False
         return not c.save_interval or self.state.step % c.save_interval != 0
 
+    def _save_at_stop(self) -> None:
+        """The stop checkpoint; a failure becomes one line and status 1 (never 75), so the
+        scheduler does not requeue a job that cannot write its checkpoint (full disk)."""
+        try:
+            if self._final_save_needed():
+                self.save()
+            self.ckpt.finalize_pending(blocking=True)
+        except Exception as exc:   # noqa: BLE001 - any failure: the stop checkpoint is missing
+            last = self.resumed_from if self.summary.checkpoint is None else \
+                self.summary.checkpoint
+            raise StopCheckpointError(
+                f"stopped after step {self.state.step} ({self.summary.stopped_early}) but its "
+                f"checkpoint could not be written in {self.cfg.checkpoint.save_dir} "
+                f"({type(exc).__name__}: {exc}); not requeued: free space or fix permissions "
+                f"there, then rerun (it resumes from {last or 'the start'}).") from exc
+
     def save(self) -> None:
         """Checkpoint everything needed for an exact resume."""
         for chunk in self.model:  # the overlapped param all-gather must finish first
             if self.cfg.parallel.overlap_param_gather:
                 chunk.start_param_sync(force_sync=True)
         self._sync_totals()  # run totals (consumed, skipped, label histogram) go in the checkpoint
+        self.watchdog.beat(self.state.step, "saving a checkpoint")
         path = self.ckpt.save(self.model, self.optimizer, self.scheduler, self.state,
                               self.loader.state_dict(), self.config_dict)
         self.summary.checkpoint = str(path)
@@ -453,14 +495,17 @@ class Trainer:
         if not self.log_rank:
             return
         c, t, p = self.cfg, self.cfg.training, self.topo
-        sources = "; ".join(str(s.paths) for s in c.data.sources) or "none"
+        sources = "; ".join(str(s.paths or f"{s.path} (energon)") for s in c.data.sources) \
+            or "none"
         resume = (f"resumed from {self.resumed_from} at step {self.state.step}"
                   if self.resumed_from else
                   f"fresh start (weights from {t.init_from})" if t.init_from else "fresh start")
         lines = [f"config {config_path or '-'}; overrides: {' '.join(overrides) or 'none'}",
                  f"model {c.model.variant}: {count.item() / 1e6:.2f}M parameters, "
                  f"{c.model.num_layers} layers, hidden {c.model.hidden_size}, "
-                 f"{c.precision.params_dtype}",
+                 f"{c.precision.params_dtype}, attention {self.tconfig.prefix_attention_backend}"
+                 f" (model.attention_backend: {c.model.attention_backend}), loss "
+                 f"{self.tconfig.loss_impl}",
                  f"layout tp={p.tp} pp={p.pp} vpp={c.parallel.vpp} dp={p.dp} sp={c.parallel.sp} "
                  f"distributed_optimizer={c.parallel.use_distributed_optimizer}; batch "
                  f"micro={t.micro_batch_size} global={t.global_batch_size} "
@@ -473,6 +518,7 @@ class Trainer:
 
     def close(self) -> None:
         """Flush logs, wait for pending checkpoint writes, stop loader workers."""
+        self.watchdog.close()
         self.ckpt.finalize_pending(blocking=True)
         self.preemption.close()
         self.metrics.close()

@@ -18,13 +18,15 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from training_helpers import ROOT, make_tiny_data, pretrain_command, pretrain_env, \
-    read_jsonl_losses, run_pretrain, tiny_overrides
+from training_helpers import ROOT, TINY_CONFIG, make_tiny_data, pretrain_command, \
+    pretrain_env, read_jsonl_losses, run_pretrain, tiny_overrides
 
 from genlip_megatron.training.checkpoint_layout import finished_checkpoints, read_latest
 
@@ -181,4 +183,92 @@ def test_soak_random_sigkills_and_damage_end_with_the_uninterrupted_curve(data_d
     pick = lambda line: re.search(r"final_loss=\S+ unigram_loss=\S+", line).group(0)  # noqa: E731
     assert pick(final) == pick(want_line), (final, want_line)
     assert (save / "latest").read_text().strip() == f"iter_{STEPS:07d}"
+    assert not list(save.glob("iter_*.tmp")) and not list(save.glob("iter_*.old"))
+
+
+# ---------------------------------------------------------------------------- 2 ranks
+NODE_SCRIPT = ROOT / "examples" / "slurm" / "torchrun_node.sh"
+STEPS_2 = 12
+
+
+def _node_env(fault: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_", "GENLIP_")) and k != "OMP_NUM_THREADS"}
+    env.update(GENLIP_PYTHON=sys.executable, GENLIP_NPROC_PER_NODE="2", PYTHONPATH=str(ROOT),
+               GENLIP_FAULT_INJECT=fault)
+    return env
+
+
+def _node_cmd(data_dir: Path, save: Path) -> list[str]:
+    sets = tiny_overrides(data_dir, save, training__train_steps=STEPS_2,
+                          checkpoint__save_interval=2, checkpoint__keep_last=2,
+                          data__reader__num_workers=2)
+    return ["bash", str(NODE_SCRIPT), "--config", str(TINY_CONFIG), "--set", *sets]
+
+
+def _ranks(script_pid: int) -> list[psutil.Process]:
+    """The two training processes (torchrun's children) under torchrun_node.sh."""
+    out = []
+    for p in psutil.Process(script_pid).children(recursive=True):
+        try:
+            if "pretrain_genlip.py" in " ".join(p.cmdline()) \
+                    and "torch.distributed.run" in " ".join(p.parent().cmdline()):
+                out.append(p)
+        except psutil.Error:   # exited meanwhile (a loader worker, a rank that just died)
+            continue
+    return out
+
+
+def _launch_2(data_dir: Path, save: Path, fault: str = "", kill_after_step: bool = False,
+              rng: random.Random | None = None) -> tuple[int, str]:
+    """One torchrun_node.sh launch; optionally SIGKILL one rank at a random moment after its
+    first new step (in a step, its all-reduce, a save or the loader)."""
+    jsonl, before = save / "metrics.jsonl", len(_records(save / "metrics.jsonl"))
+    log = save.parent / "launch.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_node_cmd(data_dir, save), cwd=ROOT, env=_node_env(fault),
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while kill_after_step and proc.poll() is None and time.monotonic() < deadline:
+            if len(_records(jsonl)) > before:
+                time.sleep(rng.uniform(0.0, 0.6))
+                ranks = _ranks(proc.pid)
+                if ranks:
+                    rng.choice(ranks).kill()
+                break
+            time.sleep(0.05)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
+                p.kill()
+            raise
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.slow
+def test_two_rank_soak_with_loader_workers_ends_with_the_uninterrupted_curve(data_dir,
+                                                                             tmp_path):
+    """2 ranks × 2 loader workers under torchrun_node.sh, killed four times: one rank after a
+    step, both inside a save (shards written, not published), one rank at a random moment,
+    both between the rename and ``latest``; the final curve equals an uninterrupted run's."""
+    ref_dir, save = tmp_path / "ref" / "run", tmp_path / "soak" / "run"
+    rc, out = _launch_2(data_dir, ref_dir)
+    assert rc == 0, out[-4000:]
+    want = read_jsonl_losses(ref_dir / "metrics.jsonl")
+    assert sorted(want) == list(range(1, STEPS_2 + 1))
+    rng = random.Random(SEED)
+    plan = [dict(fault="after_step:3=SIGKILL:rank1"), dict(fault="checkpoint:after_shards:step=6"),
+            dict(kill_after_step=True, rng=rng), dict(fault="checkpoint:renamed:step=10")]
+    events = []
+    for kill in plan:
+        resume = _resume_step(save)
+        rc, out = _launch_2(data_dir, save, **kill)
+        events.append((kill.get("fault", "timed"), resume, rc))
+        assert rc != 0, f"launch survived its kill {events}:\n{out[-4000:]}"
+    rc, out = _launch_2(data_dir, save)
+    assert rc == 0 and f"RUN steps={STEPS_2} " in out, (events, out[-4000:])
+    assert read_jsonl_losses(save / "metrics.jsonl") == want, f"curve differs after {events}"
+    assert (save / "latest").read_text().strip() == f"iter_{STEPS_2:07d}"
     assert not list(save.glob("iter_*.tmp")) and not list(save.glob("iter_*.old"))

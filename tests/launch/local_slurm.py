@@ -1,6 +1,7 @@
 """A throw-away single-host Slurm cluster on loopback for tests (Debian packages, root).
 
-Recipe (measured on the CI machine): slurmctld + slurmd with proctrack/linuxproc
+Recipe (measured on the CI machine): slurmctld + slurmd with proctrack/linuxproc (or
+proctrack/pgid, see LocalSlurm)
 and task/none (no cgroups, no systemd), auth/none (no munged to run), a fresh state directory
 and free ports per cluster. Every daemon is stopped by the PID it wrote. A requeued job may
 start again only after the job credential expired (cred_expire, default 120 s) and is then
@@ -57,7 +58,11 @@ def install(timeout: int = 300) -> Optional[str]:
 class LocalSlurm:
     """slurmctld + slurmd for this host, one partition, state under ``state_dir``."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, proctrack: str = "linuxproc"):
+        """``proctrack``: ``linuxproc`` signals every descendant of a step; ``pgid`` only the
+        step's process group, so a process in its own session (torchrun's workers) is reached
+        only by what the scripts do themselves, as on a cluster whose proctrack does not
+        signal such descendants (proctrack/cgroup needs a cgroup mount this host may lack)."""
         self.dir = Path(state_dir)
         for sub in ("state", "spool", "log"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -78,7 +83,7 @@ SlurmctldPidFile={self.dir}/slurmctld.pid
 SlurmdPidFile={self.dir}/slurmd.pid
 SlurmctldLogFile={self.dir}/log/slurmctld.log
 SlurmdLogFile={self.dir}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/{proctrack}
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

@@ -1,19 +1,24 @@
 """The project's sbatch scripts on a real (single-host, loopback) Slurm 22.05 cluster.
 
 Installs Slurm from Debian packages when missing (skips with the reason without root/apt),
-submits examples/slurm/pretrain.sbatch unchanged (environment overrides and sbatch options
-only: 2 tasks, CPU, the tiny config) and checks that
+submits the examples/slurm/ scripts unchanged (environment overrides and sbatch options only: 2
+tasks, CPU, the tiny config, loader workers on) to a cluster with proctrack/pgid, which signals a
+step's process group only: torchrun's workers (each in its own session) are reached only through
+torchrun_node.sh. It checks that
 
 - a job completes and writes its log into logs/ of a fresh checkout;
 - ``scancel --batch --signal=USR1`` (what ``#SBATCH --signal=B:USR1@300`` delivers) makes the
   ranks checkpoint at the step where it arrived, the script requeues the job, and the requeued
-  run resumes from exactly that step: per-step losses equal the uninterrupted job's.
+  run resumes from exactly that step: per-step losses equal the uninterrupted job's;
+- a plain ``scancel`` (SIGTERM to every step) also checkpoints at that step, and the job is not
+  requeued (torchrun variant).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +35,7 @@ def slurm(tmp_path_factory):
     reason = unavailable_reason() or install()
     if reason:
         pytest.skip(reason)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), proctrack="pgid")
     try:
         cluster.start()
         yield cluster
@@ -51,7 +56,8 @@ def submit(slurm: LocalSlurm, data_dir: Path, save_dir: Path, torchrun: bool = F
     env = {**slurm.env, "GENLIP_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     for key in ("MASTER_PORT", "MASTER_ADDR", "OMP_NUM_THREADS"):
         env.pop(key, None)   # the scripts derive them from the allocation
-    sets = tiny_overrides(data_dir, save_dir, training__train_steps=STEPS)
+    sets = tiny_overrides(data_dir, save_dir, training__train_steps=STEPS,
+                          data__reader__num_workers=2)
     if torchrun:  # one torchrun (task) on the node, two processes
         env["GENLIP_NPROC_PER_NODE"] = "2"
         cmd = ["sbatch", "--parsable", "--cpus-per-task", "2", "--time", "10",
@@ -116,3 +122,23 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm, data_dir,
              for line in metrics.read_text().splitlines() if '"loss/global_avg"' in line]
     assert steps == list(range(1, STEPS + 1)), steps
     assert read_jsonl_losses(metrics) == ref
+
+
+def test_plain_scancel_checkpoints_and_is_not_requeued(slurm, data_dir, tmp_path):
+    """Through torchrun_node.sh (the requeue rule is the same code in both sbatch scripts)."""
+    job = submit(slurm, data_dir, tmp_path, torchrun=True)
+    metrics = tmp_path / "metrics.jsonl"
+    slurm.wait(job, timeout=300, until=lambda info: metrics.is_file()
+               and len(metrics.read_text().splitlines()) >= 2)
+    slurm.run(["scancel", job])
+    slurm.wait(job, timeout=120)   # KillWait (10 s) bounds the save
+    time.sleep(3)   # a requeue (the bug) would show up as PENDING/RUNNING again by now
+    info = slurm.job(job)
+    log = job_log(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, log[-6000:])
+    stopped = [line for line in log.splitlines() if line.startswith("STOPPED steps=")]
+    assert stopped, log[-6000:]
+    step = int(stopped[0].split()[1].split("=")[1])
+    assert step < STEPS and (tmp_path / "latest").read_text().strip() == f"iter_{step:07d}"
+    # (the script's own "not requeueing" line may be cut off by Slurm's kill after KillWait)
+    assert "requeueing job" not in log, log[-6000:]

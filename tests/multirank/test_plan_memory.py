@@ -72,7 +72,8 @@ def measure_and_predict(sets: list[str]) -> tuple[float, float, str]:
             distributed_optimizer=p.use_distributed_optimizer,
             recompute=p.recompute.granularity, micro_batches=trainer.n_micro,
             params_bytes=4 if cfg.precision.params_dtype == "fp32" else 2,
-            attention=cfg.model.attention_backend)
+            attention=trainer.tconfig.prefix_attention_backend,     # "auto" resolved
+            loss_impl=trainer.tconfig.loss_impl)
         mix = planner.SampleMix(batch.tokens.shape[1], batch.tokens.shape[0],
                                 tuple(batch.image_lens.tolist()),
                                 tuple(batch.text_lens.tolist()), labels=batch.num_loss_tokens)

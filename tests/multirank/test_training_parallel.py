@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from training_helpers import TINY_CONFIG, assert_losses_close, read_golden, \
@@ -194,6 +195,14 @@ def test_run_totals_count_every_data_parallel_rank(layout, data_dir):
     cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + LAYOUTS_2[layout] +
                       ["training.train_steps=3"]).validate(world_size=2)
     trainer = Trainer(cfg)
+    local = torch.zeros(2, dtype=torch.int64)   # this rank's samples, tokens
+    count_batch = trainer.totals.add_batch
+
+    def counting(samples, tokens, *args):
+        local.add_(torch.tensor([samples, tokens]))
+        count_batch(samples, tokens, *args)
+
+    trainer.totals.add_batch = counting
     try:
         loss_tokens = 0
         while trainer.state.step < 3:
@@ -202,7 +211,9 @@ def test_run_totals_count_every_data_parallel_rank(layout, data_dir):
         trainer._sync_totals()
         extra = trainer.state.extra
         assert int(extra["label_counts"].sum()) == loss_tokens
-        assert extra["consumed_samples"] > 0 and extra["skipped_steps"] == 0
+        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+        assert local[0] > 0 and extra["skipped_steps"] == 0
+        assert [extra["consumed_samples"], extra["consumed_tokens"]] == local.tolist()
     finally:
         trainer.close()
         parallel_state.destroy_model_parallel()

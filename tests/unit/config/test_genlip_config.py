@@ -52,8 +52,8 @@ def test_unknown_key_names_the_key_and_suggests():
 def test_wrong_type_and_choice():
     with pytest.raises(ConfigError, match="training.train_steps must be an integer"):
         config_from_dict({"training": {"train_steps": "many"}})
-    with pytest.raises(ConfigError, match=r"model.attention_backend is 'flash'.*\['dense', "
-                                          r"'flex', 'te', 'varlen'\]"):
+    with pytest.raises(ConfigError, match=r"model.attention_backend is 'flash'.*\['auto', "
+                                          r"'dense', 'flex', 'te', 'varlen'\]"):
         config_from_dict({"model": {"attention_backend": "flash"}})
 
 

@@ -462,12 +462,8 @@ def test_native_stderr_goes_to_the_debug_log(caplog, capfd):
                for r in caplog.records)
 
 
-# Python 3.13 (newest-stack lane): the sandbox's os.fork() from a worker that runs DALI's threads
-# intermittently leaves a child deadlocked until its 120 s timeout, so this drill, which forces
-# many real crashes and bisections, overran 240 s in 1 of 2 lane runs. Known gap (closing note);
-# the simulated-crash containment test above still runs there.
-@pytest.mark.skipif(sys.version_info >= (3, 13), reason="fork() from DALI-threaded workers can "
-                    "deadlock on Python 3.13; real-crash drill runs on the main lane only")
+# Runs on both lanes: the sandbox starts fresh helper processes (subprocess), never a bare fork()
+# of the DALI-threaded worker, which intermittently deadlocked on Python 3.13.
 def test_real_dali_segfaults_are_contained(tmp_path, data_root, monkeypatch):
     """With the pre-validation switched off, truncated PNGs fail DALI batches again and again,
     which segfaults DALI's CPU decoder every few hundred samples (seen 2–6 times per 2000

@@ -1,5 +1,8 @@
 """Shard assignment, block-shuffled streams with cursors, and source mixing."""
 
+import io
+import tarfile
+
 import numpy as np
 import pytest
 from webdataset.tariterators import tarfile_samples
@@ -102,3 +105,20 @@ def test_tar_reader_groups_like_webdataset(data_root):
     assert not errors and len(ours) == len(ref) == 40
     for a, b in zip(ours, ref):
         assert a == {k: v for k, v in b.items() if k != "__local_path__"}
+
+
+def test_tar_reader_goes_on_after_a_duplicate_key(tmp_path):
+    """Keys a, b, a, c: the second a is flagged, and c (after it, not last) still comes back."""
+    url = tmp_path / "dup.tar"
+    with tarfile.open(url, "w") as tar:
+        for key in ("a", "b", "a", "c"):
+            for ext, data in (("txt", key.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    errors = []
+    got = [(s["__key__"], s["txt"], s.get("__duplicate__", False))
+           for s in iter_tar_samples(str(url), errors)]
+    assert not errors
+    assert got == [("a", b"a", False), ("b", b"b", False), ("a", b"a", True),
+                   ("c", b"c", False)]

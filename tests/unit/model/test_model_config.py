@@ -29,7 +29,8 @@ def test_genlip_architecture_flags():
     assert (c.text_dim, c.vocab_size, c.patch_dim) == (48, 256, 768)
     assert (list(c.mrope_section), c.rope_theta, c.layerscale_init) == ([2, 3, 3], 1e4, 0.1)
     assert c.params_dtype == torch.bfloat16 and c.bf16 and c.pipeline_dtype == torch.bfloat16
-    assert c.transformer_impl == "local" and c.prefix_attention_backend == "dense"
+    assert c.transformer_impl == "local" and c.prefix_attention_backend == "varlen"  # auto, CPU
+    assert c.loss_impl == "chunked" and c.loss_chunk_logits == 2 ** 24
     t = torch.empty(4000)
     c.init_method(t)
     assert abs(t.std() - 0.02) < 0.002 and c.output_layer_init_method is not None
@@ -110,3 +111,25 @@ def test_fp8_emulation_selects_emulated_linears_per_layer(mp_state):
     plain = GenLIPMegatronModel(_build(precision=PrecisionConfig(params_dtype="fp32"),
                                        num_layers=4))
     assert plain.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("requested, cuda, impl, dropout, want", [
+    ("auto", False, "local", 0.0, "varlen"),      # CPU: per-sample SDPA
+    ("auto", True, "local", 0.0, "flex"),         # GPU without TE layers
+    ("auto", True, "te", 0.0, "te"),              # GPU with TE layers
+    ("auto", True, "te", 0.1, "te"),              # TE has attention dropout
+    ("auto", False, "local", 0.1, "dense"),       # flex/varlen have none: the oracle
+    ("auto", True, "local", 0.1, "dense"),
+    ("dense", True, "te", 0.0, "dense"),          # explicit choices are kept
+    ("varlen", True, "local", 0.0, "varlen"),
+])
+def test_auto_attention_backend(requested, cuda, impl, dropout, want):
+    from genlip_megatron.model.transformer_config import resolve_attention_backend
+
+    assert resolve_attention_backend(requested, cuda, impl, dropout) == want
+
+
+def test_dense_only_when_asked():
+    assert _build().prefix_attention_backend == "varlen"
+    assert _build(attention_backend="dense").prefix_attention_backend == "dense"
+    assert _build(attention_dropout=0.1).prefix_attention_backend == "dense"

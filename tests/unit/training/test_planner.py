@@ -91,3 +91,12 @@ def test_cli_prints_layouts_and_refuses_bad_input_in_one_line():
     bad = _cli("--preset", "Q/16")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: model.variant 'Q/16'")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_head_memory_follows_the_loss_impl():
+    d = planner.ModelDims.from_model_config(decode_variant("L/16"))
+    mix = planner.SampleMix.uniform(16384, 1, 196, 200)        # 41 samples, 8159 labels
+    chunked, full = (planner.memory_per_rank(d, planner.Layout(tp=1, pp=1, dp=8, loss_impl=impl),
+                                             mix)[0].activations for impl in ("chunked", "full"))
+    # full keeps every label row's fp32 logits, chunked one block of 2^24
+    assert full - chunked == pytest.approx((mix.label_count * d.vocab - 2 ** 24) * 4)
