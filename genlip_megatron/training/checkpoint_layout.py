@@ -7,6 +7,11 @@ Layout of ``save_dir``::
     iter_0000200.old/        the previous copy of a re-saved step, moved aside during the swap
     iter_0000050.removing/   a checkpoint being pruned (renamed first, then deleted)
     latest                   text file naming the newest finished checkpoint ("iter_0000200")
+    iter_0000300.superseded-20261206T071500/   a finished checkpoint of an abandoned line of
+                             training (the run resumed from an older one): kept, never chosen,
+                             never pruned (:func:`supersede_checkpoint`)
+    .lock                    held (``flock``) by the job training into this save_dir
+                             (:func:`lock_save_dir`); names the holder's job id, host and pid
 
 Publish protocol (:func:`publish_checkpoint`): a save writes into ``iter_N.tmp``; once every shard
 is on disk the :data:`COMPLETE` marker is written (and fsynced) into it, an existing ``iter_N``
@@ -31,10 +36,14 @@ without loading the training stack.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,6 +58,11 @@ METADATA = "metadata.json"
 """megatron ``dist_checkpointing``'s backend file, written after every shard of a save."""
 TMP, OLD, REMOVING = ".tmp", ".old", ".removing"
 """Suffixes of the sibling directories that are never a finished checkpoint."""
+SUPERSEDED = ".superseded-"
+"""Infix of a finished checkpoint moved aside, followed by a UTC timestamp: never a finished
+checkpoint again (the name is no exact ``iter_N``), never pruned."""
+LOCK = ".lock"
+"""Lock file in ``save_dir``: ``flock``-ed by the one job training into it."""
 
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -288,3 +302,82 @@ def prune_checkpoints(save_dir: Path, keep: Path, keep_last: int) -> None:
                 remove_checkpoint(old)
     for stale in [*save_dir.glob("iter_*" + TMP), *save_dir.glob("iter_*" + REMOVING)]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def supersede_checkpoint(path: Path) -> Path:
+    """Move a finished checkpoint aside to ``iter_N.superseded-<UTC time>`` and return that.
+
+    Used when a run resumed from an older checkpoint and its new line of training would
+    replace (or prune) the newer ones: those are kept, under a name that is never chosen,
+    pruned or recovered, for the user to inspect or delete.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}{SUPERSEDED}{stamp}")
+    suffix = 0
+    while aside.exists():   # two in one second: never overwrite a kept copy
+        suffix += 1
+        aside = path.with_name(f"{path.name}{SUPERSEDED}{stamp}-{suffix}")
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    return aside
+
+
+# ------------------------------------------------------------------------------ lock
+class SaveDirInUse(CheckpointError):
+    """Another live job holds the ``save_dir`` lock."""
+
+
+def _holder_description(lock_path: Path) -> str:
+    """"job J on host H (pid P)" from the lock file, as far as it can be read."""
+    try:
+        fields = dict(line.split("=", 1) for line in
+                      lock_path.read_text(encoding="utf-8").splitlines() if "=" in line)
+    except OSError:
+        fields = {}
+    job, host = fields.get("job", "?"), fields.get("host", "?")
+    pid = fields.get("pid", "?")
+    text = f"job {job} on host {host} (pid {pid})"
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        text += (f"; pid {pid} has exited, so a process it started still holds the lock "
+                 f"(find it with: fuser {lock_path})")
+    return text
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_save_dir(save_dir: str | Path, job_id: str) -> int:
+    """Take the exclusive lock of ``save_dir`` for this process's lifetime; returns its fd.
+
+    Two jobs training into one save_dir (a resubmitted config) would prune and rename each
+    other's checkpoints. ``flock`` is released by the kernel when the holder dies (SIGKILL,
+    node loss on a local or NFS file system), so a stale lock never blocks a requeued job. The
+    holder's job id, host and pid are written into the file for the refusal message.
+    Keep the returned descriptor open; close it (or exit) to release.
+
+    Raises:
+        SaveDirInUse: another process holds the lock (one line naming it).
+    """
+    lock_path = Path(save_dir) / LOCK
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise SaveDirInUse(
+            f"checkpoint.save_dir {save_dir} is in use by {_holder_description(lock_path)}; "
+            "wait for that job to end (or cancel it), or choose another checkpoint.save_dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"job={job_id}\nhost={socket.gethostname()}\npid={os.getpid()}\n".encode())
+    os.fsync(fd)
+    return fd
