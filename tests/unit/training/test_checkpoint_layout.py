@@ -154,6 +154,46 @@ def test_publish_marks_renames_and_points_latest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "latest"]
 
 
+
+def test_a_superseded_checkpoint_is_kept_but_never_chosen_pruned_or_recovered(tmp_path):
+    for step in (4, 8):
+        _finished(iteration_dir(tmp_path, step))
+    aside = layout.supersede_checkpoint(iteration_dir(tmp_path, 8))
+    assert aside.name.startswith("iter_0000008.superseded-") and is_finished(aside) is False
+    again = layout.supersede_checkpoint(_finished(iteration_dir(tmp_path, 8)))
+    assert again != aside and again.is_dir() and aside.is_dir()   # never overwrites a kept copy
+    write_latest(tmp_path, "iter_0000004")
+    assert _names(finished_checkpoints(tmp_path)) == ["iter_0000004"]
+    assert resolve_checkpoint(tmp_path) == iteration_dir(tmp_path, 4)
+    assert recover_interrupted_publish(tmp_path) == []
+    layout.prune_checkpoints(tmp_path, iteration_dir(tmp_path, 4), keep_last=1)
+    assert aside.is_dir() and again.is_dir()
+
+
+def test_the_save_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    fd = layout.lock_save_dir(tmp_path, "4242")
+    try:
+        # flock belongs to the open file description: a second open conflicts even here
+        with pytest.raises(layout.SaveDirInUse) as err:
+            layout.lock_save_dir(tmp_path, "777")
+        assert str(err.value).startswith(f"checkpoint.save_dir {tmp_path} is in use by job 4242")
+        assert f"(pid {os.getpid()})" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        os.close(fd)
+    os.close(layout.lock_save_dir(tmp_path, "777"))   # released: the next job takes it
+    assert "job=777" in (tmp_path / layout.LOCK).read_text()
+
+
+def test_a_lock_held_by_a_dead_process_does_not_block(tmp_path):
+    """flock dies with its holder (SIGKILL, no clean-up): a requeued job is never blocked."""
+    code = ("import os, sys; from genlip_megatron.training.checkpoint_layout import "
+            f"lock_save_dir; lock_save_dir({str(tmp_path)!r}, 'old'); os.kill(os.getpid(), 9)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
+    assert done.returncode == -9
+    os.close(layout.lock_save_dir(tmp_path, "new"))
+
+
 # ------------------------------------------------------------------------------ all readers
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
