@@ -4,7 +4,8 @@ The folder layout of ``save_dir`` (``iter_N``, ``.tmp``/``.old`` siblings, ``COM
 ``latest``), the crash-safe publish protocol and the rule for which checkpoint a save dir means
 live in :mod:`genlip_megatron.training.checkpoint_layout`, shared with ``to-hf`` and the probes.
 Resume follows that rule; a damaged checkpoint is refused naming the file, offering the
-previous one.
+previous one; a transient read error is retried, never taken for damage; resuming an older
+checkpoint keeps the newer finished ones aside.
 
 What is sharded how:
 - model / optimizer: megatron ShardedTensors; the distributed optimizer uses the
