@@ -14,7 +14,7 @@ Layout of ``save_dir``::
                              (:func:`lock_save_dir`); names the holder's job id, host and pid
 
 Publish protocol (:func:`publish_checkpoint`): a save writes into ``iter_N.tmp``; once every shard
-is on disk the :data:`COMPLETE` marker is written (and fsynced) into it, an existing ``iter_N``
+is on disk its files and the folder are fsynced, the :data:`COMPLETE` marker is written (and fsynced) into it, an existing ``iter_N``
 is moved aside to ``iter_N.old`` (never deleted before the new copy is in place), ``.tmp`` is
 renamed to ``iter_N`` and ``latest`` is replaced atomically (write, fsync, rename, fsync dir).
 A crash at any instant leaves a finished copy of every published step, and
@@ -165,6 +165,25 @@ def mark_complete(tmp: Path, name: str) -> None:
     _write_durable(tmp / COMPLETE, name + "\n")
 
 
+def sync_files(folder: Path) -> None:
+    """fsync every file directly in ``folder`` (megatron's ``metadata.json`` and ``common.pt``
+    included), then the folder itself.
+
+    torch DCP fsyncs the shards it writes, but not megatron's own files; without this a power
+    loss after ``latest`` moved and older checkpoints were pruned could leave the only
+    "finished" checkpoint with an empty ``metadata.json``. Files already on disk cost one
+    cheap ``fsync`` each.
+    """
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
 def _write_durable(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -229,6 +248,7 @@ def publish_checkpoint(tmp: Path, final: Path, fault=lambda point: None) -> None
     back into ``final``; ``latest`` always names a finished checkpoint. ``fault(point)`` is the
     fault-injection hook of the crash tests.
     """
+    sync_files(tmp)
     mark_complete(tmp, final.name)
     fault("marked")
     old = sibling(final, OLD)

@@ -194,6 +194,26 @@ def test_a_lock_held_by_a_dead_process_does_not_block(tmp_path):
     os.close(layout.lock_save_dir(tmp_path, "new"))
 
 
+
+def test_publish_fsyncs_the_save_before_marking_it_complete(tmp_path, monkeypatch):
+    tmp = _finished(tmp_path / "iter_0000006.tmp")
+    (tmp / "common.pt").write_bytes(b"common")
+    (tmp / "__0_0.distcp").write_bytes(b"shard")
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(layout.os, "fsync", recording_fsync)
+    publish_checkpoint(tmp, iteration_dir(tmp_path, 6))
+    marker = synced.index(str(tmp / COMPLETE))
+    for name in ("metadata.json", "common.pt", "__0_0.distcp"):
+        assert synced.index(str(tmp / name)) < marker, synced
+    assert synced.index(str(tmp)) < marker, synced   # the folder's entries too
+
+
 # ------------------------------------------------------------------------------ all readers
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
