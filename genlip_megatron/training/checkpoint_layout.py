@@ -10,7 +10,7 @@ Layout of ``save_dir``::
     iter_0000300.superseded-20261206T071500/   a finished checkpoint of an abandoned line of
                              training (the run resumed from an older one): kept, never chosen,
                              never pruned (:func:`supersede_checkpoint`)
-    .lock                    held (``flock``) by the job training into this save_dir
+    .lock                    locked (``lockf``) by the job training into this save_dir
                              (:func:`lock_save_dir`); names the holder's job id, host and pid
 
 Publish protocol (:func:`publish_checkpoint`): a save writes into ``iter_N.tmp``; once every shard
@@ -62,7 +62,7 @@ SUPERSEDED = ".superseded-"
 """Infix of a finished checkpoint moved aside, followed by a UTC timestamp: never a finished
 checkpoint again (the name is no exact ``iter_N``), never pruned."""
 LOCK = ".lock"
-"""Lock file in ``save_dir``: ``flock``-ed by the one job training into it."""
+"""Lock file in ``save_dir``: locked (``lockf``) by the one job training into it."""
 
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -354,33 +354,21 @@ def _holder_description(lock_path: Path) -> str:
                       lock_path.read_text(encoding="utf-8").splitlines() if "=" in line)
     except OSError:
         fields = {}
-    job, host = fields.get("job", "?"), fields.get("host", "?")
-    pid = fields.get("pid", "?")
-    text = f"job {job} on host {host} (pid {pid})"
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        text += (f"; pid {pid} has exited, so a process it started still holds the lock "
-                 f"(find it with: fuser {lock_path})")
-    return text
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return (f"job {fields.get('job', '?')} on host {fields.get('host', '?')} "
+            f"(pid {fields.get('pid', '?')})")
 
 
 def lock_save_dir(save_dir: str | Path, job_id: str) -> int:
     """Take the exclusive lock of ``save_dir`` for this process's lifetime; returns its fd.
 
     Two jobs training into one save_dir (a resubmitted config) would prune and rename each
-    other's checkpoints. ``flock`` is released by the kernel when the holder dies (SIGKILL,
-    node loss on a local or NFS file system), so a stale lock never blocks a requeued job. The
+    other's checkpoints. A POSIX record lock (``lockf``, native on NFS and on Lustre mounted
+    with ``flock``) is released by the kernel when the holder dies (SIGKILL, OOM-kill), so a
+    stale lock never blocks a requeued job; unlike ``flock`` it is not shared with forked
+    children, so a loader worker that outlives a killed trainer does not keep it. The
     holder's job id, host and pid are written into the file for the refusal message.
-    Keep the returned descriptor open; close it (or exit) to release.
+    Keep the returned descriptor open and open the file nowhere else in this process (closing
+    any descriptor of it releases a POSIX lock); close it (or exit) to release.
 
     Raises:
         SaveDirInUse: another process holds the lock (one line naming it).
@@ -388,7 +376,7 @@ def lock_save_dir(save_dir: str | Path, job_id: str) -> int:
     lock_path = Path(save_dir) / LOCK
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

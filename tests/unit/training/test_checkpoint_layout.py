@@ -170,29 +170,49 @@ def test_a_superseded_checkpoint_is_kept_but_never_chosen_pruned_or_recovered(tm
     assert aside.is_dir() and again.is_dir()
 
 
+def _try_lock(save_dir: Path, job: str, then: str = "") -> subprocess.CompletedProcess:
+    """Another process takes the save_dir lock (prints OK or the refusal), then runs ``then``."""
+    code = ("import os, sys, time\n"
+            "from genlip_megatron.training.checkpoint_layout import SaveDirInUse, lock_save_dir\n"
+            f"try:\n    lock_save_dir({str(save_dir)!r}, {job!r})\n"
+            "except SaveDirInUse as exc:\n    print(exc); sys.exit(2)\n"
+            f"print('OK', flush=True)\n{then}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=120,
+                          capture_output=True, text=True)
+
+
 def test_the_save_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     fd = layout.lock_save_dir(tmp_path, "4242")
     try:
-        # flock belongs to the open file description: a second open conflicts even here
-        with pytest.raises(layout.SaveDirInUse) as err:
-            layout.lock_save_dir(tmp_path, "777")
-        assert str(err.value).startswith(f"checkpoint.save_dir {tmp_path} is in use by job 4242")
-        assert f"(pid {os.getpid()})" in str(err.value) and "\n" not in str(err.value)
+        refused = _try_lock(tmp_path, "777")
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stdout.startswith(
+            f"checkpoint.save_dir {tmp_path} is in use by job 4242 on host ")
+        assert f"(pid {os.getpid()}); wait" in refused.stdout
+        assert refused.stdout.count("\n") == 1
     finally:
         os.close(fd)
-    os.close(layout.lock_save_dir(tmp_path, "777"))   # released: the next job takes it
+    assert _try_lock(tmp_path, "777").stdout == "OK\n"   # released: the next job takes it
     assert "job=777" in (tmp_path / layout.LOCK).read_text()
 
 
-def test_a_lock_held_by_a_dead_process_does_not_block(tmp_path):
-    """flock dies with its holder (SIGKILL, no clean-up): a requeued job is never blocked."""
-    code = ("import os, sys; from genlip_megatron.training.checkpoint_layout import "
-            f"lock_save_dir; lock_save_dir({str(tmp_path)!r}, 'old'); os.kill(os.getpid(), 9)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
-    assert done.returncode == -9
-    os.close(layout.lock_save_dir(tmp_path, "new"))
-
+def test_a_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
+    """SIGKILLed holder (no clean-up) whose forked child (a loader worker) lives on: a
+    requeued job is not blocked."""
+    child_pid = tmp_path / "child.pid"
+    killed = _try_lock(tmp_path, "old", then=(
+        "pid = os.fork()\n"
+        "if pid == 0:\n    os.closerange(0, 3); time.sleep(60); os._exit(0)\n"
+        f"open({str(child_pid)!r}, 'w').write(str(pid))\n"
+        "os.kill(os.getpid(), 9)"))
+    assert killed.returncode == -9 and killed.stdout == "OK\n", killed.stderr
+    pid = int(child_pid.read_text())
+    try:
+        os.kill(pid, 0)   # the forked child is still alive
+        assert _try_lock(tmp_path, "new").stdout == "OK\n"
+    finally:
+        os.kill(pid, 9)
 
 
 def test_publish_fsyncs_the_save_before_marking_it_complete(tmp_path, monkeypatch):
