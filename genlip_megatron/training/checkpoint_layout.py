@@ -358,8 +358,13 @@ def _holder_description(lock_path: Path) -> str:
             f"(pid {fields.get('pid', '?')})")
 
 
-def lock_save_dir(save_dir: str | Path, job_id: str) -> int:
-    """Take the exclusive lock of ``save_dir`` for this process's lifetime; returns its fd.
+_NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+"""A file system without locks (Lustre ``noflock``, some FUSE mounts): warn, do not refuse."""
+
+
+def lock_save_dir(save_dir: str | Path, job_id: str) -> Optional[int]:
+    """Take the exclusive lock of ``save_dir`` for this process's lifetime; returns its fd
+    (None, after a warning, where the file system supports no locks).
 
     Two jobs training into one save_dir (a resubmitted config) would prune and rename each
     other's checkpoints. A POSIX record lock (``lockf``, native on NFS and on Lustre mounted
@@ -379,6 +384,11 @@ def lock_save_dir(save_dir: str | Path, job_id: str) -> int:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
+        if exc.errno in _NO_LOCKING:
+            logger.warning("%s cannot be locked (%s: the file system does not support locks): "
+                           "a second job on this save_dir will not be detected.", lock_path,
+                           os.strerror(exc.errno))
+            return None
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
         raise SaveDirInUse(

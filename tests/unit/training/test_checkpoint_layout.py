@@ -317,3 +317,14 @@ def test_to_hf_probes_and_trainer_resume_pick_the_same_checkpoint(
     assert chosen == [ckpt] == [iteration_dir(save, want)]
     assert sorted(p.name for p in save.iterdir() if p.name != LATEST) == [
         "iter_0000004", "iter_0000008", "iter_0000012.tmp", "iter_0000016"]
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(layout.fcntl, "lockf", no_locks)
+    assert layout.lock_save_dir(tmp_path, "1") is None
+    assert "cannot be locked" in caplog.text and "will not be detected" in caplog.text
