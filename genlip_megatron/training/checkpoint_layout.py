@@ -14,9 +14,10 @@ Layout of ``save_dir``::
                              (:func:`lock_save_dir`); names the holder's job id, host and pid
 
 Publish protocol (:func:`publish_checkpoint`): a save writes into ``iter_N.tmp``; once every shard
-is on disk its files and the folder are fsynced, the :data:`COMPLETE` marker is written (and fsynced) into it, an existing ``iter_N``
-is moved aside to ``iter_N.old`` (never deleted before the new copy is in place), ``.tmp`` is
-renamed to ``iter_N`` and ``latest`` is replaced atomically (write, fsync, rename, fsync dir).
+is on disk its files and the folder are fsynced, the :data:`COMPLETE` marker is written (and
+fsynced) into it, an existing ``iter_N`` is moved aside to ``iter_N.old`` (never deleted before
+the new copy is in place), ``.tmp`` is renamed to ``iter_N`` and ``latest`` is replaced
+atomically (write, fsync, rename, fsync dir).
 A crash at any instant leaves a finished copy of every published step, and
 :func:`recover_interrupted_publish` (the trainer, at start-up) completes the publication.
 
