@@ -273,7 +273,9 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
     - ``iter_N.tmp`` holding :data:`COMPLETE` with no ``iter_N``: renamed to ``iter_N`` and
       ``latest`` moved to it when newer than the pointer's target;
     - ``iter_N.old`` (the previous copy of a re-saved step, moved aside): removed when ``iter_N``
-      is finished, renamed back otherwise.
+      is finished, renamed back otherwise;
+    - ``latest`` older than the newest finished checkpoint that a crash kept it from naming:
+      moved to it (:func:`_catch_up_latest`).
     Incomplete ``.tmp`` directories are left for :func:`prune_checkpoints`.
     Returns the recovered checkpoints.
     """
@@ -301,7 +303,31 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
         newest = max(recovered, key=checkpoint_step)
         if current is None or checkpoint_step(current) < checkpoint_step(newest):
             write_latest(root, newest.name)
+    _catch_up_latest(root)
     return recovered
+
+
+def _catch_up_latest(root: Path) -> None:
+    """Point ``latest`` at the newest finished checkpoint when a crash came between its
+    rename and the pointer update (else the run would redo up to ``save_interval`` steps).
+
+    Told apart from a user's deliberate choice of an older checkpoint by time: the lagging
+    pointer was last written before the newer checkpoint's :data:`COMPLETE` marker, a pointer
+    edited by hand after it. Checkpoints without the marker (other writers) are left alone.
+    """
+    current, _ = read_latest(root)
+    done = finished_checkpoints(root)
+    if current is None or not done or checkpoint_step(done[-1]) <= checkpoint_step(current):
+        return
+    newest = done[-1]
+    try:
+        lagging = (newest / COMPLETE).stat().st_mtime_ns > (root / LATEST).stat().st_mtime_ns
+    except OSError:   # no marker: not published by this protocol
+        return
+    if lagging:
+        write_latest(root, newest.name)
+        logger.warning("published %s: %s still named %s (a crash came between the rename and "
+                       "the pointer update).", newest.name, LATEST, current.name)
 
 
 # ------------------------------------------------------------------------------ removal
