@@ -307,24 +307,33 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
     return recovered
 
 
-def _catch_up_latest(root: Path) -> None:
-    """Point ``latest`` at the newest finished checkpoint when a crash came between its
-    rename and the pointer update (else the run would redo up to ``save_interval`` steps).
+def lagging_latest(save_dir: str | Path) -> Optional[Path]:
+    """The newest finished checkpoint when a crash came between its rename and the ``latest``
+    update (``latest`` names an older one), else None.
 
     Told apart from a user's deliberate choice of an older checkpoint by time: the lagging
     pointer was last written before the newer checkpoint's :data:`COMPLETE` marker, a pointer
-    edited by hand after it. Checkpoints without the marker (other writers) are left alone.
+    edited by hand after it. Checkpoints without the marker (other writers) never count.
     """
+    root = Path(save_dir)
     current, _ = read_latest(root)
     done = finished_checkpoints(root)
     if current is None or not done or checkpoint_step(done[-1]) <= checkpoint_step(current):
-        return
-    newest = done[-1]
+        return None
     try:
-        lagging = (newest / COMPLETE).stat().st_mtime_ns > (root / LATEST).stat().st_mtime_ns
+        marked = (done[-1] / COMPLETE).stat().st_mtime_ns
+        pointed = (root / LATEST).stat().st_mtime_ns
     except OSError:   # no marker: not published by this protocol
-        return
-    if lagging:
+        return None
+    return done[-1] if marked > pointed else None
+
+
+def _catch_up_latest(root: Path) -> None:
+    """Point ``latest`` at :func:`lagging_latest` (else the run would redo up to
+    ``save_interval`` steps)."""
+    newest = lagging_latest(root)
+    if newest is not None:
+        current, _ = read_latest(root)
         write_latest(root, newest.name)
         logger.warning("published %s: %s still named %s (a crash came between the rename and "
                        "the pointer update).", newest.name, LATEST, current.name)
