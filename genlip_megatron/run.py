@@ -121,6 +121,41 @@ def run(config_path: str, overrides: list[str]) -> RunReport:
         apply_cpu_compat()
     launch = init_distributed()
     setup_logging(launch.rank, launch.world_size)
+    lock_fd = hold_save_dir_lock(cfg)
+    try:
+        return _train_and_report(cfg, config_path, overrides)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def hold_save_dir_lock(cfg) -> Optional[int]:
+    """Rank 0 takes the ``checkpoint.save_dir`` lock for the run's lifetime (its fd, else None).
+
+    Before anything reads or writes checkpoints, so a second job on the same save_dir stops
+    without touching them; the outcome is broadcast so every rank fails alike (one line from
+    rank 0, status 2) instead of waiting for rank 0 in a collective.
+    """
+    if not cfg.checkpoint.save_dir:
+        return None
+    from genlip_megatron.training.checkpoint_layout import SaveDirInUse, lock_save_dir
+
+    fd, outcome = None, [""]
+    if dist.get_rank() == 0:
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "none"
+        try:
+            fd = lock_save_dir(cfg.checkpoint.save_dir, job)
+        except SaveDirInUse as exc:
+            outcome = [str(exc)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise SaveDirInUse(outcome[0])
+    return fd
+
+
+def _train_and_report(cfg, config_path: str, overrides: list[str]) -> RunReport:
+    """Build the trainer, train, evaluate; returns the report (also printed)."""
     prepare_demo_data(cfg)
 
     from genlip_megatron.evaluation.captions import caption_accuracy, unigram_loss

@@ -7,11 +7,17 @@ Layout of ``save_dir``::
     iter_0000200.old/        the previous copy of a re-saved step, moved aside during the swap
     iter_0000050.removing/   a checkpoint being pruned (renamed first, then deleted)
     latest                   text file naming the newest finished checkpoint ("iter_0000200")
+    iter_0000300.superseded-20261206T071500/   a finished checkpoint of an abandoned line of
+                             training (the run resumed from an older one): kept, never chosen,
+                             never pruned (:func:`supersede_checkpoint`)
+    .lock                    locked (``lockf``) by the job training into this save_dir
+                             (:func:`lock_save_dir`); names the holder's job id, host and pid
 
 Publish protocol (:func:`publish_checkpoint`): a save writes into ``iter_N.tmp``; once every shard
-is on disk the :data:`COMPLETE` marker is written (and fsynced) into it, an existing ``iter_N``
-is moved aside to ``iter_N.old`` (never deleted before the new copy is in place), ``.tmp`` is
-renamed to ``iter_N`` and ``latest`` is replaced atomically (write, fsync, rename, fsync dir).
+is on disk its files and the folder are fsynced, the :data:`COMPLETE` marker is written (and
+fsynced) into it, an existing ``iter_N`` is moved aside to ``iter_N.old`` (never deleted before
+the new copy is in place), ``.tmp`` is renamed to ``iter_N`` and ``latest`` is replaced
+atomically (write, fsync, rename, fsync dir).
 A crash at any instant leaves a finished copy of every published step, and
 :func:`recover_interrupted_publish` (the trainer, at start-up) completes the publication.
 
@@ -31,10 +37,14 @@ without loading the training stack.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,6 +59,11 @@ METADATA = "metadata.json"
 """megatron ``dist_checkpointing``'s backend file, written after every shard of a save."""
 TMP, OLD, REMOVING = ".tmp", ".old", ".removing"
 """Suffixes of the sibling directories that are never a finished checkpoint."""
+SUPERSEDED = ".superseded-"
+"""Infix of a finished checkpoint moved aside, followed by a UTC timestamp: never a finished
+checkpoint again (the name is no exact ``iter_N``), never pruned."""
+LOCK = ".lock"
+"""Lock file in ``save_dir``: locked (``lockf``) by the one job training into it."""
 
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -151,6 +166,25 @@ def mark_complete(tmp: Path, name: str) -> None:
     _write_durable(tmp / COMPLETE, name + "\n")
 
 
+def sync_files(folder: Path) -> None:
+    """fsync every file directly in ``folder`` (megatron's ``metadata.json`` and ``common.pt``
+    included), then the folder itself.
+
+    torch DCP fsyncs the shards it writes, but not megatron's own files; without this a power
+    loss after ``latest`` moved and older checkpoints were pruned could leave the only
+    "finished" checkpoint with an empty ``metadata.json``. Files already on disk cost one
+    cheap ``fsync`` each.
+    """
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
 def _write_durable(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -215,6 +249,7 @@ def publish_checkpoint(tmp: Path, final: Path, fault=lambda point: None) -> None
     back into ``final``; ``latest`` always names a finished checkpoint. ``fault(point)`` is the
     fault-injection hook of the crash tests.
     """
+    sync_files(tmp)
     mark_complete(tmp, final.name)
     fault("marked")
     old = sibling(final, OLD)
@@ -238,7 +273,9 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
     - ``iter_N.tmp`` holding :data:`COMPLETE` with no ``iter_N``: renamed to ``iter_N`` and
       ``latest`` moved to it when newer than the pointer's target;
     - ``iter_N.old`` (the previous copy of a re-saved step, moved aside): removed when ``iter_N``
-      is finished, renamed back otherwise.
+      is finished, renamed back otherwise;
+    - ``latest`` older than the newest finished checkpoint that a crash kept it from naming:
+      moved to it (:func:`_catch_up_latest`).
     Incomplete ``.tmp`` directories are left for :func:`prune_checkpoints`.
     Returns the recovered checkpoints.
     """
@@ -266,7 +303,40 @@ def recover_interrupted_publish(save_dir: str | Path) -> list[Path]:
         newest = max(recovered, key=checkpoint_step)
         if current is None or checkpoint_step(current) < checkpoint_step(newest):
             write_latest(root, newest.name)
+    _catch_up_latest(root)
     return recovered
+
+
+def lagging_latest(save_dir: str | Path) -> Optional[Path]:
+    """The newest finished checkpoint when a crash came between its rename and the ``latest``
+    update (``latest`` names an older one), else None.
+
+    Told apart from a user's deliberate choice of an older checkpoint by time: the lagging
+    pointer was last written before the newer checkpoint's :data:`COMPLETE` marker, a pointer
+    edited by hand after it. Checkpoints without the marker (other writers) never count.
+    """
+    root = Path(save_dir)
+    current, _ = read_latest(root)
+    done = finished_checkpoints(root)
+    if current is None or not done or checkpoint_step(done[-1]) <= checkpoint_step(current):
+        return None
+    try:
+        marked = (done[-1] / COMPLETE).stat().st_mtime_ns
+        pointed = (root / LATEST).stat().st_mtime_ns
+    except OSError:   # no marker: not published by this protocol
+        return None
+    return done[-1] if marked > pointed else None
+
+
+def _catch_up_latest(root: Path) -> None:
+    """Point ``latest`` at :func:`lagging_latest` (else the run would redo up to
+    ``save_interval`` steps)."""
+    newest = lagging_latest(root)
+    if newest is not None:
+        current, _ = read_latest(root)
+        write_latest(root, newest.name)
+        logger.warning("published %s: %s still named %s (a crash came between the rename and "
+                       "the pointer update).", newest.name, LATEST, current.name)
 
 
 # ------------------------------------------------------------------------------ removal
@@ -288,3 +358,80 @@ def prune_checkpoints(save_dir: Path, keep: Path, keep_last: int) -> None:
                 remove_checkpoint(old)
     for stale in [*save_dir.glob("iter_*" + TMP), *save_dir.glob("iter_*" + REMOVING)]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def supersede_checkpoint(path: Path) -> Path:
+    """Move a finished checkpoint aside to ``iter_N.superseded-<UTC time>`` and return that.
+
+    Used when a run resumed from an older checkpoint and its new line of training would
+    replace (or prune) the newer ones: those are kept, under a name that is never chosen,
+    pruned or recovered, for the user to inspect or delete.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}{SUPERSEDED}{stamp}")
+    suffix = 0
+    while aside.exists():   # two in one second: never overwrite a kept copy
+        suffix += 1
+        aside = path.with_name(f"{path.name}{SUPERSEDED}{stamp}-{suffix}")
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    return aside
+
+
+# ------------------------------------------------------------------------------ lock
+class SaveDirInUse(CheckpointError):
+    """Another live job holds the ``save_dir`` lock."""
+
+
+def _holder_description(lock_path: Path) -> str:
+    """"job J on host H (pid P)" from the lock file, as far as it can be read."""
+    try:
+        fields = dict(line.split("=", 1) for line in
+                      lock_path.read_text(encoding="utf-8").splitlines() if "=" in line)
+    except OSError:
+        fields = {}
+    return (f"job {fields.get('job', '?')} on host {fields.get('host', '?')} "
+            f"(pid {fields.get('pid', '?')})")
+
+
+_NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+"""A file system without locks (Lustre ``noflock``, some FUSE mounts): warn, do not refuse."""
+
+
+def lock_save_dir(save_dir: str | Path, job_id: str) -> Optional[int]:
+    """Take the exclusive lock of ``save_dir`` for this process's lifetime; returns its fd
+    (None, after a warning, where the file system supports no locks).
+
+    Two jobs training into one save_dir (a resubmitted config) would prune and rename each
+    other's checkpoints. A POSIX record lock (``lockf``, native on NFS and on Lustre mounted
+    with ``flock``) is released by the kernel when the holder dies (SIGKILL, OOM-kill), so a
+    stale lock never blocks a requeued job; unlike ``flock`` it is not shared with forked
+    children, so a loader worker that outlives a killed trainer does not keep it. The
+    holder's job id, host and pid are written into the file for the refusal message.
+    Keep the returned descriptor open and open the file nowhere else in this process (closing
+    any descriptor of it releases a POSIX lock); close it (or exit) to release.
+
+    Raises:
+        SaveDirInUse: another process holds the lock (one line naming it).
+    """
+    lock_path = Path(save_dir) / LOCK
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _NO_LOCKING:
+            logger.warning("%s cannot be locked (%s: the file system does not support locks): "
+                           "a second job on this save_dir will not be detected.", lock_path,
+                           os.strerror(exc.errno))
+            return None
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise SaveDirInUse(
+            f"checkpoint.save_dir {save_dir} is in use by {_holder_description(lock_path)}; "
+            "wait for that job to end (or cancel it), or choose another checkpoint.save_dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"job={job_id}\nhost={socket.gethostname()}\npid={os.getpid()}\n".encode())
+    os.fsync(fd)
+    return fd

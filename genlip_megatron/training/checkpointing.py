@@ -4,7 +4,8 @@ The folder layout of ``save_dir`` (``iter_N``, ``.tmp``/``.old`` siblings, ``COM
 ``latest``), the crash-safe publish protocol and the rule for which checkpoint a save dir means
 live in :mod:`genlip_megatron.training.checkpoint_layout`, shared with ``to-hf`` and the probes.
 Resume follows that rule; a damaged checkpoint is refused naming the file, offering the
-previous one.
+previous one; a transient read error is retried, never taken for damage; resuming an older
+checkpoint keeps the newer finished ones aside.
 
 What is sharded how:
 - model / optimizer: megatron ShardedTensors; the distributed optimizer uses the
@@ -17,10 +18,12 @@ What is sharded how:
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +36,7 @@ from genlip_megatron.config.training import CheckpointConfig
 from genlip_megatron.training.checkpoint_layout import LATEST, TMP, CheckpointError, \
     checkpoint_step, finished_checkpoints, iteration_dir, prune_checkpoints, \
     publish_checkpoint, recover_interrupted_publish, remove_checkpoint, resolve_checkpoint, \
-    sibling
+    sibling, supersede_checkpoint
 from genlip_megatron.training.faults import maybe_inject
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,95 @@ class DamagedCheckpoint(CheckpointError):
         super().__init__(f"checkpoint {ckpt} is damaged: {problem}")
 
 
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT})
+"""Read errors a network file system returns for a moment (a server failover, a stale NFS
+handle, a timeout): retried, never taken for a damaged checkpoint."""
+READ_ATTEMPTS = 4
+"""Tries of a checkpoint read that fails with a transient error (delays 2, 4, 8 s: ~14 s)."""
+READ_RETRY_DELAY_S = 2.0
+
+
+class TransientReadError(CheckpointError):
+    """A checkpoint read failed with a transient error (on this rank or another one)."""
+
+
+def transient_cause(exc: BaseException) -> Optional[BaseException]:
+    """The transient read error behind ``exc`` (itself, its causes/contexts, or a DCP
+    ``CheckpointException``'s per-rank failures), or None."""
+    stack, seen = [exc], set()
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, TransientReadError) or (
+                isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS):
+            return err
+        stack += [err.__cause__, err.__context__]
+        failures = getattr(err, "failures", None)   # DCP: {rank: exc or (exc, traceback)}
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return None
+
+
+def _describe_read_error(err: BaseException, ckpt: Path) -> str:
+    where = getattr(err, "filename", None) or ckpt
+    return f"{where}: {type(err).__name__}: {_first_line(err)}"
+
+
+def with_read_retries(read, ckpt: Path):
+    """``read()``, retried with back-off while it fails with a transient read error.
+
+    After :data:`READ_ATTEMPTS` tries the error is raised as a one-line
+    :class:`TransientReadError` naming the file: the checkpoint is not called damaged and no
+    older one is taken in its place.
+    """
+    delay = READ_RETRY_DELAY_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except Exception as exc:  # noqa: BLE001 - only transient errors are retried
+            cause = transient_cause(exc)
+            if cause is None:
+                raise
+            what = _describe_read_error(cause, ckpt)
+            if attempt == READ_ATTEMPTS:
+                raise TransientReadError(
+                    f"reading checkpoint {ckpt} failed {READ_ATTEMPTS} times with a transient "
+                    f"file-system error ({what}); the checkpoint is not known to be damaged: "
+                    "rerun when the file system is healthy.") from exc
+            logger.warning("transient read error on checkpoint %s (attempt %d of %d: %s); "
+                           "retrying in %.0f s.", ckpt, attempt, READ_ATTEMPTS, what, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _agree_on_problem(ckpt: Path) -> str:
+    """:func:`diagnose_checkpoint` on every rank, agreed: the same outcome everywhere.
+
+    One rank's damaged or transient read must not let the others go on into the loading
+    collectives alone (a hang), nor make ranks fall back to different checkpoints.
+    """
+    try:
+        mine = ("ok", diagnose_checkpoint(ckpt))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an agreed outcome
+        cause = transient_cause(exc)
+        mine = (("transient", _describe_read_error(cause, ckpt)) if cause is not None else
+                ("ok", f"it cannot be checked ({type(exc).__name__}: {_first_line(exc)})"))
+    outcomes = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, mine)
+    damaged = [text for kind, text in outcomes if kind == "ok" and text]
+    if damaged:
+        return damaged[0]
+    transient = [text for kind, text in outcomes if kind == "transient"]
+    if transient:
+        raise TransientReadError(f"transient read error: {transient[0]}")
+    return ""
+
+
 def _warn_once(msg: str, *args) -> None:
     """A warning every rank would log alike: from rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -59,6 +151,7 @@ def _warn_once(msg: str, *args) -> None:
 def diagnose_checkpoint(ckpt: Path) -> str:
     """The first damaged file of a finished checkpoint, described; "" when all look intact.
 
+    Raises the OSError of a transient read failure (:data:`TRANSIENT_ERRNOS`) instead.
     Checks what a load reads before any tensor: ``metadata.json``, ``common.pt``, the DCP
     ``.metadata`` index, and that every shard file holds the bytes the index points into
     (a truncated ``.distcp`` is found here, not as an ``EOFError`` deep inside a load).
@@ -68,12 +161,17 @@ def diagnose_checkpoint(ckpt: Path) -> str:
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
+        maybe_inject("checkpoint:diagnose")
         json.loads((ckpt / "metadata.json").read_text())
     except (OSError, ValueError) as exc:
+        if transient_cause(exc) is not None:
+            raise   # retried by the caller, not a damaged file
         return f"metadata.json is unreadable ({type(exc).__name__})"
     try:
         index = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as exc:  # noqa: BLE001 - any failure means the index is damaged
+    except Exception as exc:  # noqa: BLE001 - any other failure means the index is damaged
+        if transient_cause(exc) is not None:
+            raise
         return f".metadata (the shard index) is unreadable ({type(exc).__name__})"
     # megatron-core ≤ 0.18 writes the common state to common.pt; 0.19 stores it inside the
     # torch_dist files under "common_state/…" keys.
@@ -100,7 +198,7 @@ def load_common(ckpt: Path) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(str(ckpt))
     except BaseException as exc:  # noqa: BLE001 - torch.load/unpickling raise anything
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or transient_cause(exc):
             raise
         raise DamagedCheckpoint(ckpt, f"common.pt cannot be read ({type(exc).__name__}: "
                                 f"{_first_line(exc)})") from exc
@@ -271,6 +369,9 @@ class CheckpointManager:
         self.cfg = cfg
         self.data_replicated = data_replicated
         self._async_queue = None
+        self._resumed_step: Optional[int] = None
+        """Step of the checkpoint resumed from while newer finished ones exist (else None):
+        the first publish moves those aside (:meth:`_supersede_newer`)."""
 
     # ---------------------------------------------------------------- save
     def save(self, model_chunks: list, optimizer, scheduler, state: TrainingState,
@@ -307,10 +408,31 @@ class CheckpointManager:
         dist.barrier()
         if dist.get_rank() == 0:
             step = checkpoint_step(final)
+            self._supersede_newer(final.parent)
             publish_checkpoint(tmp, final, fault=lambda point: self._fire_fault(point, step))
             self._prune(final.parent, keep=final)
         dist.barrier()
         logger.info("saved checkpoint %s", final)
+
+    def _supersede_newer(self, save_dir: Path) -> None:
+        """Before the first publish after resuming from an older checkpoint, move the newer
+        finished ones aside (``iter_N.superseded-<time>``), never delete them.
+
+        They belong to the abandoned line of training (the run fell back from a damaged one,
+        or ``latest`` named an older one): republishing step N would replace ``iter_N``,
+        pruning by step number could delete them, and a later newest-finished fallback must
+        not mix the two lines. Rank 0 only.
+        """
+        if self._resumed_step is None:
+            return
+        for path in finished_checkpoints(save_dir):
+            if checkpoint_step(path) > self._resumed_step:
+                aside = supersede_checkpoint(path)
+                logger.warning("kept %s aside as %s: this run resumed from step %d, so its "
+                               "checkpoints replace the newer ones; that copy is never "
+                               "pruned or resumed (delete it when no longer needed).",
+                               path.name, aside.name, self._resumed_step)
+        self._resumed_step = None
 
     def _prune(self, save_dir: Path, keep: Path) -> None:
         """Keep the newest ``keep_last`` finished checkpoints (and always ``keep``); remove
@@ -357,13 +479,22 @@ class CheckpointManager:
 
         Works under a different TP/PP/DP layout than the one saved: model and optimizer are
         resharded; RNG and data-loader state are restored only when their layout matches (a
-        warning says what was skipped).
+        warning says what was skipped). Transient read errors (EIO, ESTALE, EAGAIN, ETIMEDOUT)
+        are retried with back-off (:func:`with_read_retries`), every rank alike.
         """
         ckpt = resolve_checkpoint(path, warn=_warn_once)
         if ckpt is None:
             raise CheckpointError(f"no checkpoint at {path} (expected an iter_N directory or a "
                                   f"save dir with finished iter_N checkpoints).")
-        problem = diagnose_checkpoint(ckpt)
+        return with_read_retries(
+            lambda: self._load_once(ckpt, model_chunks, optimizer, scheduler,
+                                    loader_state_template, config_dict, with_optimizer), ckpt)
+
+    def _load_once(self, ckpt: Path, model_chunks: list, optimizer, scheduler,
+                   loader_state_template: Optional[dict], config_dict: dict,
+                   with_optimizer: bool) -> tuple[TrainingState, Optional[dict]]:
+        """One try of :meth:`load` (every read happens before any state is set)."""
+        problem = _agree_on_problem(ckpt)
         if problem:
             raise DamagedCheckpoint(ckpt, problem)
         common = load_common(ckpt)
@@ -436,6 +567,8 @@ class CheckpointManager:
             try:
                 state, data_state = self.load(ckpt, model_chunks, optimizer, scheduler,
                                               loader_state_template, config_dict)
+                if any(checkpoint_step(p) > checkpoint_step(ckpt) for p in done):
+                    self._resumed_step = checkpoint_step(ckpt)
                 return state, data_state, ckpt
             except DamagedCheckpoint as exc:
                 ckpt = self._fallback(exc, done)
@@ -509,10 +642,11 @@ def _load_sharded(template: dict, ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
 
     try:
+        maybe_inject("checkpoint:load")
         return dist_checkpointing.load(template, str(ckpt))
     except BaseException as exc:  # noqa: BLE001
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or transient_cause(exc):
+            raise   # transient: retried by CheckpointManager.load
         cause = exc
         failures = getattr(exc, "failures", None)  # CheckpointException: {rank: exception}
         if failures:

@@ -17,6 +17,8 @@ only (``after_step:3=SIGUSR1:rank1``): a scheduler's preemption signal at a know
 exit-signal drills (training/preemption.py). A point followed by ``=ENOSPC``, ``=EIO``,
 ``=EACCES`` or ``=ESTALE`` raises that ``OSError`` there instead (a full disk, a failing file
 system): ``checkpoint:begin=ENOSPC`` makes every save fail before anything is written.
+A count after the name limits the fault to the first N times this process reaches the point
+(``checkpoint:load=EIO*1``: one transient read error, then the read succeeds; the retry drills).
 ``=HANG`` makes the process sleep there for good (``after_step:3=HANG:rank1``: a stuck rank, for
 the hang watchdog, training/watchdog.py).
 """
@@ -32,6 +34,8 @@ import time
 logger = logging.getLogger(__name__)
 
 ENV = "GENLIP_FAULT_INJECT"
+_FIRED: dict[str, int] = {}
+"""How often each counted entry (``=EIO*N``) fired in this process."""
 
 
 def maybe_inject(point: str) -> None:
@@ -43,6 +47,11 @@ def maybe_inject(point: str) -> None:
         name, _, rank = sig.partition(":rank")
         if not (sig and where == point and rank in ("", os.environ.get("RANK", "0"))):
             continue
+        name, _, times = name.partition("*")
+        if times:
+            if _FIRED.get(entry, 0) >= int(times):
+                continue
+            _FIRED[entry] = _FIRED.get(entry, 0) + 1
         if name.startswith("E") and hasattr(errno, name):
             code = getattr(errno, name)
             raise OSError(code, f"{os.strerror(code)} ({ENV}: {entry})")

@@ -3,8 +3,8 @@ checkpoint directory along the way; the run must end with the per-step losses of
 uninterrupted run and never restart from step 1 over existing checkpoints.
 
 Kills come from a seeded schedule: at an injected point (after an optimizer step, after the
-shards of a save, after the ``COMPLETE`` marker, after moving a re-saved step aside, after the
-rename but before ``latest`` moves: training/faults.py), or from outside at a random moment once
+shards of a save, after the ``COMPLETE`` marker, after the rename but before ``latest`` moves:
+training/faults.py), or from outside at a random moment once
 training has started. Between launches the test deletes ``latest``, fills it with garbage, and
 truncates a shard of the newest checkpoint (first refused in one line, then taken over with
 ``checkpoint.fallback_to_previous``). Runtime ≈ 11 launches × 6–10 s on 2 idle cores.
@@ -28,7 +28,8 @@ import pytest
 from training_helpers import ROOT, TINY_CONFIG, make_tiny_data, pretrain_command, \
     pretrain_env, read_jsonl_losses, run_pretrain, tiny_overrides
 
-from genlip_megatron.training.checkpoint_layout import finished_checkpoints, read_latest
+from genlip_megatron.training.checkpoint_layout import finished_checkpoints, lagging_latest, \
+    read_latest
 
 STEPS = 20
 KILLS = 8
@@ -84,7 +85,7 @@ def _damage_target(save: Path, action: str) -> Path | None:
                                            for t in save.glob("iter_*.tmp")):
         return None
     done = finished_checkpoints(save)
-    target = read_latest(save)[0] or (done[-1] if done else None)
+    target = lagging_latest(save) or read_latest(save)[0] or (done[-1] if done else None)
     if target is None or (action == "truncate_shard" and target == done[0]):
         return None
     return target
@@ -95,7 +96,7 @@ def _resume_step(save: Path) -> int:
     or a newer save whose publication start-up will complete (a ``.tmp`` holding COMPLETE)."""
     target, _ = read_latest(save)
     done = finished_checkpoints(save)
-    target = target or (done[-1] if done else None)
+    target = lagging_latest(save) or target or (done[-1] if done else None)
     steps = [int(target.name.split("_")[1])] if target else [0]
     steps += [int(t.name[5:12]) for t in save.glob("iter_*.tmp")
               if (t / "COMPLETE").is_file() and not (save / t.name[:12]).exists()]
@@ -148,10 +149,10 @@ def test_soak_random_sigkills_and_damage_end_with_the_uninterrupted_curve(data_d
         if kills >= KILLS and not damage:                  # enough: finish the run
             proc = run_pretrain(_overrides(data_dir, save, fallback))
             rc, out = proc.returncode, proc.stdout + proc.stderr
-        elif fallback:  # the fallback re-saves the damaged step: kill inside that swap
-            proc = run_pretrain(_overrides(data_dir, save, True),
-                                fault="checkpoint:moved_aside")
+        elif fallback:  # the damaged step is kept aside; kill before `latest` moves past it
+            proc = run_pretrain(_overrides(data_dir, save, True), fault="checkpoint:renamed")
             rc, out = proc.returncode, proc.stdout + proc.stderr
+            assert len(list(save.glob("iter_*.superseded-*"))) == 1, out[-3000:]
         elif rng.random() < 0.3 and resume_step <= STEPS - 10:
             rc, out = _launch_timed_kill(_overrides(data_dir, save), jsonl, rng)
         else:

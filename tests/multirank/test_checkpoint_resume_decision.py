@@ -38,3 +38,26 @@ def test_rank_0_failure_is_raised_on_every_rank(monkeypatch):
     manager = ck.CheckpointManager(CheckpointConfig(save_dir="/x"))
     with pytest.raises(ck.CheckpointError, match="iter_9"):
         manager._decide_resume(Path("/x"))
+
+
+@pytest.mark.world_size(2)
+def test_ranks_agree_on_the_damage_check(monkeypatch):
+    """One rank's damaged read is every rank's (no rank goes on into the load alone); one
+    rank's transient read error makes every rank retry, none calls it damaged."""
+    import errno
+
+    ckpt = Path("/nonexistent/save/iter_0000004")
+    rank = dist.get_rank()
+    seen = {0: "", 1: "__0_1.distcp is truncated (10 of ≥ 99 bytes)"}
+    monkeypatch.setattr(ck, "diagnose_checkpoint", lambda c: seen[rank])
+    assert ck._agree_on_problem(ckpt) == seen[1]
+
+    def flaky(c):
+        if rank == 0:
+            raise OSError(errno.ESTALE, "Stale file handle", str(c / "metadata.json"))
+        return ""
+
+    monkeypatch.setattr(ck, "diagnose_checkpoint", flaky)
+    with pytest.raises(ck.TransientReadError) as err:
+        ck._agree_on_problem(ckpt)
+    assert "metadata.json" in str(err.value) and ck.transient_cause(err.value) is err.value

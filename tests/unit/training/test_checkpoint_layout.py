@@ -154,6 +154,86 @@ def test_publish_marks_renames_and_points_latest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "latest"]
 
 
+
+def test_a_superseded_checkpoint_is_kept_but_never_chosen_pruned_or_recovered(tmp_path):
+    for step in (4, 8):
+        _finished(iteration_dir(tmp_path, step))
+    aside = layout.supersede_checkpoint(iteration_dir(tmp_path, 8))
+    assert aside.name.startswith("iter_0000008.superseded-") and is_finished(aside) is False
+    again = layout.supersede_checkpoint(_finished(iteration_dir(tmp_path, 8)))
+    assert again != aside and again.is_dir() and aside.is_dir()   # never overwrites a kept copy
+    write_latest(tmp_path, "iter_0000004")
+    assert _names(finished_checkpoints(tmp_path)) == ["iter_0000004"]
+    assert resolve_checkpoint(tmp_path) == iteration_dir(tmp_path, 4)
+    assert recover_interrupted_publish(tmp_path) == []
+    layout.prune_checkpoints(tmp_path, iteration_dir(tmp_path, 4), keep_last=1)
+    assert aside.is_dir() and again.is_dir()
+
+
+def _try_lock(save_dir: Path, job: str, then: str = "") -> subprocess.CompletedProcess:
+    """Another process takes the save_dir lock (prints OK or the refusal), then runs ``then``."""
+    code = ("import os, sys, time\n"
+            "from genlip_megatron.training.checkpoint_layout import SaveDirInUse, lock_save_dir\n"
+            f"try:\n    lock_save_dir({str(save_dir)!r}, {job!r})\n"
+            "except SaveDirInUse as exc:\n    print(exc); sys.exit(2)\n"
+            f"print('OK', flush=True)\n{then}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=120,
+                          capture_output=True, text=True)
+
+
+def test_the_save_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    fd = layout.lock_save_dir(tmp_path, "4242")
+    try:
+        refused = _try_lock(tmp_path, "777")
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stdout.startswith(
+            f"checkpoint.save_dir {tmp_path} is in use by job 4242 on host ")
+        assert f"(pid {os.getpid()}); wait" in refused.stdout
+        assert refused.stdout.count("\n") == 1
+    finally:
+        os.close(fd)
+    assert _try_lock(tmp_path, "777").stdout == "OK\n"   # released: the next job takes it
+    assert "job=777" in (tmp_path / layout.LOCK).read_text()
+
+
+def test_a_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
+    """SIGKILLed holder (no clean-up) whose forked child (a loader worker) lives on: a
+    requeued job is not blocked."""
+    child_pid = tmp_path / "child.pid"
+    killed = _try_lock(tmp_path, "old", then=(
+        "pid = os.fork()\n"
+        "if pid == 0:\n    os.closerange(0, 3); time.sleep(60); os._exit(0)\n"
+        f"open({str(child_pid)!r}, 'w').write(str(pid))\n"
+        "os.kill(os.getpid(), 9)"))
+    assert killed.returncode == -9 and killed.stdout == "OK\n", killed.stderr
+    pid = int(child_pid.read_text())
+    try:
+        os.kill(pid, 0)   # the forked child is still alive
+        assert _try_lock(tmp_path, "new").stdout == "OK\n"
+    finally:
+        os.kill(pid, 9)
+
+
+def test_publish_fsyncs_the_save_before_marking_it_complete(tmp_path, monkeypatch):
+    tmp = _finished(tmp_path / "iter_0000006.tmp")
+    (tmp / "common.pt").write_bytes(b"common")
+    (tmp / "__0_0.distcp").write_bytes(b"shard")
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(layout.os, "fsync", recording_fsync)
+    publish_checkpoint(tmp, iteration_dir(tmp_path, 6))
+    marker = synced.index(str(tmp / COMPLETE))
+    for name in ("metadata.json", "common.pt", "__0_0.distcp"):
+        assert synced.index(str(tmp / name)) < marker, synced
+    assert synced.index(str(tmp)) < marker, synced   # the folder's entries too
+
+
 # ------------------------------------------------------------------------------ all readers
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
@@ -237,3 +317,14 @@ def test_to_hf_probes_and_trainer_resume_pick_the_same_checkpoint(
     assert chosen == [ckpt] == [iteration_dir(save, want)]
     assert sorted(p.name for p in save.iterdir() if p.name != LATEST) == [
         "iter_0000004", "iter_0000008", "iter_0000012.tmp", "iter_0000016"]
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(layout.fcntl, "lockf", no_locks)
+    assert layout.lock_save_dir(tmp_path, "1") is None
+    assert "cannot be locked" in caplog.text and "will not be detected" in caplog.text

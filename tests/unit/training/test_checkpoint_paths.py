@@ -86,6 +86,33 @@ def test_recover_restores_or_drops_a_moved_aside_copy(tmp_path):
     assert not old.exists() and is_finished(iteration_dir(tmp_path, 8))
 
 
+def test_recover_catches_latest_up_after_a_crash_between_rename_and_pointer(tmp_path):
+    """A kill after ``iter_8`` was renamed into place, before ``latest`` moved: start-up
+    publishes it (else up to save_interval steps are redone). A pointer edited by hand after
+    iter_8 was finished (a deliberate older choice) is left alone."""
+    import time
+
+    for step in (4, 8):
+        tmp = tmp_path / f"iter_{step:07d}.tmp"
+        _finished(tmp)
+
+        def fault(point, step=step):
+            if point == "renamed" and step == 8:
+                raise _Killed(point)
+
+        try:
+            publish_checkpoint(tmp, iteration_dir(tmp_path, step), fault=fault)
+        except _Killed:
+            pass
+    assert read_latest(tmp_path)[0] == iteration_dir(tmp_path, 4)   # lagging
+    recover_interrupted_publish(tmp_path)
+    assert read_latest(tmp_path)[0] == iteration_dir(tmp_path, 8)
+    time.sleep(0.01)
+    write_latest(tmp_path, "iter_0000004")                           # the user's choice
+    recover_interrupted_publish(tmp_path)
+    assert read_latest(tmp_path)[0] == iteration_dir(tmp_path, 4)
+
+
 class _Killed(Exception):
     pass
 
