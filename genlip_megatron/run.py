@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,9 @@ from genlip_megatron.training.logging_setup import silence_expected_warnings
 from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY, StopCheckpointError
 
 logger = logging.getLogger(__name__)
+
+PEER_ERROR_GRACE_S = 3.0
+"""How long ranks > 0 wait after a user-facing error, so rank 0's ``error:`` line is printed."""
 
 
 @dataclass
@@ -291,3 +295,7 @@ def report_error(exc: BaseException) -> None:
         "RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr, flush=True)
+    else:
+        # torchrun tears down every rank as soon as one exits: a rank > 0 that reached the same
+        # error first would otherwise take rank 0 down before it printed the line.
+        time.sleep(PEER_ERROR_GRACE_S)
