@@ -103,3 +103,16 @@ def load_megatron(models: list, m: ModelConfig, path: Path) -> None:
 
     CheckpointManager(CheckpointConfig()).load(path, models, None, None, None,
                                                full_config_dict(m), with_optimizer=False)
+
+
+def tiny_hf_model():
+    """The HF GenLIPModel of ``TINY`` with random, non-initial weights (probe/evaluation tests)."""
+    from genlip_megatron.probes.loading import build_hf_model
+
+    return build_hf_model(TINY, random_hf_state_dict(TINY, seed=5, scale=0.3))
+
+
+def random_patch_images(grids: Sequence[tuple[int, int]], seed: int = 0) -> list:
+    """``(patches [h*w, 768] in [-1, 1], (h, w))`` per grid, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(h * w, 768, generator=g) * 2 - 1, (h, w)) for h, w in grids]

@@ -5,29 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convert_testlib import TINY, random_hf_state_dict
+from convert_testlib import random_patch_images, tiny_hf_model
 
 from genlip_megatron.evaluation.zeroshot import ZeroShotTask, classify, score_candidates, \
     zero_shot_accuracy
-from genlip_megatron.probes.loading import build_hf_model
 
 PROMPT = [5, 9, 11]
 CANDIDATES = [[7], [3, 8, 2], [4, 4, 12, 6, 1], [30, 2]]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_hf_model(TINY, random_hf_state_dict(TINY, seed=5, scale=0.3))
+def images():
+    return random_patch_images([(2, 3), (4, 4), (1, 5)])
 
 
 @pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(0)
-    return [(torch.rand(h * w, 768, generator=g) * 2 - 1, (h, w))
-            for h, w in ((2, 3), (4, 4), (1, 5))]
+def model():
+    return tiny_hf_model()
 
 
-@torch.no_grad()
 def _naive_score(model, px, grid, cand) -> float:
     """Mean log P(cand_t | ...) from one unpadded full sequence, positions built by the model."""
     gh, gw = grid

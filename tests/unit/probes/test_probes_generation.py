@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convert_testlib import TINY, random_hf_state_dict, write_hf_export
+from convert_testlib import TINY, random_hf_state_dict, random_patch_images, tiny_hf_model, \
+    write_hf_export
 
 from genlip_megatron.probes import GenerationConfig, generate_captions, generate_ids, \
     load_genlip_for_inference
-from genlip_megatron.probes.loading import build_hf_model
 
 PROMPT = [5, 9, 11]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_hf_model(TINY, random_hf_state_dict(TINY, seed=5, scale=0.3))
+    return tiny_hf_model()
 
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(0)
-    return [(torch.rand(h * w, 768, generator=g) * 2 - 1, (h, w))
-            for h, w in ((2, 3), (4, 4), (1, 5), (3, 3))]
+    return random_patch_images([(2, 3), (4, 4), (1, 5), (3, 3)])
 
 
 @torch.no_grad()
