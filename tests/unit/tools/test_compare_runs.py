@@ -23,6 +23,7 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 
 def test_table_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the PNG needs matplotlib (main lane only)")
     a = _write(tmp_path / "ga", [
         {"step": 1, "loss/global_avg": 5.0, "throughput/tps": 10.0},
         {"step": 2, "loss/global_avg": 4.0, "throughput/tps": 100.0},
