@@ -97,22 +97,10 @@ def test_data_input_error_is_one_line_before_start_up(override, key, tiny_data, 
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def _newest_stack() -> bool:
-    from packaging.version import Version
-
-    from genlip_megatron.compat.versions import megatron_version
-
-    return (megatron_version() or Version("0")) >= Version("0.19")
-
-
 TWO_RANK_CASES = [
     (DATA_CASES[0][0], DATA_CASES[0][1]),   # before start-up, on both ranks
     # after start-up, in the loader: 1 readable shard for 2 data-parallel ranks
-    pytest.param("data.sources=[{{paths: '{data}/two_files/*.tar'}}]", "data.sources[0].paths",
-                 marks=pytest.mark.skipif(
-                     _newest_stack(), reason="known bug (issue 18, open): with megatron-core "
-                     "0.19.2 / torch 2.10 / Python 3.13 rank 1 is not released after rank 0's "
-                     "loader error and the run waits 300 s; passes on the main lane")),
+    ("data.sources=[{{paths: '{data}/two_files/*.tar'}}]", "data.sources[0].paths"),
 ]
 
 

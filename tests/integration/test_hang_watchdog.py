@@ -20,9 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from packaging.version import Version
-
-from genlip_megatron.compat.versions import megatron_version
 
 from training_helpers import ROOT, TINY_CONFIG, make_tiny_data, pretrain_command, \
     pretrain_env, tiny_overrides
@@ -36,9 +33,6 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    (megatron_version() or Version("0")) >= Version("0.19"), reason="known bug (issue 18, open): on megatron-core 0.19.2 / torch 2.10 the "
-    "stuck rank's peer is not released and the run waits 300 s; passes on the main lane")
 def test_stuck_rank_dumps_stacks_on_every_rank_and_exits_76(data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "MASTER_", "GENLIP_")) and k != "OMP_NUM_THREADS"}
