@@ -52,8 +52,8 @@ from genlip_megatron.data.packer import Packer, collate_rows
 from genlip_megatron.data.procguard import exit_with, ignore_stop_signals
 from genlip_megatron.data.sample import SKIP_REASONS, ProcessedSample, SampleProcessor, \
     SampleResult, Skipped
-from genlip_megatron.data.shards import SHARD_PROBLEMS, StreamCursor, build_streams, \
-    source_shards
+from genlip_megatron.data.shards import SHARD_PROBLEMS, ShardSurvey, StreamCursor, \
+    build_streams, source_shards
 from genlip_megatron.data.storage import configure, policy_of
 from genlip_megatron.data.tokenizer import TextTokenizer, load_tokenizer
 
@@ -179,10 +179,13 @@ class PackedLoader:
         micro_batch_size: rows per batch.
         seed: data-order seed (the run seed).
         tokenizer: an already loaded tokenizer (default: ``cfg.text.tokenizer_path``).
+        survey: the shards and shard problems all ranks agreed on (``training.agreement``);
+            default: this process lists and checks the shards alone.
     """
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,
-                 seed: int, tokenizer: Optional[TextTokenizer] = None) -> None:
+                 seed: int, tokenizer: Optional[TextTokenizer] = None,
+                 survey: Optional[ShardSurvey] = None) -> None:
         cfg = resolve_data_config(cfg.validate())
         configure(policy_of(cfg.reader))
         if not cfg.sources:
@@ -203,7 +206,7 @@ class PackedLoader:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.micro_batch_size = micro_batch_size
-        self._shards, problems = source_shards(cfg.sources, dp_size)
+        self._shards, problems = source_shards(cfg.sources, dp_size, survey=survey)
         streams, self._schedule = build_streams(
             cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
             streams_per_source=cfg.reader.streams_per_source,
@@ -584,10 +587,13 @@ def _stop(w: _Worker) -> None:
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int,
-                       seed: int, tokenizer: Optional[TextTokenizer] = None) -> PackedLoader:
-    """The training loader of one data-parallel rank (see :class:`PackedLoader`)."""
+                       seed: int, tokenizer: Optional[TextTokenizer] = None,
+                       survey: Optional[ShardSurvey] = None) -> PackedLoader:
+    """The training loader of one data-parallel rank (see :class:`PackedLoader`); ``survey``:
+    the shard list and problems every rank agreed on (default: this process checks alone)."""
     return PackedLoader(cfg, dp_rank=dp_rank, dp_size=dp_size,
-                        micro_batch_size=micro_batch_size, seed=seed, tokenizer=tokenizer)
+                        micro_batch_size=micro_batch_size, seed=seed, tokenizer=tokenizer,
+                        survey=survey)
 
 
 def packing_efficiency(counters: dict[str, int]) -> float:

@@ -29,7 +29,7 @@ import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -115,24 +115,61 @@ def _check_head(head: bytes) -> Optional[str]:
     return None
 
 
-def check_shards(shards: list[str], where: str) -> tuple[list[str], dict[str, list[str]]]:
-    """Split ``shards`` into the readable ones and ``{problem: [paths]}``; logs each problem."""
+def check_shards(shards: list[str], where: str, check: Callable[[str], Optional[str]] = None,
+                 log: bool = True) -> tuple[list[str], dict[str, list[str]]]:
+    """Split ``shards`` into the readable ones and ``{problem: [paths]}``; logs each problem.
+
+    ``check`` replaces :func:`check_shard` (the trainer's fault-injection drills); ``log=False``
+    leaves the logging to the caller (ranks that agree on the problems log them once).
+    """
+    check = check or check_shard
     good: list[str] = []
     bad: dict[str, list[str]] = {}
     remote = [p for p in shards if is_remote(p)]
     with ThreadPoolExecutor(16) as pool:  # one small ranged GET per object, in parallel
-        found = dict(zip(remote, pool.map(check_shard, remote)))
+        found = dict(zip(remote, pool.map(check, remote)))
     for path in shards:
-        problem = found[path] if path in found else check_shard(path)
+        problem = found[path] if path in found else check(path)
         if problem is None:
             good.append(path)
         else:
             bad.setdefault(problem, []).append(path)
+    if log:
+        log_problems(bad, where)
+    return good, bad
+
+
+def log_problems(bad: dict[str, list[str]], where: str) -> None:
+    """One line per problem: which shards are left out and why."""
     for problem, paths in bad.items():
         level = logging.INFO if problem == "empty" else logging.WARNING
         logger.log(level, "%s: leaving out %d shard(s) that are %s: %s%s", where, len(paths),
                    problem.replace("_", " "), paths[:5], " ..." if len(paths) > 5 else "")
-    return good, bad
+
+
+@dataclass
+class ShardSurvey:
+    """Every source's listed shards and the problems found in them, decided once for all
+    ranks (the trainer lists on rank 0 and takes the union of every rank's problems), so a
+    transient read error on one rank cannot give ranks different shard partitions."""
+
+    paths: list[list[str]]          # per source: expanded, sorted
+    problems: dict[str, str]        # path -> one of SHARD_PROBLEMS (found on any rank)
+
+
+def list_shards(sources: list[SourceConfig], where: str = "data.sources") -> list[list[str]]:
+    """Expanded shard paths of every source (raises FileNotFoundError naming the key)."""
+    return [expand_shards(src.paths, f"{where}[{s}]") for s, src in enumerate(sources)]
+
+
+def find_problems(paths: list[list[str]], where: str = "data.sources",
+                  check: Callable[[str], Optional[str]] = None) -> dict[str, str]:
+    """``{path: problem}`` of this process's check of every listed shard (not logged)."""
+    out: dict[str, str] = {}
+    for s, listed in enumerate(paths):
+        _, bad = check_shards(listed, f"{where}[{s}]", check=check, log=False)
+        out.update({path: problem for problem, found in bad.items() for path in found})
+    return out
 
 
 def _split_member(name: str) -> tuple[Optional[str], Optional[str]]:
@@ -386,25 +423,40 @@ class SourceSchedule:
             n += 1
 
 
-def source_shards(sources: list[SourceConfig], dp_size: int, where: str = "data.sources"
+def source_shards(sources: list[SourceConfig], dp_size: int, where: str = "data.sources",
+                  survey: Optional[ShardSurvey] = None
                   ) -> tuple[list[list[str]], dict[str, list[str]]]:
     """Readable shards of every source and the problems left out (see :func:`check_shards`).
+
+    ``survey``: the shards and problems the ranks agreed on, logged once by whoever agreed on
+    them (default: list, check and log here).
 
     Raises:
         ValueError: a source has fewer readable shards than data-parallel ranks (names them).
     """
+    log = survey is None
+    if survey is None:
+        listed = list_shards(sources, where)
+        survey = ShardSurvey(listed, find_problems(listed, where))
     out: list[list[str]] = []
     problems: dict[str, list[str]] = {}
-    for s, src in enumerate(sources):
+    for s, listed in enumerate(survey.paths):
         key = f"{where}[{s}]"
-        good, bad = check_shards(expand_shards(src.paths, key), key)
+        good = [p for p in listed if p not in survey.problems]
+        bad: dict[str, list[str]] = {}
+        for path in listed:
+            if path in survey.problems:
+                bad.setdefault(survey.problems[path], []).append(path)
+        if log:
+            log_problems(bad, key)
         for problem, paths in bad.items():
             problems.setdefault(problem, []).extend(paths)
         if len(good) < dp_size:
-            listed = "; ".join(f"{p.replace('_', ' ')}: {paths[:5]}" for p, paths in bad.items())
+            listed_bad = "; ".join(f"{p.replace('_', ' ')}: {paths[:5]}"
+                                   for p, paths in bad.items())
             raise ValueError(f"{key}.paths has {len(good)} readable shard(s) but there are "
                              f"{dp_size} data-parallel ranks; every rank needs at least one "
-                             f"(left out: {listed or 'none'}). Write more, smaller shards "
+                             f"(left out: {listed_bad or 'none'}). Write more, smaller shards "
                              "(tools/make_shards.py --samples-per-shard) or fix the paths.")
         out.append(good)
     return out, problems

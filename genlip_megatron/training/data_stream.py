@@ -54,13 +54,14 @@ class GlobalStreamSlice:
 
 
 def build_microbatch_source(data_cfg, *, dp_invariant: bool, dp_rank: int, dp_size: int,
-                            micro_batch_size: int, per_rank: int, seed: int):
-    """The trainer's micro-batch iterator (``state_dict``/``load_state_dict``/``counters``)."""
+                            micro_batch_size: int, per_rank: int, seed: int, survey=None):
+    """The trainer's micro-batch iterator (``state_dict``/``load_state_dict``/``counters``);
+    ``survey``: the shard list every rank agreed on (``agreement.agree_on_shards``)."""
     from genlip_megatron.data.loader import build_train_loader
 
     if not dp_invariant:
         return build_train_loader(data_cfg, dp_rank=dp_rank, dp_size=dp_size,
-                                  micro_batch_size=micro_batch_size, seed=seed)
+                                  micro_batch_size=micro_batch_size, seed=seed, survey=survey)
     loader = build_train_loader(data_cfg, dp_rank=0, dp_size=1,
-                                micro_batch_size=micro_batch_size, seed=seed)
+                                micro_batch_size=micro_batch_size, seed=seed, survey=survey)
     return GlobalStreamSlice(loader, dp_rank, dp_size, per_rank)

@@ -24,9 +24,10 @@ from megatron.core import parallel_state as ps
 from genlip_megatron.compat.wgrad import cpu_wgrad_accumulation_ready
 from genlip_megatron.config import RunConfig
 from genlip_megatron.data.batch import PackedBatch
+from genlip_megatron.data.energon import resolve_data_config
 from genlip_megatron.model.attention_probe import capture_attention_sink
 from genlip_megatron.model.transformer_config import build_transformer_config
-from genlip_megatron.training.agreement import agree_on_startup
+from genlip_megatron.training.agreement import agree_on_shards, agree_on_startup
 from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
@@ -127,11 +128,14 @@ class Trainer:
         set_seeds(cfg.training.seed)
         self.n_micro = num_microbatches(cfg, self.topo)
         # ---- data -------------------------------------------------------------------
+        data_cfg = agree_on_startup("reading the data sources",
+                                    lambda: resolve_data_config(cfg.data.validate()))
+        survey = agree_on_shards(data_cfg.sources)   # one shard partition for every rank
         self.loader = agree_on_startup("building the data loader", partial(
-            build_microbatch_source, cfg.data, dp_invariant=cfg.training.dp_invariant_data,
+            build_microbatch_source, data_cfg, dp_invariant=cfg.training.dp_invariant_data,
             dp_rank=self.topo.dp_rank, dp_size=self.topo.dp,
             micro_batch_size=cfg.training.micro_batch_size, per_rank=self.n_micro,
-            seed=cfg.training.seed))
+            seed=cfg.training.seed, survey=survey))
         # ---- model + optimizer --------------------------------------------------------
         self.tconfig = build_transformer_config(cfg.model, cfg.parallel, cfg.precision,
                                                init_seed=cfg.training.seed)
