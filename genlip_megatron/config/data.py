@@ -192,6 +192,12 @@ class DataConfig:
     """Row packing."""
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     """Shard reading and worker processes."""
+    reshard_on_resume: bool = False
+    """Resume a checkpoint whose shard set differs from today's (a shard dropped, added or
+    replaced): model, optimizer, step and consumed samples come from the checkpoint, and the
+    data streams restart over the new shard set at epoch 0, re-seeded from training.seed and
+    the resumed step (deterministic; logged with the shards added/removed). Off: such a resume
+    is refused in one line, because the saved stream positions do not fit the new shards."""
 
     def validate(self) -> "DataConfig":
         """Check data-only rules; raises ConfigError naming the dotted key. Returns self."""

@@ -31,6 +31,7 @@ Hostile data and dying workers (nothing stops, hangs or silently thins a run):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from genlip_megatron.data.batch import PackedBatch
@@ -61,6 +63,20 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _INFLIGHT_MAX = 1024  # logical indices a worker can report as in flight
+_SHARD_SET_KEYS = frozenset({"num_shards", "streams", "shard_digest"})
+"""Fingerprint keys that change when only the shard set changed (data.reshard_on_resume)."""
+_RESEED_TAG = 4   # after shards._SHARD_TAG, _BLOCK_TAG, _MIX_TAG
+
+
+class DataStateMismatch(ValueError):
+    """A checkpoint's data-loader state does not fit this run's data (message: the fix)."""
+
+
+def shard_digest(paths: list[str]) -> str:
+    """Identity of a source's shard set: its sorted file names (not directories, so the same
+    shards moved to another mount still match)."""
+    names = "\n".join(sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in paths))
+    return hashlib.sha1(names.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -207,11 +223,9 @@ class PackedLoader:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.micro_batch_size = micro_batch_size
         self._shards, problems = source_shards(cfg.sources, dp_size, survey=survey)
-        streams, self._schedule = build_streams(
-            cfg.sources, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-            streams_per_source=cfg.reader.streams_per_source,
-            shuffle_buffer=cfg.reader.shuffle_buffer, shuffle_shards=cfg.reader.shuffle_shards,
-            shards=self._shards)
+        self._reseeded_at: Optional[int] = None   # step of the last reshard (None: never)
+        self._stream_seed = seed   # the streams' seed: ``seed``, or derived at a reshard
+        streams = self._build_streams()
         self._num_shards = [0] * len(cfg.sources)
         for stream in streams:
             self._num_shards[stream.source] = len(stream.shards)
@@ -282,27 +296,40 @@ class PackedLoader:
             "next_index": self._next_index,
             "buffer": [s.index for s in self.packer.buffer],
             "counters": dict(self._counters),
+            "reseeded_at": self._reseeded_at,
         }
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True,
+                        reshard_step: Optional[int] = None) -> None:
         """Continue exactly where ``state`` was taken (same rank, seed and data layout).
 
         With ``strict=False`` a state from a different layout (e.g. another dp_size) only
         restores the counters and starts every stream at the epoch after the saved one.
+        ``reshard_step`` (``data.reshard_on_resume``): a state whose only difference is the
+        shard set (a shard dropped, added or replaced) restores the counters and restarts the
+        streams over today's shards at epoch 0 with a seed derived from (seed, reshard_step),
+        so the resumed run is reproducible; without it that state is refused
+        (:class:`DataStateMismatch`, naming the switch).
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} is not "
                              f"{STATE_VERSION}; it was written by another genlip_megatron.")
-        diff = {k: (v, state["key"].get(k)) for k, v in self._fingerprint().items()
-                if state["key"].get(k) != v}
+        saved_key = state["key"]
+        # keys a state written by an older version lacks are not compared
+        diff = {k: (v, saved_key.get(k)) for k, v in self._fingerprint().items()
+                if k in saved_key and saved_key[k] != v}
         counters = {**self._zero_counters(), **state["counters"]}
         if "skipped/shard_error" in counters:  # states written before shards/* existed
             counters["shards/unreadable"] += counters.pop("skipped/shard_error")
+        # the stream counts follow the shard counts; a changed streams_per_source alone is not
+        # a changed shard set
+        shards_only = set(diff) <= _SHARD_SET_KEYS and bool(
+            set(diff) & {"num_shards", "shard_digest"})
+        if shards_only and reshard_step is not None:
+            self._reshard(saved_key, reshard_step, counters)
+            return
         if diff and strict:
-            raise ValueError(f"data loader state does not match this run (now, saved): {diff}; "
-                             "the sample stream cannot be reproduced. Use the same seed, "
-                             "dp_size and data config, or load_state_dict(state, strict=False) "
-                             "to keep only the counters and start a fresh epoch.")
+            raise DataStateMismatch(self._mismatch_message(diff, shards_only))
         if diff:
             epoch = 1 + max(c[0] for c in state["resume"]["cursors"])
             logger.warning("data loader state from another layout %s: starting epoch %d", diff,
@@ -311,11 +338,71 @@ class PackedLoader:
                                     [StreamCursor(epoch=epoch).to_list()
                                      for _ in self._cursors]), counters)
             return
+        self._use_stream_seed(state.get("reseeded_at"))
         r = state["resume"]
         self._reset(ResumePoint(r["index"], list(r["counts"]), [list(c) for c in r["cursors"]],
                                 state["next_index"], frozenset(state["buffer"])), counters)
         self._loaded_state = dict(state)
         self._expected_buffer = list(state["buffer"])
+
+    def _mismatch_message(self, diff: dict, shards_only: bool) -> str:
+        if shards_only:
+            return (f"the data shards changed since the checkpoint was written ("
+                    f"{self._shard_change(diff)}), so its data stream positions do not fit "
+                    "them; set data.reshard_on_resume=true to resume the model, optimizer and "
+                    "step and restart the data streams over the new shards (re-seeded from the "
+                    "seed and the step), or restore the old shard set.")
+        shown = {k: v for k, v in diff.items() if k != "shard_digest"}
+        return (f"data loader state does not match this run (now, saved): {shown or diff}; "
+                "the sample stream cannot be reproduced. Use the same seed, dp_size and data "
+                "config, or load_state_dict(state, strict=False) to keep only the counters and "
+                "start a fresh epoch.")
+
+    def _shard_change(self, diff: dict) -> str:
+        """``source 0: 4 → 3 shards (1 removed)`` for every source whose shard set changed."""
+        now = self._fingerprint()
+        saved_n = diff.get("num_shards", (None, now["num_shards"]))[1]
+        saved_d = diff.get("shard_digest", (None, now["shard_digest"]))[1]
+        parts = []
+        for s, (n_now, n_saved) in enumerate(zip(now["num_shards"], saved_n)):
+            if n_now == n_saved and now["shard_digest"][s] == saved_d[s]:
+                continue
+            net = n_now - n_saved
+            what = f"{net} added" if net > 0 else f"{-net} removed" if net < 0 else \
+                "same count, different shards"
+            parts.append(f"data.sources[{s}]: {n_saved} → {n_now} shards, {what}")
+        return "; ".join(parts) or "shard streams differ"
+
+    def _reshard(self, saved_key: dict, step: int, counters: dict) -> None:
+        """Restart every stream at epoch 0 over today's shards, re-seeded from the step."""
+        change = self._shard_change({k: (None, saved_key.get(k)) for k in _SHARD_SET_KEYS
+                                     if k in saved_key})
+        self._use_stream_seed(step)
+        logger.warning("data.reshard_on_resume: the shard set changed since the checkpoint "
+                       "(%s); the data streams restart at epoch 0 over the new shards, "
+                       "re-seeded from the seed and step %d (counters kept)", change, step)
+        self._reset(ResumePoint(0, [0] * len(self.cfg.sources),
+                                [StreamCursor().to_list() for _ in self._cursors]), counters)
+
+    def _use_stream_seed(self, reseeded_at: Optional[int]) -> None:
+        """The streams' seed: the run seed, or after a reshard at step k one derived from
+        (seed, k); rebuilds the mixing schedule with it."""
+        self._reseeded_at = None if reseeded_at is None else int(reseeded_at)
+        seed = self.seed if reseeded_at is None else int(np.random.SeedSequence(
+            [self.seed, _RESEED_TAG, int(reseeded_at)]).generate_state(1)[0])
+        if seed != self._stream_seed:
+            self._stream_seed = seed
+            self._build_streams()
+
+    def _build_streams(self) -> list:
+        """This rank's streams and the mixing schedule for ``self._stream_seed``."""
+        r = self.cfg.reader
+        streams, self._schedule = build_streams(
+            self.cfg.sources, seed=self._stream_seed, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, streams_per_source=r.streams_per_source,
+            shuffle_buffer=r.shuffle_buffer, shuffle_shards=r.shuffle_shards,
+            shards=self._shards)
+        return streams
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -342,6 +429,7 @@ class PackedLoader:
         r = self.cfg.reader
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
                 "num_shards": list(self._num_shards),
+                "shard_digest": [shard_digest(paths) for paths in self._shards],
                 "streams": list(self._schedule.streams),
                 "weights": [s.weight for s in self.cfg.sources],
                 "shuffle_buffer": r.shuffle_buffer, "shuffle_shards": r.shuffle_shards,
@@ -401,7 +489,8 @@ class PackedLoader:
         start = self._start
         decode = not self._decode_in_main
         if self._num_workers == 0:
-            producer = Producer(self.cfg, self.tokenizer, seed=self.seed, dp_rank=self.dp_rank,
+            producer = Producer(self.cfg, self.tokenizer, seed=self._stream_seed,
+                                dp_rank=self.dp_rank,
                                 dp_size=self.dp_size, worker=0, num_workers=1, start=start,
                                 decode=decode, shards=self._shards)
             for batch in producer:
@@ -442,9 +531,9 @@ class PackedLoader:
         inflight = ctx.Array("q", 1 + _INFLIGHT_MAX, lock=False)
         proc = ctx.Process(
             target=_worker_main, daemon=True, name=f"genlip-data-{self.dp_rank}-{w}",
-            args=(w, self._num_workers, self.cfg, self.tokenizer, self.seed, self.dp_rank,
-                  self.dp_size, start, decode, q, logging.getLogger().getEffectiveLevel(),
-                  self._shards, inflight, os.getpid()))
+            args=(w, self._num_workers, self.cfg, self.tokenizer, self._stream_seed,
+                  self.dp_rank, self.dp_size, start, decode, q,
+                  logging.getLogger().getEffectiveLevel(), self._shards, inflight, os.getpid()))
         proc.start()
         # Hold no write end: a worker dying mid-message then reads as end-of-file here
         # instead of a read that waits forever for the rest of the message.
@@ -602,4 +691,4 @@ def packing_efficiency(counters: dict[str, int]) -> float:
 
 
 __all__ = ["PackedLoader", "build_train_loader", "packing_efficiency", "ResumePoint",
-           "Producer"]
+           "Producer", "DataStateMismatch", "shard_digest"]

@@ -43,8 +43,8 @@ class GlobalStreamSlice:
             raise RuntimeError("GlobalStreamSlice.state_dict() called in the middle of a step.")
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+    def load_state_dict(self, state: dict, **kwargs) -> None:
+        self.loader.load_state_dict(state, **kwargs)
 
     def counters(self) -> dict[str, int]:
         return self.loader.counters()

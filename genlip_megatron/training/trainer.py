@@ -184,7 +184,7 @@ class Trainer:
             if resumed is not None:
                 state, data_state, ckpt = resumed
                 if data_state is not None:
-                    self.loader.load_state_dict(data_state)
+                    self._restore_loader(data_state, state.step)
                 self.resumed_from = str(ckpt)
                 return state
         if t.init_from:
@@ -192,6 +192,14 @@ class Trainer:
                            with_optimizer=False)
             logger.info("initialised model weights from %s (fresh optimizer)", t.init_from)
         return TrainingState()
+
+    def _restore_loader(self, data_state: dict, step: int) -> None:
+        """The loader continues from the checkpoint; with data.reshard_on_resume a changed
+        shard set restarts its streams re-seeded from ``step``. A refusal (the shards
+        changed, the switch is off) is one ``error:`` line naming the switch, on every rank."""
+        reshard_step = step if self.cfg.data.reshard_on_resume else None
+        agree_on_startup("restoring the data loader state", lambda: self.loader.load_state_dict(
+            data_state, reshard_step=reshard_step))
 
     def _tracking_run_id(self) -> str:
         """W&B/MLflow run id: drawn by rank 0 at a fresh start, broadcast, and saved with
