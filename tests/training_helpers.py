@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +111,45 @@ def run_pretrain(overrides: list[str], fault: str | None = None, timeout: int = 
     """Run pretrain_genlip.py on the tiny config to completion (or to its injected fault)."""
     return subprocess.run(pretrain_command(overrides), cwd=ROOT, env=pretrain_env(fault),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_launcher(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a multi-process launch that, on a timeout, fails with what every
+    process it started was doing (state, kernel wait channel, command) before killing them, so
+    a hang seen once on a loaded CI machine can be told apart (a rank in a collective, torchrun
+    not exiting, a leftover child holding the output pipe)."""
+    import psutil
+    import pytest
+
+    started = time.time() - 1
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True) \
+            if proc.poll() is None else []
+        # also processes of ours that outlived the script (they may hold the output pipe)
+        ours = ("pretrain_genlip", "torch.distributed.run", "multiprocessing", "genlip_megatron")
+        lines = []
+        for p in psutil.process_iter():
+            try:
+                cmdline = " ".join(p.cmdline())
+                if p not in family and (p.create_time() < started or p.pid == os.getpid()
+                                        or not any(k in cmdline for k in ours)):
+                    continue
+                wchan = Path(f"/proc/{p.pid}/wchan").read_text()
+                lines.append(f"{p.pid} ppid={p.ppid()} {p.status()} wchan={wchan} "
+                             f"{cmdline[:160]}")
+            except (psutil.Error, OSError):
+                continue
+        for p in family:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        out, err = proc.communicate()
+        pytest.fail(f"launch still running after {timeout} s (script exit "
+                    f"{proc.returncode}); processes:\n" + "\n".join(lines) +
+                    f"\n--- output:\n{(out + err)[-6000:]}")

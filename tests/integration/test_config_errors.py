@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from training_helpers import ROOT, TINY_CONFIG, make_tiny_data, pretrain_command, \
-    pretrain_env, tiny_overrides
+    pretrain_env, run_launcher, tiny_overrides
 
 # (override, the key the message must name)
 CASES = [
@@ -117,7 +117,7 @@ def test_data_input_error_on_two_ranks_is_one_line_and_status_2(override, key, t
     cmd = ["bash", str(ROOT / "examples" / "slurm" / "torchrun_node.sh"), "--config",
            str(TINY_CONFIG), "--set", *sets, "training.dp_invariant_data=false"]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, env, timeout=300)
     _assert_one_error_line(proc, key)
     assert "readable shard" in proc.stderr or "matches no files" in proc.stderr
     assert time.monotonic() - t0 < 240   # not a rendezvous/collective timeout

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from training_helpers import ROOT, TINY_CONFIG, make_tiny_data, pretrain_command, \
-    pretrain_env, tiny_overrides
+    pretrain_env, run_launcher, tiny_overrides
 
 TIMEOUT_MINS = 0.1   # 6 s
 
@@ -42,7 +42,7 @@ def test_stuck_rank_dumps_stacks_on_every_rank_and_exits_76(data_dir, tmp_path):
                           training__hang_timeout_mins=TIMEOUT_MINS)
     cmd = ["bash", str(ROOT / "examples" / "slurm" / "torchrun_node.sh"), "--config",
            str(TINY_CONFIG), "--set", *sets]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, env, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 76, out[-5000:]
     fired = [line for line in out.splitlines() if "hang watchdog: rank" in line]
