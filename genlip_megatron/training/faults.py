@@ -19,10 +19,13 @@ exit-signal drills (training/preemption.py). A point followed by ``=ENOSPC``, ``
 system): ``checkpoint:begin=ENOSPC`` makes every save fail before anything is written.
 A count after the name limits the fault to the first N times this process reaches the point
 (``checkpoint:load=EIO*1``: one transient read error, then the read succeeds; the retry drills).
-``shards:check`` is reached once per shard in the start-up shard check (training/agreement.py);
-an error there counts that shard ``unreachable`` (``shards:check=EIO*1:rank1``: one rank's
-transient read error). ``=HANG`` makes the process sleep there for good
-(``after_step:3=HANG:rank1``: a stuck rank, for the hang watchdog, training/watchdog.py).
+``grad_sync:N`` is reached in step N where megatron finalizes the gradients, before the
+data-parallel all-reduce (``grad_sync:5=SIGKILL:rank1``: rank 1 dies while rank 0 waits in that
+all-reduce). ``shards:check`` is reached once per shard in the start-up shard check
+(training/agreement.py); an error there counts that shard ``unreachable``
+(``shards:check=EIO*1:rank1``: one rank's transient read error). ``=HANG`` makes the process
+sleep there for good (``after_step:3=HANG:rank1``: a stuck rank, for the hang watchdog,
+training/watchdog.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from genlip_megatron.training.agreement import agree_on_shards, agree_on_startup
 from genlip_megatron.training.data_stream import build_microbatch_source
 from genlip_megatron.training.checkpointing import CheckpointManager, TrainingState
 from genlip_megatron.training.distributed import set_seeds
-from genlip_megatron.training.faults import maybe_inject
+from genlip_megatron.training.faults import ENV as FAULT_ENV, maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
 from genlip_megatron.training.preemption import PreemptionGuard, StopCheckpointError
@@ -147,6 +148,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.scheduler,
                                          cfg.training.train_steps)
         configure_schedule_hooks(self.tconfig, self.model, self.optimizer, cfg.parallel)
+        self._add_grad_sync_fault_point()
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.forward_backward = get_forward_backward_func()
@@ -172,6 +174,20 @@ class Trainer:
         self.held_out = self._build_held_out()
         self._log_startup_summary(config_path, overrides or [])
         self.watchdog = HangWatchdog(cfg.training.hang_timeout_mins, dist.get_rank())
+
+    def _add_grad_sync_fault_point(self) -> None:
+        """Fault point ``grad_sync:N`` (training/faults.py) where megatron's schedule
+        finalizes the gradients (the data-parallel all-reduce), so a drill can kill one rank
+        while its peers wait in that all-reduce. Only wired when a drill asks for it."""
+        if "grad_sync" not in os.environ.get(FAULT_ENV, ""):
+            return
+        finalize = self.tconfig.finalize_model_grads_func
+
+        def finalize_with_fault_point(*args, **kwargs):
+            maybe_inject(f"grad_sync:{self.state.step}")
+            return finalize(*args, **kwargs)
+
+        self.tconfig.finalize_model_grads_func = finalize_with_fault_point
 
     # ------------------------------------------------------------------------ restore
     def _restore(self) -> TrainingState:

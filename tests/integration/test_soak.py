@@ -251,16 +251,18 @@ def _launch_2(data_dir: Path, save: Path, fault: str = "", kill_after_step: bool
 @pytest.mark.slow
 def test_two_rank_soak_with_loader_workers_ends_with_the_uninterrupted_curve(data_dir,
                                                                              tmp_path):
-    """2 ranks × 2 loader workers under torchrun_node.sh, killed four times: one rank after a
-    step, both inside a save (shards written, not published), one rank at a random moment,
-    both between the rename and ``latest``; the final curve equals an uninterrupted run's."""
+    """2 ranks × 2 loader workers under torchrun_node.sh, killed four times: one rank inside
+    a step's gradient all-reduce (the other waits in it), both inside a save (shards written,
+    not published), one rank at a random moment, both between the rename and ``latest``; the
+    final curve equals an uninterrupted run's."""
     ref_dir, save = tmp_path / "ref" / "run", tmp_path / "soak" / "run"
     rc, out = _launch_2(data_dir, ref_dir)
     assert rc == 0, out[-4000:]
     want = read_jsonl_losses(ref_dir / "metrics.jsonl")
     assert sorted(want) == list(range(1, STEPS_2 + 1))
     rng = random.Random(SEED)
-    plan = [dict(fault="after_step:3=SIGKILL:rank1"), dict(fault="checkpoint:after_shards:step=6"),
+    # rank 1 killed inside step 3's gradient finalization: rank 0 waits in the DP all-reduce
+    plan = [dict(fault="grad_sync:3=SIGKILL:rank1"), dict(fault="checkpoint:after_shards:step=6"),
             dict(kill_after_step=True, rng=rng), dict(fault="checkpoint:renamed:step=10")]
     events = []
     for kill in plan:
@@ -268,6 +270,8 @@ def test_two_rank_soak_with_loader_workers_ends_with_the_uninterrupted_curve(dat
         rc, out = _launch_2(data_dir, save, **kill)
         events.append((kill.get("fault", "timed"), resume, rc))
         assert rc != 0, f"launch survived its kill {events}:\n{out[-4000:]}"
+        if kill.get("fault", "").startswith("grad_sync"):
+            assert "SIGKILL to this process at grad_sync:3" in out, out[-4000:]
     rc, out = _launch_2(data_dir, save)
     assert rc == 0 and f"RUN steps={STEPS_2} " in out, (events, out[-4000:])
     assert read_jsonl_losses(save / "metrics.jsonl") == want, f"curve differs after {events}"
