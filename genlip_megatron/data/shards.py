@@ -115,7 +115,8 @@ def _check_head(head: bytes) -> Optional[str]:
     return None
 
 
-def check_shards(shards: list[str], where: str, check: Callable[[str], Optional[str]] = None,
+def check_shards(shards: list[str], where: str,
+                 check: Optional[Callable[[str], Optional[str]]] = None,
                  log: bool = True) -> tuple[list[str], dict[str, list[str]]]:
     """Split ``shards`` into the readable ones and ``{problem: [paths]}``; logs each problem.
 
@@ -163,7 +164,7 @@ def list_shards(sources: list[SourceConfig], where: str = "data.sources") -> lis
 
 
 def find_problems(paths: list[list[str]], where: str = "data.sources",
-                  check: Callable[[str], Optional[str]] = None) -> dict[str, str]:
+                  check: Optional[Callable[[str], Optional[str]]] = None) -> dict[str, str]:
     """``{path: problem}`` of this process's check of every listed shard (not logged)."""
     out: dict[str, str] = {}
     for s, listed in enumerate(paths):
