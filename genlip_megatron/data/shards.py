@@ -19,6 +19,8 @@ A loader worker owns whole streams, so it reads only its own shards. Shards are 
 start-up (:func:`check_shards`): missing paths, directories, zero-byte files, empty tars and
 files that are not tars are reported by name and left out *before* they are distributed, so
 every rank and stream gets readable shards (or the loader refuses to start, naming them).
+Under several ranks the trainer decides that list once for all of them (a :class:`ShardSurvey`:
+rank 0's listing and every rank's problems), so the ranks partition the same list.
 """
 
 from __future__ import annotations
