@@ -26,8 +26,9 @@ from genlip_megatron.convert.registry import ConversionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hf_config_dict", "read_hf_config", "qk_layernorm_note", "match_variant", "model_config_from_dict",
-           "image_settings", "image_section_from_export", "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
+__all__ = ["hf_config_dict", "read_hf_config", "qk_layernorm_note", "match_variant",
+           "model_config_from_dict", "image_settings", "image_section_from_export",
+           "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
 
 AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
             "AutoModel": "modeling_genlip.GenLIPModel",

@@ -201,7 +201,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
 
     Returns:
         The config: LayerNorm (eps from the config), biases everywhere, SwiGLU, gated attention
-        (unless ``model.gated_attention`` is false), optional QK LayerNorm, MHA, hidden dropout 0, CPU initialisation without CUDA, fusions only where they exist.
+        (unless ``model.gated_attention`` is false), optional QK LayerNorm, MHA, hidden
+        dropout 0, CPU initialisation without CUDA, fusions only where they exist.
     """
     if has_cuda is None:
         has_cuda = torch.cuda.is_available()
