@@ -79,3 +79,18 @@ def test_trainer_spreads_checkpoint_evaluators_over_dp(data_dir):
         got = {k: v for k, v in summary.eval_metrics.items() if k != "time/eval(s)"}
         assert got == want
     dist.barrier()
+
+
+@pytest.mark.world_size(2)
+def test_plain_evaluator_runs_on_the_first_rank_and_is_broadcast():
+    from genlip_megatron.evaluation.data_parallel import evaluate_spread
+
+    calls = []
+
+    def plain(model):
+        calls.append(model)
+        return {"plain/rank": float(dist.get_rank())}
+
+    got = evaluate_spread(plain, "model", dist.group.WORLD)
+    assert got == {"plain/rank": 0.0}
+    assert len(calls) == (1 if dist.get_rank() == 0 else 0)
