@@ -207,19 +207,23 @@ def build_suite_hook(cfg):
 
 def init_baseline(cfg, trainer, hook) -> dict:
     """The untrained model's numbers (the demo's ``<key>_init``): validation loss at step 0
-    (every rank) and, on a single-chunk TP=1 run, the suite on the live weights."""
+    (every rank) and, on a single-chunk TP=1 run, the suite on the live weights, spread over
+    the data-parallel ranks (every rank at TP = PP = 1) like the in-loop suite."""
     out = {}
     if cfg.evaluation.interval and trainer.state.step == 0:
         out["loss/val"] = trainer.validate()["loss/val"]
-    if hook is not None and trainer.log_rank and trainer.state.step == 0 and \
-            trainer.topo.tp == trainer.topo.pp == 1:
+    if hook is not None and trainer.state.step == 0 and trainer.topo.tp == trainer.topo.pp == 1:
+        from megatron.core import parallel_state
+
         from genlip_megatron.probes.loading import from_megatron_state_dict
         from genlip_megatron.training.checkpointing import unwrap_model
 
         live = unwrap_model(trainer.model[0]).state_dict()
-        out.update(hook.suite(from_megatron_state_dict(live, cfg.model)))
-        logger.info("untrained model: %s", " | ".join(f"{k} {v:.4f}" for k, v in
-                                                     sorted(out.items())))
+        out.update(hook.suite(from_megatron_state_dict(live, cfg.model),
+                              parallel_state.get_data_parallel_group()))
+        if trainer.log_rank:
+            logger.info("untrained model: %s", " | ".join(f"{k} {v:.4f}" for k, v in
+                                                         sorted(out.items())))
     return out
 
 

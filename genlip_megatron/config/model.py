@@ -67,6 +67,14 @@ class ModelConfig:
     """Dropout on attention probabilities (reference: 0)."""
     init_std: float = 0.02
     """Std of the normal init of linears and embeddings (attention projections use xavier)."""
+    gated_attention: bool = True
+    """Elementwise sigmoid output gate on attention (the reference; ``q_proj`` holds query and
+    gate rows). false is the paper's "w/o GA" ablation: no gate and no gate weights."""
+    qk_layernorm: bool = False
+    """LayerNorm (per head, over the head dim, with bias) on queries and keys before RoPE:
+    megatron-core's ``qk_layernorm``. Not in the released GenLIP; exports carry it as
+    ``qk_layernorm`` with ``q_norm``/``k_norm`` weights that only this repository's HF code
+    reads (docs/conversion.md)."""
     attention_backend: Literal["auto", "dense", "flex", "te", "varlen"] = "auto"
     """Prefix-LM core attention: auto (resolved once at start-up and logged: te with
     transformer_impl te on a GPU, flex on a GPU otherwise, varlen on CPU; dense when

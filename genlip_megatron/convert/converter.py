@@ -36,7 +36,7 @@ from genlip_megatron.config import ModelConfig
 from genlip_megatron.config.loader import to_dict
 from genlip_megatron.convert.hf_config import HF_FILES, PROCESSOR_AUTO_MAP, \
     check_against_variant, hf_config_dict, image_processor_dict, image_section_from_export, \
-    image_settings, model_config_from_dict, read_hf_config
+    image_settings, model_config_from_dict, qk_layernorm_note, read_hf_config
 from genlip_megatron.convert.megatron_io import DistCheckpointReader, TensorLayout, \
     write_dist_checkpoint
 from genlip_megatron.convert.registry import MEGATRON_EXTRA_STATE, ConversionError, \
@@ -253,6 +253,9 @@ def megatron_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
         if tokenizer is not None:
             logger.info("copying the training tokenizer %s (data.text.tokenizer_path)", tokenizer)
     data_cfg = (reader.common.get("config") or {}).get("data") or {}
+    note = qk_layernorm_note(m)
+    if note:
+        logger.warning(note)
     reg = mapping_registry(m, vision_only=vision_only)
     _check_megatron_shapes(reader, reg, m)
     shapes = hf_shapes(m, vision_only)

@@ -26,8 +26,9 @@ from genlip_megatron.convert.registry import ConversionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hf_config_dict", "read_hf_config", "match_variant", "model_config_from_dict",
-           "image_settings", "image_section_from_export", "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
+__all__ = ["hf_config_dict", "read_hf_config", "qk_layernorm_note", "match_variant",
+           "model_config_from_dict", "image_settings", "image_section_from_export",
+           "image_processor_dict", "AUTO_MAP", "VISION_AUTO_MAP", "HF_FILES"]
 
 AUTO_MAP = {"AutoConfig": "configuration_genlip.GenLIPConfig",
             "AutoModel": "modeling_genlip.GenLIPModel",
@@ -145,7 +146,10 @@ def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = F
         "tokens_per_second": 2,
         "spatial_merge_size": 1,
         **special,
-        "gated_attention": True,
+        "gated_attention": m.gated_attention,
+        # Ours, not in the released format: written only when on, so default exports keep
+        # exactly the reference keys (qk_layernorm_note below says what loads it).
+        **({"qk_layernorm": True} if m.qk_layernorm else {}),
         "mrope_interleaved": True,
         "rope_theta": m.rope_theta,
         "rope_scaling": {"type": "mrope", "mrope_section": list(m.mrope_section)},
@@ -156,6 +160,22 @@ def hf_config_dict(m: ModelConfig, *, dtype: str = "bf16", vision_only: bool = F
         "genlip_megatron": {"variant": m.variant, **(provenance or {})},
     }
     return cfg
+
+
+def qk_layernorm_note(m: ModelConfig) -> Optional[str]:
+    """The one line an export of ``m`` logs when the released GenLIP format cannot express it.
+
+    ``model.gated_attention: false`` is expressible (the released config's
+    ``gated_attention`` key; the reference code builds ``q_proj`` [E, E] from it). QK LayerNorm
+    is not: the released code has no ``q_norm``/``k_norm``, so the export is a warning, not an
+    error, because the bundled ``modeling_genlip.py`` honours ``qk_layernorm`` and
+    ``transformers`` loads it with ``trust_remote_code=True``.
+    """
+    if not m.qk_layernorm:
+        return None
+    return ("model.qk_layernorm is on: the export adds qk_layernorm=true and "
+            "self_attn.q_norm/k_norm weights, which the released GenLIP code (VeOmni, open_clip) "
+            "does not read; load it with the bundled modeling_genlip.py (trust_remote_code=True).")
 
 
 def _require(cfg: dict, key: str, path: Path):
@@ -193,8 +213,7 @@ def read_hf_config(path: str | Path, embeddings_shape: Optional[tuple[int, ...]]
     elif arch not in (None, ["GenLIPModel"], ["GenLIPVisionModel"]):
         raise ConversionError(f"{cfg_file}: architectures {arch} is not ['GenLIPModel'] or "
                               "['GenLIPVisionModel'].")
-    for key, want in (("use_swiglu_ffn", True), ("gated_attention", True),
-                      ("mrope_interleaved", True)):
+    for key, want in (("use_swiglu_ffn", True), ("mrope_interleaved", True)):
         if cfg.get(key, want) != want:
             raise ConversionError(f"{cfg_file}: {key}={cfg[key]} is not supported (every GenLIP "
                                   f"release uses {key}={want}).")
@@ -238,6 +257,8 @@ def read_hf_config(path: str | Path, embeddings_shape: Optional[tuple[int, ...]]
         drop_path_rate=float(cfg.get("drop_path_rate", 0.0)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         init_std=float(cfg.get("initializer_range", 0.02)),
+        gated_attention=bool(cfg.get("gated_attention", True)),
+        qk_layernorm=bool(cfg.get("qk_layernorm", False)),
     )
     m = ModelConfig(**fields)
     m.variant = (cfg.get("genlip_megatron") or {}).get("variant") or match_variant(m) or \

@@ -68,8 +68,11 @@ def mapping_registry(m: ModelConfig, vision_only: bool = False) -> "MappingRegis
         vision_only: the HF side is a vision-encoder-only export (text rules are dropped).
     """
     L, V = "decoder.layers.*.", "visual.layers.*."
-    nh = m.num_attention_heads
+    nh, gated = m.num_attention_heads, m.gated_attention
     has_proj = m.text_dim != m.hidden_size
+    # model.qk_layernorm: per-head norms, not in the released format (docs/conversion.md).
+    qk_norms = [Rename(L + f"self_attention.{x}_layernorm.{p}", hf=V + f"self_attn.{x}_norm.{p}")
+                for x in "qk" for p in ("weight", "bias")] if m.qk_layernorm else []
     rules: list[Rule] = [
         # ---- megatron (TP=1 name) ----------------- HF (released name) ------------- TP ------
         ConvAsLinear("embedding.patch_embed.weight", hf="vision_embeddings.patch_embedding.weight",
@@ -82,10 +85,11 @@ def mapping_registry(m: ModelConfig, vision_only: bool = False) -> "MappingRegis
         Rename(L + "self_attention.linear_qkv.layer_norm_bias", hf=V + "layer_norm1.bias"),
         QKVGateMapping(L + "self_attention.linear_qkv.weight", q=V + "self_attn.q_proj.weight",
                        k=V + "self_attn.k_proj.weight", v=V + "self_attn.v_proj.weight",
-                       num_heads=nh, tp_axis=0),
+                       num_heads=nh, gated=gated, tp_axis=0),
         QKVGateMapping(L + "self_attention.linear_qkv.bias", q=V + "self_attn.q_proj.bias",
                        k=V + "self_attn.k_proj.bias", v=V + "self_attn.v_proj.bias",
-                       num_heads=nh, tp_axis=0),
+                       num_heads=nh, gated=gated, tp_axis=0),
+        *qk_norms,
         Rename(L + "self_attention.linear_proj.weight", hf=V + "self_attn.out_proj.weight",
                tp_axis=1),
         Rename(L + "self_attention.linear_proj.bias", hf=V + "self_attn.out_proj.bias"),
@@ -120,12 +124,13 @@ def hf_shapes(m: ModelConfig, vision_only: bool = False) -> dict[str, tuple[int,
     """Expected shape of every HF tensor (docs/reference-architecture.md), ``*`` = layer index."""
     e, i, t, v = m.hidden_size, m.ffn_hidden_size, m.text_dim, m.vocab_size
     V = "visual.layers.*."
+    q = 2 * e if m.gated_attention else e
     shapes = {
         "vision_embeddings.patch_embedding.weight": (e, m.num_channels, m.patch_size,
                                                      m.patch_size),
         "vision_embeddings.patch_embedding.bias": (e,),
         V + "layer_norm1.weight": (e,), V + "layer_norm1.bias": (e,),
-        V + "self_attn.q_proj.weight": (2 * e, e), V + "self_attn.q_proj.bias": (2 * e,),
+        V + "self_attn.q_proj.weight": (q, e), V + "self_attn.q_proj.bias": (q,),
         V + "self_attn.k_proj.weight": (e, e), V + "self_attn.k_proj.bias": (e,),
         V + "self_attn.v_proj.weight": (e, e), V + "self_attn.v_proj.bias": (e,),
         V + "self_attn.out_proj.weight": (e, e), V + "self_attn.out_proj.bias": (e,),
@@ -136,6 +141,9 @@ def hf_shapes(m: ModelConfig, vision_only: bool = False) -> dict[str, tuple[int,
         V + "layer_scale1.lambda1": (e,), V + "layer_scale2.lambda1": (e,),
         "ln_post.weight": (e,), "ln_post.bias": (e,),
     }
+    if m.qk_layernorm:
+        shapes.update({V + f"self_attn.{x}_norm.{p}": (m.kv_channels,)
+                       for x in "qk" for p in ("weight", "bias")})
     if not vision_only:
         shapes.update({"embeddings.weight": (v, t), "lm_head.weight": (v, t)})
         if t != e:

@@ -136,32 +136,39 @@ class QKVGateMapping(Rule):
         MCore linear_qkv [4E, E] = for h in heads: [ Wq_h ; Wg_h ; Wk_h ; Wv_h ]
 
     (megatron-core 0.16.1 ``attention_output_gate``: per query group ``[q, gate, k, v]``; MHA, so
-    one head per group.) Column-parallel: TP rank r holds groups ``r·nh/tp ... (r+1)·nh/tp - 1``,
-    which is a contiguous block of rows, so ``tp_axis`` = 0.
+    one head per group.) Without the gate (``gated=False``, ``model.gated_attention: false``)
+    ``q_proj`` is ``[E, E]`` and ``linear_qkv`` ``[3E, E]`` = per head ``[Wq_h ; Wk_h ; Wv_h]``.
+    Column-parallel: TP rank r holds groups ``r·nh/tp ... (r+1)·nh/tp - 1``, which is a
+    contiguous block of rows, so ``tp_axis`` = 0.
     """
 
     q: str = ""
     k: str = ""
     v: str = ""
     num_heads: int = 1
+    gated: bool = True
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v)
 
     def to_hf(self, t: Tensor) -> tuple[Tensor, ...]:
-        nh = self.num_heads
-        if t.shape[0] % (4 * nh):
-            raise ValueError(f"{self.megatron}: {t.shape[0]} rows are not 4 × heads ({nh}) × "
-                             "head_dim; the checkpoint and the config disagree on heads.")
-        grouped = t.reshape(nh, 4, t.shape[0] // (4 * nh), *t.shape[1:])  # [nh, 4, hd, (E)]
-        q, g, k, v = (grouped[:, j].reshape(-1, *t.shape[1:]) for j in range(4))
+        nh, parts = self.num_heads, 4 if self.gated else 3
+        if t.shape[0] % (parts * nh):
+            raise ValueError(f"{self.megatron}: {t.shape[0]} rows are not {parts} × heads ({nh}) "
+                             "× head_dim; the checkpoint and the config disagree on heads or "
+                             "on model.gated_attention.")
+        grouped = t.reshape(nh, parts, t.shape[0] // (parts * nh), *t.shape[1:])  # [nh, p, hd]
+        split = [grouped[:, j].reshape(-1, *t.shape[1:]) for j in range(parts)]
+        if not self.gated:
+            return tuple(split)
+        q, g, k, v = split
         return torch.cat([q, g], dim=0), k, v
 
     def to_megatron(self, hf: tuple[Tensor, ...]) -> Tensor:
         qg, k, v = hf
         nh = self.num_heads
-        q, g = qg.chunk(2, dim=0)
-        parts = [x.reshape(nh, x.shape[0] // nh, *x.shape[1:]) for x in (q, g, k, v)]
+        heads = (*qg.chunk(2, dim=0), k, v) if self.gated else (qg, k, v)
+        parts = [x.reshape(nh, x.shape[0] // nh, *x.shape[1:]) for x in heads]
         return torch.stack(parts, dim=1).reshape(-1, *qg.shape[1:])
 
 

@@ -4,9 +4,11 @@ An :class:`Evaluator` is a callable ``evaluator(model) -> {metric key: value}`` 
 GenLIP module (the one inference implementation, ``probes.load_genlip_for_inference``). The
 suite is built once from the run config (held-out samples read and decoded once), then:
 
-- in the loop: ``run`` hands :meth:`EvaluatorSuite.on_checkpoint` to the trainer, which calls it
-  with every checkpoint it saves (the trainer never imports this package); the suite loads that
-  checkpoint on the logging rank and logs the metrics at that step;
+- in the loop: ``run`` hands :class:`CheckpointSuiteHook` to the trainer, which calls it with
+  every checkpoint it saves (the trainer never imports this package), on every rank of the
+  logging rank's data-parallel group: each of them loads the checkpoint, evaluates its share
+  of the items and the partial results are reduced (``data_parallel.py``: identical to one
+  process); the logging rank logs the metrics at that step;
 - standalone: ``tools/evaluate.py CKPT_OR_HF_DIR --config run.yaml`` runs the same suite on a
   Megatron checkpoint or its HF export and prints the same keys on one ``EVAL`` line.
 
@@ -19,33 +21,63 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.inference import EvalSample, iter_eval_samples
 from genlip_megatron.data.tokenizer import TextTokenizer
-from genlip_megatron.evaluation.captioning import caption_metrics, shared_prompt
+from genlip_megatron.evaluation.captioning import caption_block, caption_scores, shared_prompt
+from genlip_megatron.evaluation.data_parallel import evaluate_spread, ordered_blocks
 from genlip_megatron.evaluation.demo_tasks import demo_zero_shot_task
-from genlip_megatron.evaluation.zeroshot import ZeroShotTask, zero_shot_accuracy
+from genlip_megatron.evaluation.zeroshot import ZeroShotTask, classify, score_candidates
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluator", "CaptionEvaluator", "ZeroShotEvaluator", "EvaluatorSuite",
+__all__ = ["Evaluator", "SplitEvaluator", "CaptionEvaluator", "ZeroShotEvaluator", "EvaluatorSuite",
            "CheckpointSuiteHook", "build_suite", "eval_line"]
 
 
 class Evaluator(Protocol):
-    """``evaluator(model) -> metrics``; keys are ``/``-namespaced (``caption/cider``)."""
+    """``evaluator(model) -> metrics``; keys are ``/``-namespaced (``caption/cider``).
+
+    Such an evaluator runs whole on one rank (``data_parallel.evaluate_spread``); implement
+    :class:`SplitEvaluator` to spread its items over the data-parallel ranks.
+    """
 
     name: str
 
     def __call__(self, model: GenLIPModel) -> dict[str, float]: ...
 
 
+class SplitEvaluator(Evaluator, Protocol):
+    """An evaluator whose items can be split over ranks (``evaluation/data_parallel.py``).
+
+    ``partial(model, indices)`` returns ``{"blocks": [(first_index, ...), ...]}``, one entry
+    per batch of ``batch_size`` consecutive items (the indices given are whole batches);
+    ``reduce(states)`` turns every rank's state into the metrics, with the blocks in item
+    order (``data_parallel.ordered_blocks``). ``__call__`` is ``reduce([partial(all)])``.
+    """
+
+    num_items: int
+    batch_size: int
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict: ...
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]: ...
+
+
+def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
 @dataclass
 class CaptionEvaluator:
-    """Caption loss/perplexity, greedy exact match and CIDEr-D (``captioning.py``)."""
+    """Caption loss/perplexity, greedy exact match and CIDEr-D (``captioning.py``).
+
+    State per batch: (first index, Σ NLL, tokens, captions); the reduction sums the NLL and
+    tokens in batch order and scores the captions of the whole set (CIDEr-D is corpus-level).
+    """
 
     samples: list[EvalSample]
     tokenizer: TextTokenizer
@@ -54,16 +86,36 @@ class CaptionEvaluator:
     name: str = "caption"
     last_captions: list[str] = field(default_factory=list)
 
+    @property
+    def num_items(self) -> int:
+        return len(self.samples)
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        prompt = shared_prompt(self.samples)
+        blocks = []
+        for batch in _batches(indices, self.batch_size):
+            nll, tokens, caps = caption_block(model, [self.samples[i] for i in batch],
+                                              self.tokenizer, prompt, self.max_new_tokens)
+            blocks.append((batch[0], nll, tokens, caps))
+        return {"blocks": blocks}
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        nll, tokens, captions = 0.0, 0, []
+        for _, block_nll, block_tokens, caps in ordered_blocks(states):
+            nll, tokens, captions = nll + block_nll, tokens + block_tokens, captions + caps
+        self.last_captions = captions
+        return caption_scores(nll, tokens, captions, [s.caption for s in self.samples])
+
     def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        metrics, self.last_captions = caption_metrics(
-            model, self.samples, self.tokenizer, max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size)
-        return metrics
+        return self.reduce([self.partial(model, range(self.num_items))])
 
 
 @dataclass
 class ZeroShotEvaluator:
-    """Generative zero-shot top-1 accuracy (``zeroshot.py``) on labelled held-out images."""
+    """Generative zero-shot top-1 accuracy (``zeroshot.py``) on labelled held-out images.
+
+    State per batch: (first index, predicted classes); accuracy is counted over the whole set.
+    """
 
     samples: list[EvalSample]
     labels: list[int]
@@ -71,32 +123,57 @@ class ZeroShotEvaluator:
     batch_size: int = 16
     name: str = "zeroshot"
 
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        acc, _ = zero_shot_accuracy(model, [(s.patches, s.grid) for s in self.samples],
-                                    self.labels, shared_prompt(self.samples), self.task,
-                                    image_batch=self.batch_size)
-        return {"zeroshot/accuracy": acc, "zeroshot/chance": 1.0 / self.task.num_classes,
+    @property
+    def num_items(self) -> int:
+        return len(self.samples)
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        prompt = shared_prompt(self.samples)
+        blocks = []
+        for batch in _batches(indices, self.batch_size):
+            images = [(self.samples[i].patches, self.samples[i].grid) for i in batch]
+            scores = score_candidates(model, images, prompt, self.task.candidates,
+                                      image_batch=self.batch_size)
+            blocks.append((batch[0], classify(scores, self.task).cpu().tolist()))
+        return {"blocks": blocks}
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        pred = [p for _, preds in ordered_blocks(states) for p in preds]
+        if len(pred) != len(self.labels):
+            raise ValueError(f"zero-shot states cover {len(pred)} of {len(self.labels)} images.")
+        correct = sum(int(p == y) for p, y in zip(pred, self.labels))
+        return {"zeroshot/accuracy": correct / len(self.labels),
+                "zeroshot/chance": 1.0 / self.task.num_classes,
                 "zeroshot/images": float(len(self.samples))}
+
+    def __call__(self, model: GenLIPModel) -> dict[str, float]:
+        return self.reduce([self.partial(model, range(self.num_items))])
 
 
 @dataclass
 class EvaluatorSuite:
-    """The evaluators of a run; call with a model, or with a checkpoint path."""
+    """The evaluators of a run; call with a model, or with a checkpoint path.
+
+    With a process ``group`` (the trainer passes the data-parallel group) the call is
+    collective: every evaluator's items are split over the group's ranks, the partial results
+    reduced, and every rank gets the same metrics, identical to a single process's
+    (``evaluation/data_parallel.py``).
+    """
 
     evaluators: list[Evaluator]
 
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
+    def __call__(self, model: GenLIPModel, group: Optional[Any] = None) -> dict[str, float]:
         out: dict[str, float] = {}
         for ev in self.evaluators:
-            out.update(ev(model))
+            out.update(evaluate_spread(ev, model, group))
         return dict(sorted(out.items()))
 
-    def on_checkpoint(self, checkpoint: str) -> dict[str, float]:
+    def on_checkpoint(self, checkpoint: str, group: Optional[Any] = None) -> dict[str, float]:
         """Load ``checkpoint`` as the HF module (CPU, fp32) and evaluate it."""
         from genlip_megatron.probes.loading import load_genlip_for_inference
 
         model, _ = load_genlip_for_inference(checkpoint)
-        return self(model)
+        return self(model, group)
 
 
 def build_suite(data: DataConfig, tokenizer: TextTokenizer, *, max_samples: int = 200,
@@ -132,8 +209,10 @@ class CheckpointSuiteHook:
     """The trainer's checkpoint evaluator: ``hook(step, path)`` evaluates the checkpoint at the
     configured steps (``evaluation.suite_interval`` multiples and ``final_step``), {} otherwise.
 
-    The suite (held-out samples decoded once) is built on the first call, on the logging rank
-    only: the other ranks never call the hook.
+    The trainer calls it on every rank of the logging rank's data-parallel group, with that
+    group: the evaluators' items are split over those ranks (``data_parallel.py``) and every
+    one of them returns the same metrics. The suite (held-out samples decoded once) is built on
+    each of those ranks at the first call; the other ranks never call the hook.
     """
 
     def __init__(self, data: DataConfig, tokenizer_path: str, *, final_step: int,
@@ -157,5 +236,5 @@ class CheckpointSuiteHook:
     def due(self, step: int) -> bool:
         return step == self.final_step or bool(self.interval and step % self.interval == 0)
 
-    def __call__(self, step: int, path: str) -> dict[str, float]:
-        return self.suite.on_checkpoint(path) if self.due(step) else {}
+    def __call__(self, step: int, path: str, group: Optional[Any] = None) -> dict[str, float]:
+        return self.suite.on_checkpoint(path, group) if self.due(step) else {}

@@ -8,11 +8,11 @@ tensor                                 init
 patch_embed, in_proj, output_proj      N(0, std), bias 0 (reference: Linear / Conv2d branch)
 word_embeddings, output_layer          N(0, std) (lm_head has no bias)
 linear_qkv                             xavier_uniform per UNFUSED projection: q_proj [2H, H]
-                                       (query and gate rows together), k_proj, v_proj [H, H];
-                                       bias 0
+                                       (query and gate rows together; [H, H] without the
+                                       gate), k_proj, v_proj [H, H]; bias 0
 linear_proj (out_proj)                 xavier_uniform [H, H], bias 0
 linear_fc1 ([gate_fc; fc1]), fc2       N(0, std), bias 0 (SwiGLU keeps the Linear init)
-LayerNorms                             weight 1, bias 0
+LayerNorms (also q/k_layernorm)        weight 1, bias 0
 LayerScale                             ``layerscale_init`` (0.1)
 =====================================  ===========================================================
 
@@ -97,14 +97,19 @@ def _xavier(shape: tuple[int, ...], gen: torch.Generator, device) -> Tensor:
 
 
 def _qkv(shape: tuple[int, ...], gen: torch.Generator, device, heads: int) -> Tensor:
-    """Fused ``[4H, H]`` with per-head ``[q_h; g_h; k_h; v_h]`` rows, xavier per projection."""
+    """Fused ``[4H, H]`` with per-head ``[q_h; g_h; k_h; v_h]`` rows, xavier per projection.
+
+    Without the gate (``[3H, H]``, ``model.gated_attention: false``) q_proj is ``[H, H]`` and
+    its xavier bound is that of an ``[H, H]`` matrix, as the reference builds it.
+    """
     hidden = shape[1]
-    qg = _xavier((2 * hidden, hidden), gen, device)    # reference q_proj: rows [query | gate]
+    gated = shape[0] == 4 * hidden
+    qg = _xavier(((2 if gated else 1) * hidden, hidden), gen, device)  # q_proj [query | gate]
     k = _xavier((hidden, hidden), gen, device)
     v = _xavier((hidden, hidden), gen, device)
-    q, g = qg[:hidden], qg[hidden:]
-    per_head = [t.view(heads, hidden // heads, hidden) for t in (q, g, k, v)]
-    return torch.stack(per_head, dim=1).reshape(4 * hidden, hidden)
+    parts = (qg[:hidden], qg[hidden:], k, v) if gated else (qg, k, v)
+    per_head = [t.view(heads, hidden // heads, hidden) for t in parts]
+    return torch.stack(per_head, dim=1).reshape(len(parts) * hidden, hidden)
 
 
 def _full_tensor(kind: str, shape: tuple[int, ...], gen: torch.Generator, device,

@@ -2,7 +2,8 @@
 
 One block (docs/reference-architecture.md):
 pre-norm LayerNorm → gated self-attention (fused ``linear_qkv`` with
-per-head ``[q, gate, k, v]`` rows, prefix-LM core attention, ``linear_proj``) → LayerScale +
+per-head ``[q, gate, k, v]`` rows, or ``[q, k, v]`` with ``model.gated_attention: false``;
+optional per-head q/k LayerNorm; prefix-LM core attention, ``linear_proj``) → LayerScale +
 DropPath residual → LayerNorm → SwiGLU MLP (``linear_fc1`` = ``[gate_fc; fc1]``, ``linear_fc2``)
 → LayerScale + DropPath residual.
 
@@ -62,7 +63,7 @@ class GenLIPLocalProvider(LocalSpecProvider):
     """megatron's local modules, with a LayerNorm that allows sequence parallelism."""
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **kwargs: Any) -> type:
-        """GenLIP uses LayerNorm everywhere (no RMSNorm, no qk-norm)."""
+        """GenLIP uses LayerNorm everywhere (the optional qk-norm included: no RMSNorm)."""
         return GenLIPLayerNorm
 
 
@@ -103,15 +104,20 @@ def get_backend_provider(config: Any, fp8_emulated: bool = False) -> BackendSpec
     return GenLIPFp8EmulatedProvider() if fp8_emulated else GenLIPLocalProvider()
 
 
-def get_genlip_layer_submodules(backend: BackendSpecProvider,
-                                core_attention: type) -> TransformerLayerSubmodules:
+def get_genlip_layer_submodules(backend: BackendSpecProvider, core_attention: type,
+                                qk_layernorm: bool = False) -> TransformerLayerSubmodules:
     """Submodules of one GenLIP block for ``backend``.
 
     Args:
         backend: provider of linears and norms (local, FP8-emulated or TE).
         core_attention: prefix-LM core-attention class (:func:`core_attention_class`).
+        qk_layernorm: per-head LayerNorm on queries and keys (``model.qk_layernorm``), the
+            norm megatron's GPT spec takes for it (``backend.layer_norm(for_qk=True)``: our
+            LayerNorm locally, TENorm with TE). megatron sums these weights' gradients over TP
+            by name (``finalize_model_grads``), since each rank normalises its own heads.
     """
     fused = backend.fuse_layernorm_and_linear()
+    qk_norm = backend.layer_norm(for_qk=True) if qk_layernorm else None
     linear_in = (backend.column_parallel_layer_norm_linear() if fused
                  else backend.column_parallel_linear())
     norm = IdentityOp if fused else backend.layer_norm()
@@ -125,7 +131,8 @@ def get_genlip_layer_submodules(backend: BackendSpecProvider,
                                               AttnMaskType.arbitrary)},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=linear_in, core_attention=core_attention,
-                linear_proj=backend.row_parallel_linear(), q_layernorm=None, k_layernorm=None),
+                linear_proj=backend.row_parallel_linear(), q_layernorm=qk_norm,
+                k_layernorm=qk_norm),
         ),
         self_attn_bda=LayerScaleDropPathAdd,
         pre_mlp_layernorm=norm,
@@ -140,7 +147,8 @@ def get_genlip_layer_spec(config: Any, fp8_emulated: bool = False) -> ModuleSpec
     """``ModuleSpec(GenLIPTransformerLayer)`` for ``config`` (backend chosen by the config)."""
     backend = get_backend_provider(config, fp8_emulated)
     submodules = get_genlip_layer_submodules(
-        backend, core_attention_class(config.prefix_attention_backend))
+        backend, core_attention_class(config.prefix_attention_backend),
+        qk_layernorm=bool(config.qk_layernorm))
     return ModuleSpec(module=GenLIPTransformerLayer, submodules=submodules)
 
 

@@ -200,8 +200,9 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         has_cuda: override CUDA detection (tests); None probes ``torch.cuda.is_available()``.
 
     Returns:
-        The config: LayerNorm (eps from the config), biases everywhere, SwiGLU, gated attention,
-        MHA, hidden dropout 0, CPU initialisation without CUDA, fusions only where they exist.
+        The config: LayerNorm (eps from the config), biases everywhere, SwiGLU, gated attention
+        (unless ``model.gated_attention`` is false), optional QK LayerNorm, MHA, hidden
+        dropout 0, CPU initialisation without CUDA, fusions only where they exist.
     """
     if has_cuda is None:
         has_cuda = torch.cuda.is_available()
@@ -213,7 +214,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         ffn_hidden_size=model.ffn_hidden_size,
         normalization="LayerNorm", layernorm_epsilon=model.layernorm_eps,
         add_bias_linear=True, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
-        attention_output_gate=True, hidden_dropout=0.0, attention_dropout=model.attention_dropout,
+        attention_output_gate=model.gated_attention, qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0, attention_dropout=model.attention_dropout,
         init_method_std=model.init_std, init_method=normal, output_layer_init_method=normal,
         mrope_section=list(model.mrope_section),
         # Machine-dependent: CPU init builds full master weights and slices them (TP-invariant);

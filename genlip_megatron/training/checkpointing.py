@@ -718,6 +718,8 @@ def load_model_state(module: torch.nn.Module, state: dict) -> None:
 
 _ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "text_dim",
               "vocab_size", "patch_size", "num_channels")
+_KNOB_DEFAULTS = {"gated_attention": True, "qk_layernorm": False}
+"""Ablation knobs that change the weights; checkpoints written before them hold the default."""
 
 
 def check_model_compatible(saved: dict, current: dict, ckpt: Path) -> None:
@@ -725,6 +727,10 @@ def check_model_compatible(saved: dict, current: dict, ckpt: Path) -> None:
     saved_model, cur_model = saved.get("model") or {}, current.get("model") or {}
     diff = [f"model.{k}: checkpoint {saved_model.get(k)} vs config {cur_model.get(k)}"
             for k in _ARCH_KEYS if k in saved_model and saved_model.get(k) != cur_model.get(k)]
+    if saved_model:
+        diff += [f"model.{k}: checkpoint {saved_model.get(k, d)} vs config {cur_model.get(k, d)}"
+                 for k, d in _KNOB_DEFAULTS.items()
+                 if saved_model.get(k, d) != cur_model.get(k, d)]
     if diff:
         raise CheckpointError(f"checkpoint {ckpt} does not match this model ({', '.join(diff)}); "
                            "load a checkpoint of the same variant or fix model.* in the config.")

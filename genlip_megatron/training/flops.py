@@ -4,7 +4,8 @@ Model FLOPs (the MFU convention: recomputation not counted, padding not counted)
 sample with ``i`` image tokens and ``t`` text tokens, forward pass, one multiply-add = 2 FLOPs:
 
 - per layer, linears: ``2 (i + t) (5 H² + 3 H F)``: q and gate (2H²), k, v (2H²), out (H²);
-  SwiGLU gate_fc and fc1 (2HF) and fc2 (HF).
+  SwiGLU gate_fc and fc1 (2HF) and fc2 (HF). Without the gate (``model.gated_attention:
+  false``) ``4 H²`` instead of ``5 H²``; QK LayerNorm is not counted (O(H) per token).
 - per layer, attention: ``4 H P`` with ``P`` the (query, key) pairs the prefix-LM mask allows:
   ``P = i² + t·i + t(t+1)/2`` (image tokens see their image; text token k sees the image and
   text tokens 0..k). QKᵀ and AV each cost ``2 · hd`` per pair per head.
@@ -34,11 +35,13 @@ class FlopDims:
     text_dim: int
     vocab: int
     patch_dim: int
+    gated_attention: bool = True
 
     @classmethod
     def from_model_config(cls, m) -> "FlopDims":
         return cls(m.hidden_size, m.ffn_hidden_size, m.num_layers, m.text_dim, m.vocab_size,
-                   m.num_channels * m.patch_size * m.patch_size)
+                   m.num_channels * m.patch_size * m.patch_size,
+                   getattr(m, "gated_attention", True))
 
 
 def attention_pairs(image_len: int, text_len: int) -> int:
@@ -52,7 +55,8 @@ def forward_flops(dims: FlopDims, image_lens: Sequence[int], text_lens: Sequence
     h, f, tdim = dims.hidden, dims.ffn, dims.text_dim
     n_img, n_txt = int(sum(image_lens)), int(sum(text_lens))
     pairs = sum(attention_pairs(int(i), int(t)) for i, t in zip(image_lens, text_lens))
-    per_layer = 2 * (n_img + n_txt) * (5 * h * h + 3 * h * f) + 4 * h * pairs
+    attn_linears = (5 if dims.gated_attention else 4) * h * h
+    per_layer = 2 * (n_img + n_txt) * (attn_linears + 3 * h * f) + 4 * h * pairs
     embed = 2 * n_img * dims.patch_dim * h + (2 * n_txt * tdim * h if tdim != h else 0)
     heads = n_txt if head_tokens is None else head_tokens
     head = 2 * heads * tdim * dims.vocab + (2 * heads * h * tdim if tdim != h else 0)

@@ -102,10 +102,11 @@ class RunSummary:
     """The checkpoint evaluators' metrics on the last saved checkpoint (logging rank)."""
 
 
-CheckpointEvaluator = Callable[[int, str], dict]
-"""``evaluator(step, checkpoint_path) -> {metric: value}`` ({} when it skips this step), run on
-the logging rank after each save (built by ``run`` from ``genlip_megatron.evaluation``; the
-trainer never imports that)."""
+CheckpointEvaluator = Callable[[int, str, Optional[dist.ProcessGroup]], dict]
+"""``evaluator(step, checkpoint_path, group) -> {metric: value}`` ({} when it skips this step),
+run after each save on every rank of the logging rank's data-parallel ``group`` (collective
+over it: the evaluator spreads its work over those ranks and returns the same metrics on each);
+built by ``run`` from ``genlip_megatron.evaluation``, which the trainer never imports."""
 
 
 class Trainer:
@@ -301,19 +302,27 @@ class Trainer:
         self.summary.checkpoint = str(path)
         self._evaluate_checkpoint(str(path))
 
+    @property
+    def eval_group_member(self) -> bool:
+        """This rank is in the logging rank's data-parallel group (same TP and PP coordinates
+        as the last rank), the ranks that share the checkpoint evaluators' work."""
+        return self.topo.is_last_stage and self.topo.tp_rank == self.topo.tp - 1
+
     def _evaluate_checkpoint(self, path: str) -> None:
-        """Run the checkpoint evaluators on the checkpoint just saved (logging rank only; the
-        other ranks go on and wait for it in the next step's collectives)."""
+        """Run the checkpoint evaluators on the checkpoint just saved, spread over the logging
+        rank's data-parallel group; the other ranks go on and wait for them in the next step's
+        collectives."""
         if not self.checkpoint_evaluators:
             return
         self.ckpt.finalize_pending(blocking=True)  # the evaluators read the finished files
-        if not self.log_rank:
+        if not self.eval_group_member:
             return
         start = time.perf_counter()
+        group = ps.get_data_parallel_group()
         metrics: dict[str, float] = {}
         for evaluate in self.checkpoint_evaluators:
-            metrics.update(evaluate(self.state.step, path))
-        if not metrics:
+            metrics.update(evaluate(self.state.step, path, group))
+        if not metrics or not self.log_rank:
             return
         metrics["time/eval(s)"] = time.perf_counter() - start
         logger.info("evaluation step %d | %s", self.state.step, " | ".join(

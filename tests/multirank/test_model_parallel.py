@@ -149,6 +149,33 @@ def test_tensor_parallel_matches_tp1(sp):
     _check_against_reference(model, ref_params, ref_grads)
 
 
+def _reduce_qk_layernorm_grads(model) -> None:
+    """What finalize_model_grads does for q/k_layernorm under TP without SP (by name, with
+    ``config.qk_layernorm``): each rank normalised only its own heads."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    for name, param in model.named_parameters():
+        if ("q_layernorm" in name or "k_layernorm" in name) and \
+                not getattr(param, "sequence_parallel", False):
+            dist.all_reduce(param.grad, group=group)
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+@pytest.mark.parametrize("knobs", [{"gated_attention": False}, {"qk_layernorm": True}],
+                         ids=["no_gate", "qk_norm"])
+def test_ablation_knobs_under_tp_match_tp1(sp, knobs):
+    batches = _batches(2)
+    ref_loss, ref_params, ref_grads = _reference(batches, **knobs)
+    loss, model = _run_tp(2, sp, batches, **knobs)
+    if knobs.get("qk_layernorm"):
+        _reduce_qk_layernorm_grads(model)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    _check_against_reference(model, ref_params, ref_grads)
+    assert any("q_layernorm" in n for n in ref_params) is bool(knobs.get("qk_layernorm"))
+
+
 @pytest.mark.world_size(2)
 def test_tp2_sp_drop_path_and_full_recompute_match_tp1():
     """DropPath draws the same rows on both TP ranks (inside megatron's SP RNG fork) and full

@@ -217,3 +217,26 @@ def test_run_totals_count_every_data_parallel_rank(layout, data_dir):
     finally:
         trainer.close()
         parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.world_size(2)
+def test_ablation_knobs_train_alike_under_dp_tp_and_resume_under_pp(data_dir):
+    """Both knobs on (no gate, QK LayerNorm): TP=2 (megatron sums the q/k-norm grads over TP
+    by name in finalize_model_grads) follows the DP=2 curve (= single rank, dp-invariant data),
+    and a TP=2 checkpoint resumes at PP=2 on the same curve."""
+    knobs = ["model.gated_attention=false", "model.qk_layernorm=true"]
+    dp2 = train_inprocess(tiny_overrides(data_dir) + knobs)
+    golden = read_golden()
+    assert sorted(dp2) == sorted(golden) and dp2[max(dp2)] < dp2[min(dp2)]   # it trains
+    assert any(abs(dp2[s] - golden[s]) > 1e-3 for s in dp2)   # and the knobs took effect
+    save = shared_dir("knobs_resume")
+    tp2 = train_inprocess(tiny_overrides(data_dir, save) + knobs + [
+        "parallel.tp=2", "checkpoint.save_interval=4"])
+    assert_losses_close(tp2, dp2, what="knobs TP2 vs DP2")
+    if dist.get_rank() == 0:  # roll back to the step-4 checkpoint
+        shutil.rmtree(save / "iter_0000008")
+        (save / "latest").write_text("iter_0000004\n")
+    dist.barrier()
+    resumed = train_inprocess(tiny_overrides(data_dir, save) + knobs + ["parallel.pp=2"])
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert_losses_close(resumed, {s: dp2[s] for s in resumed}, what="knobs TP2 → PP2 resume")

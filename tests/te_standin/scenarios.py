@@ -120,23 +120,26 @@ def spec_classes() -> dict:
             "key_diff": sorted(te_keys ^ renamed)}
 
 
-def te_vs_dense(env_vars: Optional[dict] = None, rows=None, seq: int = SEQ) -> dict:
-    """Same init, same packed batch: TE model vs the local model with dense attention."""
+def te_vs_dense(env_vars: Optional[dict] = None, rows=None, seq: int = SEQ,
+                model: Optional[dict] = None) -> dict:
+    """Same init, same packed batch: TE model vs the local model with dense attention
+    (``model``: ModelConfig overrides for both, e.g. the ablation knobs)."""
     with env(**(env_vars or {})), mp_state():
         b = _batch(rows or ROWS, seq)
         out = {}
         for te in (True, False):
-            model = _model(te)
+            model_ = _model(te, **(model or {}))
             _clear_calls()
-            loss = _loss(model, b)
+            loss = _loss(model_, b)
             loss.backward()
-            out[te] = (float(loss.detach()), _canonical_grads(model), _attention_calls())
+            out[te] = (float(loss.detach()), _canonical_grads(model_), _attention_calls())
     (l_te, g_te, calls), (l_dense, g_dense, _) = out[True], out[False]
     assert g_te.keys() == g_dense.keys(), sorted(g_te.keys() ^ g_dense.keys())
     return {"loss_te": l_te, "loss_dense": l_dense,
             "max_grad_diff": max(float((g_te[k] - g_dense[k]).abs().max()) for k in g_te),
             "max_grad": max(float(g.abs().max()) for g in g_dense.values()),
-            "calls": calls}
+            "calls": calls, "grad_names": sorted(g_te),
+            "qkv_rows": int(g_te["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0])}
 
 
 def unfused_self_attention(attention_type: str) -> str:

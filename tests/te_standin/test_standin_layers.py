@@ -48,6 +48,17 @@ def test_te_backend_matches_dense_forward_backward(standin):
     assert any(c["max_seqlen_q"] != c["max_seqlen_kv"] for c in calls)  # the text call
 
 
+@pytest.mark.parametrize("knobs", [{"gated_attention": False}, {"qk_layernorm": True}],
+                         ids=["no_gate", "qk_norm"])
+def test_te_backend_matches_dense_with_ablation_knobs(standin, knobs):
+    # qk_layernorm takes TESpecProvider.layer_norm(for_qk=True) (TENorm) on the TE side.
+    got = standin.run("te_vs_dense", model=knobs)
+    _assert_matches_dense(got)
+    names = got["grad_names"]
+    assert any("q_layernorm" in n for n in names) is bool(knobs.get("qk_layernorm"))
+    assert got["qkv_rows"] == (4 if knobs.get("gated_attention", True) else 3) * 64
+
+
 @pytest.mark.parametrize("env_vars", [{"NVTE_FUSED_ATTN": "0"}, {"TE_STANDIN_SM_ARCH": "80"}],
                          ids=["fused-disabled", "a100-thd"])
 def test_unfused_backend_runs_the_text_call(standin, env_vars):

@@ -30,6 +30,11 @@ class GenLIPConfig(PretrainedConfig):
             ``embeddings.weight``.
         vocab_size: LM vocabulary.
         rope_scaling: ``{"type": "mrope", "mrope_section": [t, h, w]}`` (interleaved MRoPE).
+        gated_attention: elementwise sigmoid output gate (``q_proj`` [2E, E]); False is the
+            paper's "w/o GA" ablation (``q_proj`` [E, E]), as in the reference config.
+        qk_layernorm: per-head LayerNorm on queries and keys before RoPE (``self_attn.q_norm``,
+            ``k_norm``); genlip_megatron's ``model.qk_layernorm`` ablation, not in the released
+            models.
         vision_only: the checkpoint holds only the vision trunk (no embeddings/in_proj/proj/
             lm_head); ``forward`` then refuses text and ``encode_images`` still works.
         image_token_id: id marking image positions in ``input_ids`` when no ``image_mask`` is
@@ -53,7 +58,8 @@ class GenLIPConfig(PretrainedConfig):
                  initializer_factor: float = 1.0, max_position_embeddings: int = 16384,
                  rope_theta: float = 10000.0, rope_scaling: Optional[dict] = None,
                  mrope_section: Optional[list] = None, mrope_interleaved: bool = True,
-                 gated_attention: bool = True, use_llm_head: bool = False,
+                 gated_attention: bool = True, qk_layernorm: bool = False,
+                 use_llm_head: bool = False,
                  llm_decoder=None, use_liger_kernel: bool = True, tokens_per_second: int = 2,
                  spatial_merge_size: int = 1, vision_start_token_id: int = 151652,
                  vision_end_token_id: int = 151653, image_token_id: int = 151655,
@@ -89,6 +95,7 @@ class GenLIPConfig(PretrainedConfig):
         self.mrope_section = [int(s) for s in mrope_section]
         self.mrope_interleaved = mrope_interleaved
         self.gated_attention = gated_attention
+        self.qk_layernorm = qk_layernorm
         self.use_llm_head = use_llm_head
         self.llm_decoder = llm_decoder
         self.use_liger_kernel = use_liger_kernel

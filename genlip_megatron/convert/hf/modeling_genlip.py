@@ -277,7 +277,10 @@ class GenLIPRotaryEmbedding(nn.Module):
 class GenLIPAttention(nn.Module):
     """Multi-head attention with an elementwise sigmoid output gate (Qwen "G1").
 
-    ``q_proj`` is ``[2E, E]``: rows ``[0:E]`` the query, rows ``[E:2E]`` the gate, each head-major.
+    ``q_proj`` is ``[2E, E]``: rows ``[0:E]`` the query, rows ``[E:2E]`` the gate, each head-major
+    (``[E, E]``, no gate, with ``gated_attention=False``). With ``qk_layernorm`` a LayerNorm over
+    the head dim (``q_norm``, ``k_norm``, shared by the heads) normalises queries and keys before
+    RoPE, as megatron-core's ``qk_layernorm``.
     """
 
     def __init__(self, config: GenLIPConfig):
@@ -291,6 +294,10 @@ class GenLIPAttention(nn.Module):
         self.k_proj = nn.Linear(e, e)
         self.v_proj = nn.Linear(e, e)
         self.out_proj = nn.Linear(e, e)
+        self.q_norm = self.k_norm = None
+        if getattr(config, "qk_layernorm", False):
+            self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, cache_update: Optional[Callable] = None):
@@ -304,6 +311,8 @@ class GenLIPAttention(nn.Module):
         q = q.reshape(shape).transpose(1, 2)  # [B, nh, L, hd]
         k = self.k_proj(x).reshape(shape).transpose(1, 2)
         v = self.v_proj(x).reshape(shape).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin

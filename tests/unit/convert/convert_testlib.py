@@ -33,7 +33,8 @@ def random_hf_state_dict(m: ModelConfig, seed: int = 0, vision_only: bool = Fals
             if "*" in pattern else [pattern]
         for name in names:
             t = torch.randn(shape, generator=gen) * scale
-            if name.endswith(("layer_norm1.weight", "layer_norm2.weight", "ln_post.weight")):
+            if name.endswith(("layer_norm1.weight", "layer_norm2.weight", "ln_post.weight",
+                              "q_norm.weight", "k_norm.weight")):
                 t += 1.0
             if name.endswith("lambda1"):
                 t = t * 0.2 + 0.1

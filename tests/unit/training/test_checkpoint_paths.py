@@ -45,6 +45,19 @@ def test_mismatched_architecture_is_refused(tmp_path):
         check_model_compatible(saved, {"model": {"hidden_size": 64, "num_layers": 4}}, tmp_path)
 
 
+def test_ablation_knob_mismatch_is_refused_also_for_older_checkpoints(tmp_path):
+    old = {"model": {"hidden_size": 64}}          # written before the knobs: gated, no qk-norm
+    check_model_compatible(old, {"model": {"hidden_size": 64, "gated_attention": True,
+                                           "qk_layernorm": False}}, tmp_path)
+    with pytest.raises(RuntimeError, match=r"model.gated_attention: checkpoint True vs config "
+                                           r"False"):
+        check_model_compatible(old, {"model": {"hidden_size": 64, "gated_attention": False}},
+                               tmp_path)
+    saved = {"model": {"hidden_size": 64, "qk_layernorm": True}}
+    with pytest.raises(RuntimeError, match=r"model.qk_layernorm: checkpoint True vs config False"):
+        check_model_compatible(saved, {"model": {"hidden_size": 64}}, tmp_path)
+
+
 # ------------------------------------------------------------------ latest pointer, recovery
 def test_damaged_or_missing_latest_falls_back_to_newest_finished(tmp_path, caplog):
     for step in (4, 8):

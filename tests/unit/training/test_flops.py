@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from genlip_megatron.training.flops import FlopDims, attention_pairs, forward_flops, \
@@ -24,15 +25,18 @@ def test_attention_pairs_equal_the_prefix_mask():
         assert attention_pairs(n_img, n_txt) == brute_force_pairs(n_img, n_txt)
 
 
-def test_linear_flops_match_torch_flop_counter():
-    """One block's linears and the head, counted by torch on real matmuls."""
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "no_gate"])
+def test_linear_flops_match_torch_flop_counter(gated):
+    """One block's linears and the head, counted by torch on real matmuls (the fused qkv has
+    4H rows with the attention gate, 3H without: model.gated_attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    dims = FlopDims(hidden=32, ffn=48, layers=1, text_dim=24, vocab=50, patch_dim=12)
+    dims = FlopDims(hidden=32, ffn=48, layers=1, text_dim=24, vocab=50, patch_dim=12,
+                    gated_attention=gated)
     n_img, n_txt = 6, 5
     n = n_img + n_txt
     h, f, t, v = dims.hidden, dims.ffn, dims.text_dim, dims.vocab
-    weights = [torch.randn(4 * h, h), torch.randn(h, h), torch.randn(2 * f, h),
+    weights = [torch.randn((4 if gated else 3) * h, h), torch.randn(h, h), torch.randn(2 * f, h),
                torch.randn(h, f)]
     with FlopCounterMode(display=False) as counter:
         for w in weights:

@@ -1,0 +1,93 @@
+"""Evaluators spread over data-parallel ranks: a deterministic split and the reduction.
+
+An evaluator that can be split exposes (see ``suite.SplitEvaluator``)
+
+- ``num_items`` and ``batch_size``: its evaluation items (held-out images) and the block it
+  processes at a time;
+- ``partial(model, indices) -> state``: sufficient statistics over the given items, picklable
+  (sums and counts, per-item predictions, generated captions keyed by item index);
+- ``reduce(states) -> metrics``: the metrics from every rank's state (corpus-level metrics such
+  as CIDEr-D are computed here, over the gathered captions of the whole set).
+
+The items are cut into blocks of ``batch_size`` exactly as a single process would batch them,
+and whole blocks are dealt round-robin to the ranks (block b → rank b mod W). Every block is
+then computed with the same shapes as at DP = 1 and the states are reduced in block order, so
+the metrics are bit-identical to the single-process ones for any number of ranks
+(tests/multirank/test_evaluation_parallel.py). States are exchanged with
+``all_gather_object`` (small: a few numbers per item), and every rank reduces them, so every
+rank returns the same metrics.
+
+An evaluator without ``partial`` (a plain ``evaluator(model) -> metrics``) still works: the
+group's first rank runs it and broadcasts its metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch.distributed as dist
+
+__all__ = ["block_indices", "group_rank_and_size", "gather_states", "evaluate_spread",
+           "ordered_blocks"]
+
+
+def block_indices(num_items: int, block: int, rank: int, world: int) -> list[int]:
+    """The item indices of ``rank``: blocks ``rank, rank + world, ...`` of ``block`` items.
+
+    Args:
+        num_items: items of the evaluator.
+        block: its batch size (the last block may be shorter, as at DP = 1).
+        rank, world: this rank's index in the evaluation group and the group size.
+    """
+    if block < 1 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"block ({block}) and world ({world}) must be ≥ 1 and 0 ≤ rank "
+                         f"({rank}) < world.")
+    out: list[int] = []
+    for start in range(rank * block, num_items, world * block):
+        out.extend(range(start, min(start + block, num_items)))
+    return out
+
+
+def group_rank_and_size(group: Optional[Any]) -> tuple[int, int]:
+    """(rank in ``group``, its size); (0, 1) without a group or a process group."""
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_states(state: Any, group: Optional[Any]) -> list[Any]:
+    """Every rank's ``state``, in group-rank order (``[state]`` for a single process)."""
+    _, size = group_rank_and_size(group)
+    if size == 1:
+        return [state]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, state, group=group)
+    return out
+
+
+def _broadcast_from_first(obj: Any, group: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def evaluate_spread(evaluator: Any, model: Any, group: Optional[Any] = None) -> dict:
+    """``evaluator``'s metrics on ``model``, its items split over the ranks of ``group``.
+
+    Collective over ``group``: every rank of it must call with the same evaluator (same
+    items) and gets the same metrics. ``group`` None: this process evaluates everything.
+    """
+    rank, size = group_rank_and_size(group)
+    if not hasattr(evaluator, "partial"):
+        metrics = evaluator(model) if rank == 0 else None
+        return metrics if size == 1 else _broadcast_from_first(metrics, group)
+    indices = block_indices(evaluator.num_items, evaluator.batch_size, rank, size)
+    return evaluator.reduce(gather_states(evaluator.partial(model, indices), group))
+
+
+def ordered_blocks(states: Sequence[dict]) -> list:
+    """The ``blocks`` entries of every state, in block (= single-process) order.
+
+    States of the splittable evaluators hold ``{"blocks": [(first_index, ...), ...]}``.
+    """
+    return sorted((b for s in states for b in s["blocks"]), key=lambda b: b[0])
