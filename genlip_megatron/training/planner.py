@@ -60,11 +60,12 @@ class ModelDims:
     text_dim: int
     vocab: int
     patch_dim: int
+    gated_attention: bool = True
 
     @classmethod
     def from_model_config(cls, m) -> "ModelDims":
         return cls(m.hidden_size, m.num_layers, m.num_attention_heads, m.ffn_hidden_size,
-                   m.text_dim, m.vocab_size, m.patch_dim)
+                   m.text_dim, m.vocab_size, m.patch_dim, m.gated_attention)
 
     @property
     def head_dim(self) -> int:
@@ -72,7 +73,7 @@ class ModelDims:
 
     def flop_dims(self) -> FlopDims:
         return FlopDims(self.hidden, self.ffn, self.layers, self.text_dim, self.vocab,
-                        self.patch_dim)
+                        self.patch_dim, gated_attention=self.gated_attention)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ GPUS = {
 def param_counts(d: ModelDims, tp: int) -> dict[str, int]:
     """Per-rank parameter counts: one layer, first-stage extras, last-stage extras."""
     h, f, t, v = d.hidden, d.ffn, d.text_dim, d.vocab
-    layer = ((4 * h * h + 4 * h) // tp + (h * h) // tp + h       # qkv(+gate), proj (+bias)
+    qkv = 4 if d.gated_attention else 3                          # q, k, v (+ the sigmoid gate)
+    layer = ((qkv * h * h + qkv * h) // tp + (h * h) // tp + h   # qkv(+gate), proj (+bias)
              + (2 * f * h + 2 * f) // tp + (f * h) // tp + h     # fc1, fc2 (+bias)
              + 4 * h + 2 * h)                                    # two LayerNorms, LayerScales
     first = d.patch_dim * h + h + (v // tp) * t + ((t * h + h) if t != h else 0)
@@ -206,7 +208,8 @@ def _layer_activation_bytes(d: ModelDims, lay: Layout, mix: SampleMix) -> float:
     n, b, h, tp = mix.tokens, lay.params_bytes, d.hidden, lay.tp
     unit = n * h * b
     residual = 6 * unit / (tp if lay.sp else 1)
-    inner = (10 * unit + 5 * n * d.ffn * b) / tp
+    attn_units = 10 if d.gated_attention else 8                 # no gate, no gated product
+    inner = (attn_units * unit + 5 * n * d.ffn * b) / tp
     fixed = 4 * n * d.head_dim * b + 4 * n * b            # RoPE angles, LayerNorm statistics
     backend = 0.0
     if lay.recompute != "selective":

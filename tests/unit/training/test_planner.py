@@ -43,6 +43,23 @@ def test_param_counts_match_the_reference_totals():
     assert c["layer"] / 2 < c2["layer"] < c["layer"] / 2 + 8 * 1152
 
 
+def test_without_the_gate_the_layer_loses_its_gate_rows_and_flops():
+    """model.gated_attention=false: q_proj loses its H gate rows (+ bias), FLOPs follow."""
+    model = decode_variant("L/16")
+    gated = planner.ModelDims.from_model_config(model)
+    model.gated_attention = False
+    plain = planner.ModelDims.from_model_config(model)
+    h = gated.hidden
+    assert planner.param_counts(gated, 1)["layer"] - planner.param_counts(plain, 1)["layer"] \
+        == h * h + h
+    assert plain.flop_dims() == FlopDims.from_model_config(model)
+    mix = planner.SampleMix(1024, 1, (576,), (64,))
+    assert planner.step_flops(plain, mix, 1) < planner.step_flops(gated, mix, 1)
+    lay = planner.Layout(tp=1, pp=1, dp=1)
+    assert planner.memory_per_rank(plain, lay, mix)[0].total < \
+        planner.memory_per_rank(gated, lay, mix)[0].total
+
+
 def test_memory_rules():
     d = _dims("g/16")
     mix = planner.SampleMix.uniform(8192, 1, 1024, 128)
