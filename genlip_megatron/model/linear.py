@@ -107,9 +107,14 @@ def bias_gemm_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 def _fast_path(weight: Tensor, sequence_parallel: bool, grad_output_buffer: Any,
                extra: dict) -> bool:
-    """The cases :func:`bias_gemm_linear` reproduces exactly (else megatron's own path runs)."""
+    """The cases :func:`bias_gemm_linear` reproduces exactly (else megatron's own path runs).
+
+    ``extra``: keyword arguments of newer megatron-core releases; only their inactive values
+    qualify (megatron-core 0.19's ``gtp_remat_size`` is 1 unless the weight is GTP-sharded).
+    """
+    inactive = {"gtp_remat_size": (None, 1)}
     return (weight.requires_grad and not sequence_parallel and grad_output_buffer is None
-            and all(v is None for v in extra.values()))
+            and all(v in inactive.get(k, (None,)) for k, v in extra.items()))
 
 
 class BiasGemmColumnParallelLinear(ColumnParallelLinear):

@@ -84,3 +84,15 @@ def test_off_path_and_sequence_parallel_keep_megatron(mp_state, make_config):
     config.sequence_parallel = True
     row, _ = _pair(config, "row", skip_bias_add=True)
     assert not row.fold_bias                         # bias is added after the reduce-scatter
+
+
+def test_newer_megatron_keywords_take_the_fast_path_only_when_inactive():
+    from genlip_megatron.model.linear import _fast_path
+
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    assert _fast_path(weight, False, None, {})
+    assert _fast_path(weight, False, None, {"gtp_remat_size": 1})     # megatron-core 0.19 default
+    assert not _fast_path(weight, False, None, {"gtp_remat_size": 2})
+    assert not _fast_path(weight, False, None, {"some_new_option": True})
+    assert not _fast_path(weight, True, None, {})                      # sequence parallel
+    assert not _fast_path(torch.ones(2, 2), False, None, {})           # frozen weight
