@@ -159,7 +159,8 @@ class BiasGemmRowParallelLinear(RowParallelLinear):
         super().__init__(*args, **kwargs)
         self.fold_bias = (bool(getattr(self.config, "fold_bias_into_gemm", False))
                           and self.bias is not None and not self.sequence_parallel
-                          and not self.explicit_expert_comm and get_pg_size(self.tp_group) == 1)
+                          and not self.explicit_expert_comm and get_pg_size(self.tp_group) == 1
+                          and getattr(self, "gtp_remat_size", 1) == 1)   # 0.19: GTP-sharded
 
     def forward(self, input_: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """``[S, B, in] → ([S, B, out], None)`` when folding, else megatron's forward."""
