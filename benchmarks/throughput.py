@@ -3,7 +3,7 @@
 
     python benchmarks/throughput.py --quick     # CI-sized, < 5 min on 2 busy cores
     python benchmarks/throughput.py             # L/16 width, 1024 + 2048-token rows, 2 mixes
-    python benchmarks/throughput.py --profile   # + torch.profiler top entries of our step
+    python benchmarks/throughput.py --profile   # + per-op profile, plain step vs ours
     python benchmarks/throughput.py --packed-row-only   # packed 4096-token row vs its samples
     python benchmarks/sweep.py --out-dir /tmp/sweep                # tiny CPU points (sweep.py)
     python benchmarks/sweep.py --gpu-recipe                        # the GPU grid (one node)
@@ -623,24 +623,48 @@ def packed_row_check(seqs: list[int], reps: int, dense_up_to: int) -> list[dict]
 # Profile
 # ---------------------------------------------------------------------------------------------
 
-def profile_stack(w: Workload, data_root: Path, backend: str, steps: int, top: int) -> str:
-    """torch.profiler table (self CPU time) of our trainer step on pre-built batches."""
+def profile_steps(w: Workload, data_root: Path, backend: str, steps: int, top: int) -> str:
+    """Per-op self CPU time of our trainer step next to the plain step's (same batches).
+
+    Each step of (b) and (c) is profiled on its own, alternating; per op the smallest per-step
+    time is kept (torch.profiler times are wall time: the minimum over steps drops most of the
+    other jobs' preemptions). Rows are sorted by |stack - plain|: where the extra time goes.
+    """
+    from collections import defaultdict
+
     from torch.profiler import ProfilerActivity, profile
 
     from genlip_megatron.training.trainer import Trainer
 
-    trainer = Trainer(load_cfg(w, ensure_data(data_root, w.stage), backend, 0))
+    cfg = load_cfg(w, ensure_data(data_root, w.stage), backend, 0)
+    trainer = Trainer(cfg)
     for chunk in trainer.model:
         chunk.train()
-    trainer.loader = PrebuiltBatches([next(trainer.loader) for _ in range(2)])
-    for _ in range(2):
-        trainer_step(trainer)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            trainer_step(trainer)
+    batches = [next(trainer.loader) for _ in range(2)]
+    trainer.loader.close()
+    trainer.loader = PrebuiltBatches(batches)
+    torch.manual_seed(0)
+    plain = PlainGenLIP(cfg.model)
+    runs = {"plain": lambda i: plain.step(batches[i % 2]),
+            "stack": lambda i: trainer_step(trainer)}
+    per_op: dict = {name: defaultdict(list) for name in runs}
+    for i in range(2 + steps):
+        for name, run in runs.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(i)
+            for e in prof.key_averages() if i >= 2 else ():
+                per_op[name][e.key].append((e.self_cpu_time_total / 1e3, e.count))
     trainer.close()
     _reset_parallel_state()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    best = {name: {k: min(v) for k, v in ops.items()} for name, ops in per_op.items()}
+    keys = sorted(set(best["plain"]) | set(best["stack"]), key=lambda k: -abs(
+        best["stack"].get(k, (0, 0))[0] - best["plain"].get(k, (0, 0))[0]))
+    lines = [f"{'op':56s} {'plain ms':>9s} {'calls':>5s} {'stack ms':>9s} {'calls':>5s} "
+             f"{'diff ms':>8s}"]
+    for k in keys[:top]:
+        (tb, nb), (tc, nc) = best["plain"].get(k, (0, 0)), best["stack"].get(k, (0, 0))
+        lines.append(f"{k[:56]:56s} {tb:9.2f} {nb:5d} {tc:9.2f} {nc:5d} {tc - tb:8.2f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,7 +689,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="wall time, or process CPU time (robust when other jobs share the "
                         "cores; use with OMP_NUM_THREADS=1 and --workers 0)")
     p.add_argument("--data-dir", default=str(REPO / ".cache" / "bench_throughput"))
-    p.add_argument("--profile", action="store_true", help="print torch.profiler top entries")
+    p.add_argument("--profile", action="store_true",
+                   help="print a per-op torch.profiler comparison of the plain step and ours")
+    p.add_argument("--profile-only", action="store_true",
+                   help="only that comparison (first workload), no throughput run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     global CLOCK
@@ -681,6 +708,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         peak = peak_memory_worker(args.peak_worker, w, Path(args.data_dir), args.backend,
                                   Path(args.peak_batches), steps=3)
         print(f"PEAK {peak}")
+        return 0
+    if args.profile_only:
+        print(profile_steps(workloads(args.quick)[0], Path(args.data_dir), args.backend, 3, 25))
         return 0
     if args.packed_row_only:
         _print_packed_rows(packed_row_check([4096], reps=1 if args.quick else 2,
@@ -721,8 +751,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             dense_up_to=4096)
     _print_packed_rows(rows)
     if args.profile:
-        print("\ntorch.profiler, our step (top entries by self CPU time)")
-        print(profile_stack(workloads(args.quick)[0], data_root, args.backend, 3, 15))
+        print("\ntorch.profiler, plain step vs our step (self time per op, min over 3 steps)")
+        print(profile_steps(workloads(args.quick)[0], data_root, args.backend, 3, 25))
     row4096 = next(r for r in rows if r["seq"] == 4096)["default"]
     print(f"\nwall time {time.time() - t_start:.0f} s")
     print(f"BENCH throughput stack_vs_plain={rate['stack'] / rate['plain']:.3f} "

@@ -28,6 +28,9 @@ checkpoint_queue       in-process result queue for synchronous torch_dist saves 
                        Manager: ≈5 s per process)
 wgrad                  ``fused_weight_gradient_mlp_cuda`` → ``addmm_`` into ``main_grad``, so the
                        trainer can use ``gradient_accumulation_fusion`` on CPU (``wgrad.py``)
+multi_tensor           megatron's Apex-less ``multi_tensor_scale`` (``copy_(src * scale)``: a
+                       temporary per gradient when clipping) → in-place ``_foreach_mul_``
+                       (``multi_tensor.py``)
 =====================  =========================================================================
 
 Each group applies only to the megatron-core/torch releases in :data:`SCOPES` (compat/versions.py):
@@ -61,7 +64,7 @@ __all__ = ["apply_cpu_compat", "apply_torch_adam_fixes", "compat_report", "cpu_c
 def _groups() -> dict[str, Callable[[PatchSet], None]]:
     # Imported lazily: importing this package must not import megatron (triton_stub must run
     # before megatron.core is imported on megatron-core ≥ 0.19 without triton).
-    from genlip_megatron.compat import checkpointing, cuda, jit, optimizer, wgrad
+    from genlip_megatron.compat import checkpointing, cuda, jit, multi_tensor, optimizer, wgrad
 
     return {
         "triton_stub": jit.stub_triton_paged_stash,
@@ -75,11 +78,12 @@ def _groups() -> dict[str, Callable[[PatchSet], None]]:
         "adam_step": optimizer.patch_distopt_adam_step,
         "checkpoint_queue": checkpointing.fast_sync_checkpoint_writes,
         "wgrad": wgrad.install_cpu_wgrad_accumulation,
+        "multi_tensor": multi_tensor.install_foreach_multi_tensor_scale,
     }
 
 
 GROUPS = ("triton_stub", "jit", "device", "rng", "sync", "streams", "literals", "type_strings",
-          "adam_step", "checkpoint_queue", "wgrad")
+          "adam_step", "checkpoint_queue", "wgrad", "multi_tensor")
 """Group names in the order they are applied."""
 
 _BOTH = "0.16.1 and 0.19.2 sources"
@@ -101,6 +105,9 @@ SCOPES: dict[str, Scope] = {
     # compat/wgrad.py: fused_weight_gradient_mlp_cuda and
     # _grad_accum_fusion_available in tensor_parallel/layers.py.
     "wgrad": Scope(megatron=">=0.16.1", checked=_BOTH + " (tensor_parallel/layers.py)"),
+    # compat/multi_tensor.py: utils.local_multi_tensor_scale bound in optimizer/clip_grads.py
+    # and optimizer/optimizer.py.
+    "multi_tensor": Scope(megatron=">=0.16.1", checked=_BOTH + " (core/utils.py fallback)"),
 }
 """Upstream releases each group applies to (:class:`~genlip_megatron.compat.versions.Scope`).
 

@@ -33,7 +33,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from genlip_megatron.compat.te import require_transformer_engine
 from genlip_megatron.model.attention import DensePrefixLMAttention, FlexPrefixLMAttention, \
     VarlenPrefixLMAttention
+from genlip_megatron.model.linear import BiasGemmColumnParallelLinear, BiasGemmRowParallelLinear
 from genlip_megatron.model.norm import GenLIPLayerNorm
+from genlip_megatron.model.swiglu import SwiGLU
 from genlip_megatron.model.transformer_layer import GenLIPTransformerLayer, LayerScaleDropPathAdd
 
 __all__ = ["GenLIPLocalProvider", "GenLIPFp8EmulatedProvider", "get_backend_provider",
@@ -60,7 +62,22 @@ def canonical_name(name: str) -> str:
 
 
 class GenLIPLocalProvider(LocalSpecProvider):
-    """megatron's local modules, with a LayerNorm that allows sequence parallelism."""
+    """megatron's local modules, with a LayerNorm that allows sequence parallelism, linears
+    that can add their bias inside the GEMM (``model/linear.py``; active with
+    ``config.fold_bias_into_gemm``) and a SwiGLU module (``model/swiglu.py``; used by megatron's
+    MLP only with ``config.use_te_activation_func``)."""
+
+    def column_parallel_linear(self) -> type:
+        """megatron's ``ColumnParallelLinear`` with the bias-in-GEMM fast path."""
+        return BiasGemmColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        """megatron's ``RowParallelLinear`` with the bias-in-GEMM fast path (TP = 1)."""
+        return BiasGemmRowParallelLinear
+
+    def activation_func(self) -> type:
+        """The MLP activation module: GenLIP's SwiGLU."""
+        return SwiGLU
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, **kwargs: Any) -> type:
         """GenLIP uses LayerNorm everywhere (the optional qk-norm included: no RMSNorm)."""
@@ -137,7 +154,10 @@ def get_genlip_layer_submodules(backend: BackendSpecProvider, core_attention: ty
         self_attn_bda=LayerScaleDropPathAdd,
         pre_mlp_layernorm=norm,
         mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-            linear_fc1=linear_in, linear_fc2=backend.row_parallel_linear())),
+            linear_fc1=linear_in, linear_fc2=backend.row_parallel_linear(),
+            # built by megatron only with config.use_te_activation_func (set on the CPU path
+            # by build_transformer_config)
+            activation_func=backend.activation_func())),
         mlp_bda=LayerScaleDropPathAdd,
         sharded_state_dict_keys_map={} if fused else dict(LOCAL_TO_TE_KEYS),
     )

@@ -88,6 +88,9 @@ class GenLIPTransformerConfig(TransformerConfig):
     """1-based global layer numbers whose linears run emulated FP8 (None: every layer)."""
     init_seed: int = 1234
     """Seed of the reference initialisation (per-tensor generators; TP/PP-invariant)."""
+    fold_bias_into_gemm: bool = False
+    """Local linears add their bias inside the GEMM (``addmm``; model/linear.py). Set on the
+    CPU path, where nothing else fuses the bias add."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +166,15 @@ def local_linear_config(config: TransformerConfig) -> TransformerConfig:
     return local
 
 
+def _cpu_step_kwargs(has_cuda: bool, transformer_impl: str) -> dict:
+    """The CPU path's replacements for the GPU fusions (docs/performance.md): biases inside
+    the local linears' GEMMs (model/linear.py) and megatron's MLP activation-module slot
+    (``use_te_activation_func``, which takes any module from the layer spec) filled with
+    GenLIP's SwiGLU (model/swiglu.py). GPU runs keep megatron's fused bias-SwiGLU / TE."""
+    cpu_local = not has_cuda and transformer_impl == "local"
+    return {"fold_bias_into_gemm": cpu_local, "use_te_activation_func": cpu_local}
+
+
 def _recompute_kwargs(parallel: ParallelConfig) -> dict:
     r = parallel.recompute
     if r.granularity is None:
@@ -222,6 +234,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         # fused kernels only where they exist (apex is not on PyPI, see docs/design.md).
         use_cpu_initialization=not has_cuda,
         bias_activation_fusion=has_cuda, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        **_cpu_step_kwargs(has_cuda, model.transformer_impl),
         persist_layer_norm=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=gradient_accumulation_fusion_enabled(
             has_cuda, model.transformer_impl),

@@ -119,8 +119,9 @@ def build_optimizer(chunks: list, opt: OptimizerConfig, prec: PrecisionConfig,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=p.use_distributed_optimizer,
         overlap_param_gather=p.overlap_param_gather,
-        # A constant scale of 1 turns on megatron's inf/nan grad check for bf16/fp32 too:
-        # a step with non-finite grads is skipped instead of poisoning the weights.
+        # A constant scale of 1 turns on megatron's inf/nan grad check for bf16 and the
+        # distributed optimizer; fp32 without it (megatron's FP32Optimizer) has no such check,
+        # the trainer's optimizer_step (training/optimizer_step.py) adds it there.
         loss_scale=1.0 if (bf16 or p.use_distributed_optimizer) else None,
         decoupled_weight_decay=True)
     overrides = {} if opt.decay_norm_and_bias else None  # {} = decay all (reference recipe)

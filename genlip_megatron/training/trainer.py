@@ -35,6 +35,7 @@ from genlip_megatron.training.distributed import set_seeds
 from genlip_megatron.training.faults import ENV as FAULT_ENV, maybe_inject
 from genlip_megatron.training.flops import FlopDims, peak_flops_per_device, training_flops
 from genlip_megatron.training.metrics import MetricLogger, RunTotals, memory_metrics
+from genlip_megatron.training.optimizer_step import optimizer_step
 from genlip_megatron.training.preemption import PreemptionGuard, StopCheckpointError
 from genlip_megatron.training.tracking import new_run_id
 from genlip_megatron.training.watchdog import HangWatchdog
@@ -352,7 +353,7 @@ class Trainer:
         reason = self._bad_reason(loss)
         grad_norm = None
         if not reason:
-            ok, grad_norm, _ = self.optimizer.step()
+            ok, grad_norm = optimizer_step(self.optimizer)  # False: a non-finite gradient
             if ok:
                 self.scheduler.step(increment=1)
             else:
