@@ -289,5 +289,6 @@ def clean(sample: dict) -> dict:
 
 
 __all__ = ["render_sample", "demo_samples", "Scene", "sample_scene", "render_scene",
-           "scene_mask", "scene_label", "SEG_CLASSES", "PROBE_CLASSES", "conversation_json", "caption_corpus", "bad_sample",
-           "BAD_KINDS", "ODD_KINDS", "BAD_REASON", "encode_image", "clean"]
+           "scene_mask", "scene_label", "SEG_CLASSES", "PROBE_CLASSES", "conversation_json",
+           "caption_corpus", "bad_sample", "BAD_KINDS", "ODD_KINDS", "BAD_REASON", "encode_image",
+           "clean"]
