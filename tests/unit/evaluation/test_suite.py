@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def tiny_data_config(tmp_path_factory):
-    """(data section, tokenizer) of the tiny labelled demo-style set (tests/training_helpers)."""
+    """(data section, tokenizer) of the tiny labelled demo-style set (tests/training_helpers.py)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
