@@ -31,9 +31,9 @@ def _where_task(n: int, seed: int, width: int = 16):
 
 
 def test_attentive_probe_reads_a_position_code_and_not_noise():
-    train, ytr = _where_task(300, 1)
-    test, yte = _where_task(100, 2)
-    recipe = AttentiveProbeRecipe(epochs=15)
+    train, ytr = _where_task(160, 1)
+    test, yte = _where_task(80, 2)
+    recipe = AttentiveProbeRecipe(epochs=15, batch_size=32)
     assert attentive_probe_accuracy(train, ytr, test, yte, 9, recipe) > 0.9
     # without the position code (what a random-init encoder gives): near chance, 1/9
     g = torch.Generator().manual_seed(5)
