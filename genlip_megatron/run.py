@@ -68,7 +68,7 @@ def prepare_demo_data(cfg) -> None:
     if cfg.demo is None:
         return
     out = Path(cfg.demo.data_dir)
-    if dist.get_rank() == 0 and not (out / "meta.json").is_file():
+    if dist.get_rank() == 0 and not _labelled_demo_set(out):
         from genlip_megatron.data.demo import generate_demo_data
 
         logger.info("generating the synthetic demo data in %s", out)
@@ -77,6 +77,15 @@ def prepare_demo_data(cfg) -> None:
                            vocab_size=d.vocab_size, prompt=cfg.data.text.prompt, p_two=d.p_two,
                            p_word=d.p_word, min_side=d.min_side, max_side=d.max_side)
     dist.barrier()
+
+
+def _labelled_demo_set(out: Path) -> bool:
+    """A complete demo set with probe labels (sets from before the labels lack ``classes``
+    in ``meta.json``: they are written again, with the same images and captions)."""
+    import json
+
+    meta = out / "meta.json"
+    return meta.is_file() and "classes" in json.loads(meta.read_text())
 
 
 def check_writable_outputs(cfg) -> None:
@@ -168,6 +177,8 @@ def _train_and_report(cfg, config_path: str, overrides: list[str]) -> RunReport:
     hook = build_suite_hook(cfg)
     trainer = Trainer(cfg, config_path=config_path, overrides=overrides,
                       checkpoint_evaluators=[hook] if hook is not None else [])
+    if hook is not None:   # gallery pictures go where the run's metrics go
+        hook.image_logger = trainer.metrics.log_images
     try:
         init = init_baseline(cfg, trainer, hook) if cfg.demo is not None else {}
         summary = trainer.train()
@@ -202,7 +213,9 @@ def build_suite_hook(cfg):
     return CheckpointSuiteHook(cfg.data, cfg.data.text.tokenizer_path,
                                final_step=cfg.training.train_steps, interval=e.suite_interval,
                                max_samples=e.max_samples, max_new_tokens=e.max_new_tokens,
-                               batch_size=e.batch_size, demo_tasks=cfg.demo is not None)
+                               batch_size=e.batch_size, demo_tasks=cfg.demo is not None,
+                               probe_train_samples=e.probe_train_samples,
+                               sink_samples=e.sink_samples, gallery_images=e.gallery_images)
 
 
 def init_baseline(cfg, trainer, hook) -> dict:
@@ -221,6 +234,8 @@ def init_baseline(cfg, trainer, hook) -> dict:
         live = unwrap_model(trainer.model[0]).state_dict()
         out.update(hook.suite(from_megatron_state_dict(live, cfg.model),
                               parallel_state.get_data_parallel_group()))
+        if cfg.checkpoint.save_dir:
+            hook.publish_gallery(0, Path(cfg.checkpoint.save_dir) / "gallery" / "init.html")
         if trainer.log_rank:
             logger.info("untrained model: %s", " | ".join(f"{k} {v:.4f}" for k, v in
                                                          sorted(out.items())))
@@ -231,7 +246,9 @@ def _eval_fields(report: RunReport, with_init: bool) -> str:
     """``val_loss=`` and the suite's headline numbers, each with ``<key>_init=`` (the untrained
     model) on the demo line; suite numbers that were not measured are left out of a RUN line."""
     keys = {"val_loss": "loss/val", "zeroshot_accuracy": "zeroshot/accuracy",
-            "cider": "caption/cider", "caption_loss": "caption/loss"}
+            "cider": "caption/cider", "caption_loss": "caption/loss",
+            "probe_accuracy": "probe/accuracy", "seg_miou": "seg/miou",
+            "sink_mass": "sink/mass_mean"}
     final = {**report.eval_metrics, "loss/val": report.val_loss}
     parts = []
     for name, key in keys.items():

@@ -6,10 +6,15 @@ held-out data with the same evaluators the training loop runs.
     python tools/evaluate.py exports/demo --config examples/configs/demo_cpu.yaml
 
 The run YAML gives the held-out shards (``data.eval_sources``), the image policy and the
-evaluation settings (``evaluation.max_samples``, ``max_new_tokens``, ``batch_size``; the demo
-config also enables the demo's zero-shot task). The tokenizer is the checkpoint's (or
-``data.text.tokenizer_path``, or --tokenizer). Metrics (docs/evaluation.md):
-caption/loss, caption/perplexity, caption/exact_match, caption/cider, zeroshot/accuracy.
+evaluation settings (``evaluation.max_samples``, ``max_new_tokens``, ``batch_size``,
+``probe_train_samples``, ``sink_samples``, ``gallery_images``; the demo config also enables the
+demo's zero-shot task). The tokenizer is the checkpoint's (or ``data.text.tokenizer_path``, or
+--tokenizer). Metrics (docs/evaluation.md): caption/loss, caption/perplexity,
+caption/exact_match, caption/cider, zeroshot/accuracy, probe/accuracy, seg/miou,
+sink/mass_mean and sink/mass_layer_NN.
+
+    python tools/evaluate.py runs/demo/checkpoints --config examples/configs/demo_cpu.yaml \
+        --gallery runs/demo/gallery        # also writes the probe gallery page there
 
 Prints the generated captions of the first images, then one line
     EVAL caption/cider=... caption/exact_match=... ... checkpoint=<path>
@@ -37,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config overrides, e.g. evaluation.max_samples=50")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--show", type=int, default=5, help="print this many captions")
+    p.add_argument("--gallery", metavar="DIR",
+                   help="write the probe gallery page (evaluation.gallery_images images, 8 "
+                   "when the config has none) to DIR/<checkpoint name>.html")
     return p.parse_args(argv)
 
 
@@ -44,6 +52,7 @@ def run(args) -> str:
     """Build the suite, evaluate the checkpoint; returns the EVAL line."""
     from genlip_megatron.config import load_config
     from genlip_megatron.data.tokenizer import load_tokenizer
+    from genlip_megatron.evaluation.gallery import write_gallery
     from genlip_megatron.evaluation.suite import build_suite, eval_line
     from genlip_megatron.probes.loading import load_genlip_for_inference
 
@@ -56,8 +65,15 @@ def run(args) -> str:
     e = cfg.evaluation
     suite = build_suite(cfg.data, tok, max_samples=e.max_samples,
                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                        demo_tasks=cfg.demo is not None)
+                        demo_tasks=cfg.demo is not None,
+                        probe_train_samples=e.probe_train_samples,
+                        sink_samples=e.sink_samples,
+                        gallery_images=e.gallery_images or (8 if args.gallery else 0))
     metrics = suite(model)
+    if args.gallery:
+        name = Path(args.checkpoint).resolve().name
+        page = write_gallery(suite.gallery.html, Path(args.gallery) / f"{name}.html")
+        print(f"gallery: {page}")
     cap = suite.evaluators[0]
     for s, c in list(zip(cap.samples, cap.last_captions))[:args.show]:
         print(f"{s.key}\t{c}\t(reference: {s.caption})")

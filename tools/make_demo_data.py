@@ -8,7 +8,9 @@ Writes ``OUT/train/shard-*.tar``, ``OUT/eval/shard-*.tar`` (held out: a differen
 ``OUT/tokenizer.json`` (a tiny byte-level BPE trained on every caption phrase and the prompt,
 with the Qwen special tokens) and ``OUT/meta.json``. Images are coloured shapes on a 3×3 grid
 (genlip_megatron/data/synthetic.py) with exact template captions; sizes and aspect ratios vary
-(the demo config resizes them with the fixed policy, e.g. data.image.fixed_size: 64).
+(the demo config resizes them with the fixed policy, e.g. data.image.fixed_size: 64). Every
+sample also carries its probe labels: ``cls`` (the cell of the first shape) and ``seg.png`` (the
+per-pixel shape class; docs/evaluation.md, "The demo's labelled tasks (probes)").
 Deterministic from --seed; a few thousand samples take seconds.
 """
 

@@ -237,6 +237,15 @@ class EvalConfig:
     suite_interval: int = 0
     """Evaluate the checkpoints saved at multiples of this step (0: only the final one); a
     step without a save is not evaluated."""
+    probe_train_samples: int = 0
+    """Suite: train split of the attentive and segmentation probes, the first N samples of
+    data.sources (file order) with a class label (cls) / mask (seg.png); the held-out samples
+    are the test split (0: no probes)."""
+    sink_samples: int = 0
+    """Suite: held-out samples whose attention-sink mass per layer is measured (sink/*; 0: off)."""
+    gallery_images: int = 0
+    """Suite: the first N held-out images with their generated captions and patch-readout
+    pictures, as TensorBoard images and one HTML page per evaluation (0: off)."""
 
     def validate(self) -> "EvalConfig":
         """Intervals and counts; raises ConfigError."""
@@ -245,6 +254,9 @@ class EvalConfig:
         _require(self.iters >= 1, f"evaluation.iters ({self.iters}) must be ≥ 1.")
         _require(self.suite_interval >= 0, f"evaluation.suite_interval ({self.suite_interval})"
                  " must be ≥ 0 (0: the final checkpoint only).")
+        for key in ("probe_train_samples", "sink_samples", "gallery_images"):
+            _require(getattr(self, key) >= 0, f"evaluation.{key} ({getattr(self, key)}) must be "
+                     "≥ 0 (0 turns it off).")
         return self
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from genlip_megatron.config.data import DEFAULT_PROMPT
 from genlip_megatron.data.shard_writer import write_shards
-from genlip_megatron.data.synthetic import caption_corpus, demo_samples
+from genlip_megatron.data.synthetic import PROBE_CLASSES, SEG_CLASSES, caption_corpus, \
+    demo_samples
 from genlip_megatron.data.tokenizer import train_tiny_bpe
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,15 @@ def generate_demo_data(out: str | Path, *, num_train: int = 4000, num_eval: int 
                        samples_per_shard: int = 250) -> dict:
     """Write ``out/train/*.tar``, ``out/eval/*.tar``, ``out/tokenizer.json``, ``out/meta.json``.
 
+    Every sample carries its labels (``cls``: the probe class, ``seg.png``: the per-pixel
+    shape mask; ``data/synthetic.py``), listed with the class names in ``meta.json``.
+
     ``meta.json`` is written last, so its presence means the set is complete.
     """
     out = Path(out)
     t0 = time.time()
-    common = dict(fmt=fmt, p_two=p_two, p_word=p_word, min_side=min_side, max_side=max_side)
+    common = dict(fmt=fmt, p_two=p_two, p_word=p_word, min_side=min_side, max_side=max_side,
+                  labelled=True)
     train = write_shards(demo_samples(num_train, seed, key_prefix="t", **common),
                          out / "train", samples_per_shard=samples_per_shard)
     held = write_shards(demo_samples(num_eval, seed + EVAL_SEED_OFFSET, key_prefix="e", **common),
@@ -39,7 +44,8 @@ def generate_demo_data(out: str | Path, *, num_train: int = 4000, num_eval: int 
     tok = train_tiny_bpe(caption_corpus() + [prompt], vocab_size, out / "tokenizer.json")
     meta = {"train_samples": num_train, "eval_samples": num_eval, "train_shards": len(train),
             "eval_shards": len(held), "vocab_size": tok.vocab_size, "seed": seed, "format": fmt,
-            "p_two": p_two, "p_word": p_word, "min_side": min_side, "max_side": max_side}
+            "p_two": p_two, "p_word": p_word, "min_side": min_side, "max_side": max_side,
+            "classes": list(PROBE_CLASSES), "seg_classes": list(SEG_CLASSES)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     logger.info("demo data in %s (%.1f s): %d train / %d eval samples, tokenizer %d ids",
                 out, time.time() - t0, num_train, num_eval, tok.vocab_size)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -129,7 +130,8 @@ def extend_batch(batch: PackedBatch, new_ids: Sequence[int], pad_multiple: int =
 
 @dataclass
 class EvalSample:
-    """One held-out image with its reference caption."""
+    """One held-out image with its reference caption (and its labels, when the shard has
+    them: ``cls`` member → ``label``, ``seg.png`` member → ``mask``)."""
 
     key: str
     url: str
@@ -137,6 +139,8 @@ class EvalSample:
     prompt_ids: np.ndarray   # int32 token ids of the user prompt
     patches: np.ndarray      # uint8 [N, C*p*p]
     grid: tuple[int, int]
+    label: int = -1          # class id (webdataset ``cls``), -1 without one
+    mask: Optional[np.ndarray] = None   # uint8 [gh*p, gw*p] class per pixel (``seg.png``)
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -180,11 +184,46 @@ def iter_eval_samples(cfg: DataConfig, tokenizer: Optional[TextTokenizer] = None
                                           cfg.text.prompt)
             caption = next(t for r, t in conv.turns if r == "assistant").strip()
             n_prompt = int(np.argmax(item.text_labels != IGNORE_INDEX))
+            label, mask = sample_labels(raw.members, item.grid, cfg.image.patch_size, item.key)
             yield EvalSample(item.key, item.url, caption, item.text_ids[:n_prompt],
-                             np.asarray(item.patches), item.grid)
+                             np.asarray(item.patches), item.grid, label, mask)
             count += 1
             if limit is not None and count >= limit:
                 return
+
+
+LABEL_MEMBER, MASK_MEMBER = "cls", "seg.png"
+"""Webdataset members of a labelled sample: the class id as decimal text, the mask as a
+single-channel PNG of class ids at the image's size (``tools/make_shards.py`` writes both)."""
+
+
+def sample_labels(members: dict, grid: tuple[int, int], patch_size: int, key: str
+                  ) -> tuple[int, Optional[np.ndarray]]:
+    """(class id or -1, mask resized to the model's pixels ``[gh*p, gw*p]`` or None).
+
+    The mask is resized with nearest neighbour (class ids must not blend) to the size the
+    image was resized to. A malformed label or mask is logged and treated as absent.
+    """
+    label, mask = -1, None
+    if LABEL_MEMBER in members:
+        try:
+            label = int(bytes(members[LABEL_MEMBER]).decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            logger.warning("sample %s: cls member is not an integer; no label", key)
+        if label < -1:
+            logger.warning("sample %s: negative class id %d; no label", key, label)
+            label = -1
+    if MASK_MEMBER in members:
+        try:
+            img = Image.open(io.BytesIO(members[MASK_MEMBER]))
+            img.load()
+            if img.mode not in ("L", "P"):
+                raise ValueError(f"mode {img.mode} (want L or P)")
+            size = (grid[1] * patch_size, grid[0] * patch_size)
+            mask = np.asarray(img.resize(size, Image.NEAREST), dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            logger.warning("sample %s: unusable seg.png (%s); no mask", key, exc)
+    return label, mask
 
 
 def eval_raw_batches(cfg: DataConfig, dp_rank: int, dp_size: int
@@ -215,4 +254,5 @@ def eval_raw_batches(cfg: DataConfig, dp_rank: int, dp_size: int
 
 
 __all__ = ["encode_prompt", "extend_batch", "prompt_batch", "image_to_patches", "EvalSample",
-           "iter_eval_samples", "eval_raw_batches", "SampleError"]
+           "iter_eval_samples", "eval_raw_batches", "sample_labels", "SampleError",
+           "LABEL_MEMBER", "MASK_MEMBER"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
@@ -65,35 +66,103 @@ def _caption(items: list[tuple[int, str, str]], word: Optional[tuple[int, str]])
     return text
 
 
-def render_sample(rng: np.random.Generator, *, p_two: float = 0.3, p_word: float = 0.1,
-                  min_side: int = 48, max_side: int = 192, max_aspect: float = 2.5
-                  ) -> tuple[Image.Image, str]:
-    """Draw one random image and its exact caption."""
+@dataclass
+class Scene:
+    """Everything one synthetic image shows: what the caption, the labels and the mask read.
+
+    Attributes:
+        width, height: image size in pixels.
+        shade: grey level of the background.
+        items: ``(cell, colour, shape)`` per shape, cells of the 3×3 grid in raster order.
+        word: ``(cell, word)`` of the rendered word, or None.
+    """
+
+    width: int
+    height: int
+    shade: int
+    items: list[tuple[int, str, str]]
+    word: Optional[tuple[int, str]]
+
+    def cell_box(self, cell: int) -> tuple[float, float, float, float]:
+        r, c = divmod(cell, 3)
+        w, h = self.width, self.height
+        return c * w / 3, r * h / 3, (c + 1) * w / 3, (r + 1) * h / 3
+
+    @property
+    def caption(self) -> str:
+        return _caption(self.items, self.word)
+
+
+def sample_scene(rng: np.random.Generator, *, p_two: float = 0.3, p_word: float = 0.1,
+                 min_side: int = 48, max_side: int = 192, max_aspect: float = 2.5) -> Scene:
+    """Draw a random layout (the random numbers are drawn in a fixed order: same seed, same
+    scenes, whatever is rendered from them)."""
     aspect = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))
     long_side = int(rng.integers(min_side, max_side + 1))
     w, h = (long_side, max(min_side // 2, int(long_side / aspect))) if aspect >= 1 else \
         (max(min_side // 2, int(long_side * aspect)), long_side)
     shade = int(rng.integers(225, 256))
-    img = Image.new("RGB", (w, h), (shade, shade, shade))
-    draw = ImageDraw.Draw(img)
     n = 2 if rng.random() < p_two else 1
     cells = sorted(int(c) for c in rng.choice(9, size=n + 1, replace=False))
     word_cell = cells.pop(int(rng.integers(0, n + 1))) if rng.random() < p_word else None
     cells = cells[:n]
     items = [(c, str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))) for c in cells]
-    for cell, color, shape in items:
-        r, c = divmod(cell, 3)
-        _draw_shape(draw, shape, COLORS[color], (c * w / 3, r * h / 3, (c + 1) * w / 3,
-                                                  (r + 1) * h / 3))
-    word = None
-    if word_cell is not None:
-        word = (word_cell, str(rng.choice(WORDS)))
-        r, c = divmod(word_cell, 3)
-        size = max(8, int(min(w, h) / 3 * 0.45))
+    word = (word_cell, str(rng.choice(WORDS))) if word_cell is not None else None
+    return Scene(w, h, shade, items, word)
+
+
+def _paint(scene: Scene, mode: str, background, shape_fill, word_fill) -> Image.Image:
+    """Draw ``scene`` on a new image; ``*_fill`` give each shape's / the word's fill value."""
+    img = Image.new(mode, (scene.width, scene.height), background)
+    draw = ImageDraw.Draw(img)
+    for cell, color, shape in scene.items:
+        _draw_shape(draw, shape, shape_fill(color, shape), scene.cell_box(cell))
+    if scene.word is not None:
+        if mode == "L":
+            draw.fontmode = "1"   # no anti-aliasing: every mask pixel is a class id
+        size = max(8, int(min(scene.width, scene.height) / 3 * 0.45))
         font = ImageFont.load_default(size=size)
-        draw.text(((c + 0.5) * w / 3, (r + 0.5) * h / 3), word[1], fill=(0, 0, 0), font=font,
+        x0, y0, x1, y1 = scene.cell_box(scene.word[0])
+        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), scene.word[1], fill=word_fill, font=font,
                   anchor="mm")
-    return img, _caption(items, word)
+    return img
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """The RGB image of ``scene`` (shapes in their colours, the word in black)."""
+    return _paint(scene, "RGB", (scene.shade,) * 3, lambda color, _: COLORS[color], (0, 0, 0))
+
+
+SEG_CLASSES = ("background", *SHAPES, "text")
+"""Segmentation classes of the demo masks (``seg.png`` pixel values are indices here)."""
+
+
+def scene_mask(scene: Scene) -> np.ndarray:
+    """uint8 ``[H, W]`` per-pixel class (:data:`SEG_CLASSES`): exactly the pixels drawn."""
+    ids = {s: i for i, s in enumerate(SEG_CLASSES)}
+    img = _paint(scene, "L", 0, lambda _, shape: ids[shape], ids["text"])
+    return np.asarray(img, dtype=np.uint8)
+
+
+PROBE_CLASSES = POSITIONS
+"""Classification label of the demo (``cls``): the cell of the first shape in raster order,
+i.e. WHERE the (top-most, then left-most) shape is. Chosen because the encoder must learn it
+(captions name every position) while a random-init encoder cannot read it: its patch features
+carry no absolute position (docs/evaluation.md, "The demo's labelled tasks")."""
+
+
+def scene_label(scene: Scene) -> int:
+    """Class id of ``scene`` among :data:`PROBE_CLASSES`."""
+    return scene.items[0][0]
+
+
+def render_sample(rng: np.random.Generator, *, p_two: float = 0.3, p_word: float = 0.1,
+                  min_side: int = 48, max_side: int = 192, max_aspect: float = 2.5
+                  ) -> tuple[Image.Image, str]:
+    """Draw one random image and its exact caption."""
+    scene = sample_scene(rng, p_two=p_two, p_word=p_word, min_side=min_side,
+                         max_side=max_side, max_aspect=max_aspect)
+    return render_scene(scene), scene.caption
 
 
 def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 92) -> bytes:
@@ -123,17 +192,26 @@ def conversation_json(caption: str, rng: Optional[np.random.Generator] = None,
 def demo_samples(n: int, seed: int, *, fmt: str = "caption", key_prefix: str = "s",
                  p_two: float = 0.3, p_word: float = 0.1, min_side: int = 48,
                  max_side: int = 192, p_png: float = 0.1, p_webp: float = 0.05,
-                 p_multi_turn: float = 0.2) -> Iterator[dict]:
-    """``n`` webdataset samples (``__key__``, image member, ``json``) from ``seed``."""
+                 p_multi_turn: float = 0.2, labelled: bool = False) -> Iterator[dict]:
+    """``n`` webdataset samples (``__key__``, image member, ``json``) from ``seed``.
+
+    ``labelled`` adds ``cls`` (:func:`scene_label`, decimal text) and ``seg.png`` (the
+    :func:`scene_mask`); the images and captions are the same either way.
+    """
     rng = np.random.default_rng(seed)
     for i in range(n):
-        img, caption = render_sample(rng, p_two=p_two, p_word=p_word, min_side=min_side,
-                                     max_side=max_side)
+        scene = sample_scene(rng, p_two=p_two, p_word=p_word, min_side=min_side,
+                             max_side=max_side)
+        img, caption = render_scene(scene), scene.caption
+        labels = {"cls": str(scene_label(scene)),
+                  "seg.png": encode_image(Image.fromarray(scene_mask(scene)), "png")} \
+            if labelled else {}
         u = rng.random()
         ext = "png" if u < p_png else "webp" if u < p_png + p_webp else "jpg"
         meta = {"caption": caption} if fmt == "caption" else \
             conversation_json(caption, rng, p_multi_turn)
-        yield {"__key__": f"{key_prefix}{i:08d}", ext: encode_image(img, ext), "json": meta}
+        yield {"__key__": f"{key_prefix}{i:08d}", ext: encode_image(img, ext), "json": meta,
+               **labels}
 
 
 def caption_corpus() -> list[str]:
@@ -210,5 +288,7 @@ def clean(sample: dict) -> dict:
     return {k: v for k, v in sample.items() if v is not None}
 
 
-__all__ = ["render_sample", "demo_samples", "conversation_json", "caption_corpus", "bad_sample",
-           "BAD_KINDS", "ODD_KINDS", "BAD_REASON", "encode_image", "clean"]
+__all__ = ["render_sample", "demo_samples", "Scene", "sample_scene", "render_scene",
+           "scene_mask", "scene_label", "SEG_CLASSES", "PROBE_CLASSES", "conversation_json",
+           "caption_corpus", "bad_sample", "BAD_KINDS", "ODD_KINDS", "BAD_REASON", "encode_image",
+           "clean"]

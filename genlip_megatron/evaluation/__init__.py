@@ -8,5 +8,7 @@ trainer never imports this package.
 - ``suite``: the evaluator interface and suite run on checkpoints in the loop and by
   ``tools/evaluate.py`` (``captioning``: caption loss / perplexity, exact match, CIDEr-D
   (``cider``); ``zeroshot``: generative zero-shot with the KV cache; ``demo_tasks``: the demo's
-  labelled task).
+  labelled task; ``attentive_probe`` / ``segmentation_probe``: probes on frozen features cached
+  by ``probe_features``; ``attention_sink``: sink mass per layer; ``gallery``: captions and
+  patch readouts as images and an HTML page).
 """

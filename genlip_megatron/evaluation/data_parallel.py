@@ -18,7 +18,9 @@ the metrics are bit-identical to the single-process ones for any number of ranks
 rank returns the same metrics.
 
 An evaluator without ``partial`` (a plain ``evaluator(model) -> metrics``) still works: the
-group's first rank runs it and broadcasts its metrics.
+group's last rank runs it and broadcasts its metrics. The last rank because the trainer's
+logging rank (the last global rank) is the last rank of its data-parallel group: an evaluator
+with side products (the probe gallery's page and images) leaves them where they are logged.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def gather_states(state: Any, group: Optional[Any]) -> list[Any]:
     return out
 
 
-def _broadcast_from_first(obj: Any, group: Any) -> Any:
+def _broadcast_from_last(obj: Any, group: Any) -> Any:
     box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    src = dist.get_global_rank(group, dist.get_world_size(group) - 1)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
@@ -79,8 +82,8 @@ def evaluate_spread(evaluator: Any, model: Any, group: Optional[Any] = None) -> 
     """
     rank, size = group_rank_and_size(group)
     if not hasattr(evaluator, "partial"):
-        metrics = evaluator(model) if rank == 0 else None
-        return metrics if size == 1 else _broadcast_from_first(metrics, group)
+        metrics = evaluator(model) if rank == size - 1 else None
+        return metrics if size == 1 else _broadcast_from_last(metrics, group)
     indices = block_indices(evaluator.num_items, evaluator.batch_size, rank, size)
     return evaluator.reduce(gather_states(evaluator.partial(model, indices), group))
 

@@ -18,24 +18,31 @@ the in-loop and standalone numbers are identical.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.config.data import DataConfig
 from genlip_megatron.data.inference import EvalSample, iter_eval_samples
 from genlip_megatron.data.tokenizer import TextTokenizer
+from genlip_megatron.evaluation.attention_sink import AttentionSinkEvaluator
+from genlip_megatron.evaluation.attentive_probe import AttentiveProbeEvaluator
 from genlip_megatron.evaluation.captioning import caption_block, caption_scores, shared_prompt
 from genlip_megatron.evaluation.data_parallel import evaluate_spread, ordered_blocks
 from genlip_megatron.evaluation.demo_tasks import demo_zero_shot_task
+from genlip_megatron.evaluation.gallery import GalleryEvaluator, write_gallery
+from genlip_megatron.evaluation.probe_features import ProbeFeatures
+from genlip_megatron.evaluation.segmentation_probe import SegmentationProbeEvaluator
 from genlip_megatron.evaluation.zeroshot import ZeroShotTask, classify, score_candidates
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Evaluator", "SplitEvaluator", "CaptionEvaluator", "ZeroShotEvaluator", "EvaluatorSuite",
-           "CheckpointSuiteHook", "build_suite", "eval_line"]
+           "CheckpointSuiteHook", "build_suite", "probe_evaluators", "eval_line"]
 
 
 class Evaluator(Protocol):
@@ -168,6 +175,11 @@ class EvaluatorSuite:
             out.update(evaluate_spread(ev, model, group))
         return dict(sorted(out.items()))
 
+    @property
+    def gallery(self) -> Optional[GalleryEvaluator]:
+        """The gallery evaluator (its ``images`` / ``html`` of the last call), if any."""
+        return next((e for e in self.evaluators if isinstance(e, GalleryEvaluator)), None)
+
     def on_checkpoint(self, checkpoint: str, group: Optional[Any] = None) -> dict[str, float]:
         """Load ``checkpoint`` as the HF module (CPU, fp32) and evaluate it."""
         from genlip_megatron.probes.loading import load_genlip_for_inference
@@ -177,11 +189,18 @@ class EvaluatorSuite:
 
 
 def build_suite(data: DataConfig, tokenizer: TextTokenizer, *, max_samples: int = 200,
-                max_new_tokens: int = 48, batch_size: int = 16,
-                demo_tasks: bool = False) -> EvaluatorSuite:
+                max_new_tokens: int = 48, batch_size: int = 16, demo_tasks: bool = False,
+                probe_train_samples: int = 0, sink_samples: int = 0,
+                gallery_images: int = 0) -> EvaluatorSuite:
     """Read ``data.eval_sources`` once (≤ ``max_samples``) and build the evaluators.
 
     ``demo_tasks``: add the demo's zero-shot task (labels known from the synthetic captions).
+    ``probe_train_samples``: read that many samples of ``data.sources`` (file order) as the
+    probes' train split; the held-out samples are their test split. The attentive probe runs
+    when both splits hold class labels (``cls``), the segmentation probe when both hold masks
+    (``seg.png``); 0 turns the probes off.
+    ``sink_samples``: attention-sink mass on the first that-many held-out samples.
+    ``gallery_images``: the probe gallery of the first that-many held-out images.
     """
     samples = list(iter_eval_samples(data, tokenizer, limit=max_samples))
     if not samples:
@@ -194,7 +213,37 @@ def build_suite(data: DataConfig, tokenizer: TextTokenizer, *, max_samples: int 
             evaluators.append(ZeroShotEvaluator(picked, labels, task, batch_size))
         else:
             logger.warning("no single-shape held-out image: the demo zero-shot task is off.")
+    if probe_train_samples:
+        evaluators += probe_evaluators(data, tokenizer, samples, probe_train_samples)
+    if sink_samples:
+        evaluators.append(AttentionSinkEvaluator(samples[:sink_samples], tokenizer, batch_size))
+    if gallery_images:
+        evaluators.append(GalleryEvaluator(samples[:gallery_images], tokenizer, max_new_tokens))
     return EvaluatorSuite(evaluators)
+
+
+def probe_evaluators(data: DataConfig, tokenizer: TextTokenizer, test: list[EvalSample],
+                     train_samples: int, batch_size: int = 32) -> list[Evaluator]:
+    """The attentive and segmentation probes over one shared feature cache (or a warning
+    naming what is missing)."""
+    train_cfg = dataclasses.replace(data, eval_sources=list(data.sources))
+    train = [s for s in iter_eval_samples(train_cfg, tokenizer, limit=train_samples)
+             if s.label >= 0 or s.mask is not None]
+    test = [s for s in test if s.label >= 0 or s.mask is not None]
+    out: list[Evaluator] = []
+    features = ProbeFeatures(train, test, batch_size)
+    if any(s.label >= 0 for s in train) and any(s.label >= 0 for s in test):
+        n = 1 + max(s.label for s in train + test)
+        out.append(AttentiveProbeEvaluator(features, n))
+    else:
+        logger.warning("attentive probe off: no class labels (cls) in %s of the train / "
+                       "held-out samples.", "one" if train or test else "either")
+    if any(s.mask is not None for s in train) and any(s.mask is not None for s in test):
+        out.append(SegmentationProbeEvaluator(features))
+    else:
+        logger.warning("segmentation probe off: no masks (seg.png) in the train or held-out "
+                       "samples.")
+    return out
 
 
 def eval_line(metrics: dict[str, float], tag: str = "EVAL",
@@ -217,11 +266,17 @@ class CheckpointSuiteHook:
 
     def __init__(self, data: DataConfig, tokenizer_path: str, *, final_step: int,
                  interval: int = 0, max_samples: int = 200, max_new_tokens: int = 48,
-                 batch_size: int = 16, demo_tasks: bool = False):
+                 batch_size: int = 16, demo_tasks: bool = False, probe_train_samples: int = 0,
+                 sink_samples: int = 0, gallery_images: int = 0,
+                 image_logger: Optional[Callable[[dict, int], None]] = None):
         self.data, self.tokenizer_path = data, tokenizer_path
         self.final_step, self.interval = final_step, interval
         self.options = dict(max_samples=max_samples, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, demo_tasks=demo_tasks)
+                            batch_size=batch_size, demo_tasks=demo_tasks,
+                            probe_train_samples=probe_train_samples,
+                            sink_samples=sink_samples, gallery_images=gallery_images)
+        self.image_logger = image_logger
+        """``log_images(images, step)`` of the run's metric logger (TensorBoard, W&B, ...)."""
         self._suite: Optional[EvaluatorSuite] = None
 
     @property
@@ -237,4 +292,20 @@ class CheckpointSuiteHook:
         return step == self.final_step or bool(self.interval and step % self.interval == 0)
 
     def __call__(self, step: int, path: str, group: Optional[Any] = None) -> dict[str, float]:
-        return self.suite.on_checkpoint(path, group) if self.due(step) else {}
+        if not self.due(step):
+            return {}
+        metrics = self.suite.on_checkpoint(path, group)
+        self.publish_gallery(step, Path(path).parent / "gallery" / f"{Path(path).name}.html")
+        return metrics
+
+    def publish_gallery(self, step: int, page: Path) -> None:
+        """Write the last gallery page to ``page`` and log its images at ``step``.
+
+        The gallery is not split over ranks: the group's last rank (the logging rank) renders
+        it, the others received its metrics only and have no page to write."""
+        gallery = self.suite.gallery
+        if gallery is None or not gallery.html:
+            return
+        logger.info("probe gallery: %s", write_gallery(gallery.html, page))
+        if self.image_logger is not None:
+            self.image_logger(gallery.images, step)

@@ -299,10 +299,10 @@ class GenLIPAttention(nn.Module):
             self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
             self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, cache_update: Optional[Callable] = None):
-        """``cache_update(k, v) -> (k_all, v_all)`` prepends cached keys/values (KV cache)."""
-        b, length, e = x.shape
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``(q, k, v, gate)``: q and k ``[B, nh, L, hd]`` after QK-norm and MRoPE, the gate
+        ``[B, L, E]`` or None. Public so that attention probes see exactly these q/k."""
+        b, length, _ = x.shape
         shape = (b, length, self.num_heads, self.head_dim)
         q = self.q_proj(x)
         gate = None
@@ -316,6 +316,14 @@ class GenLIPAttention(nn.Module):
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        return q, k, v, gate
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, cache_update: Optional[Callable] = None):
+        """``cache_update(k, v) -> (k_all, v_all)`` prepends cached keys/values (KV cache)."""
+        b, length, e = x.shape
+        shape = (b, length, self.num_heads, self.head_dim)
+        q, k, v, gate = self.project(x, cos, sin)
         if cache_update is not None:
             k, v = cache_update(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)

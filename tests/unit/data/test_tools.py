@@ -90,3 +90,78 @@ def test_fetch_qwen3_tokenizer_is_verified(qwen3_tok):
     path = REPO / ".cache" / "qwen3" / "tokenizer.json"
     assert tool.sha256(path) == tool.TOKENIZER_SHA256
     assert tool.fetch(path.parent) == path  # already there: no download
+
+
+def _labelled_tree(tmp):
+    """imgs/{cat,dog}/*.png + masks/{cat,dog}/*.png with one of each mismatch."""
+    rng = np.random.default_rng(1)
+    for cls, n in (("cat", 3), ("dog", 2), ("eel", 1)):
+        for i in range(n):
+            img, _ = render_sample(rng)
+            (tmp / "imgs" / cls).mkdir(parents=True, exist_ok=True)
+            (tmp / "masks" / cls).mkdir(parents=True, exist_ok=True)
+            img.save(tmp / "imgs" / cls / f"{i}.png")
+            mask = np.full((img.height, img.width), i, np.uint8)
+            from PIL import Image
+            Image.fromarray(mask).save(tmp / "masks" / cls / f"{i}.png")
+    from PIL import Image
+    Image.new("L", (5, 5)).save(tmp / "masks" / "cat" / "1.png")       # wrong size
+    (tmp / "masks" / "dog" / "1.png").unlink()                          # image without mask
+    Image.new("L", (5, 5)).save(tmp / "masks" / "dog" / "orphan.png")   # mask without image
+    (tmp / "classes.txt").write_text("dog\ncat\n")
+
+
+def _members(paths):
+    import tarfile
+    out = {}
+    for path in paths:
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def test_make_shards_class_folders_and_masks(tmp_path, capsys):
+    _labelled_tree(tmp_path)
+    tool = load_tool("make_shards")
+    paths = tool.main(["--images", str(tmp_path / "imgs"), "--class-folders", "--out",
+                       str(tmp_path / "a")])
+    got = _members(paths)
+    assert json.loads((tmp_path / "a" / "classes.json").read_text()) == ["cat", "dog", "eel"]
+    assert [v["cls"] for v in got.values()] == [b"0"] * 3 + [b"1"] * 2 + [b"2"]
+    assert json.loads(got["000000003"]["json"]) == {"caption": "a photo of a dog."}
+    assert "wrote 6 samples in 1 shards" in capsys.readouterr().out
+    # fixed class list: folders not in it are counted; masks matched by stem, mismatches skipped
+    paths = tool.main(["--images", str(tmp_path / "imgs"), "--class-folders", "--classes",
+                       str(tmp_path / "classes.txt"), "--masks", str(tmp_path / "masks"),
+                       "--out", str(tmp_path / "b")])
+    got = _members(paths)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"make_shards: wrote 3 samples in 1 shards to {tmp_path / 'b'}; skipped "
+                    "mask_size=1 mask_without_image=2 no_mask=1 unknown_class=1")  # orphan, eel
+    assert [(v["cls"], v["seg.png"][:4]) for v in got.values()] == \
+        [(b"1", b"\x89PNG"), (b"1", b"\x89PNG"), (b"0", b"\x89PNG")]   # cat 0, 2; dog 0
+
+
+def test_make_shards_mask_pairs_read_back(tmp_path, data_root, tiny_tok):
+    from genlip_megatron.data.inference import iter_eval_samples
+    _labelled_tree(tmp_path)
+    paths = load_tool("make_shards").main(["--images", str(tmp_path / "imgs" / "cat"),
+                                           "--masks", str(tmp_path / "masks" / "cat"),
+                                           "--out", str(tmp_path / "p")])
+    cfg = make_cfg(data_root)
+    cfg.eval_sources = [SourceConfig(paths=paths)]
+    samples = list(iter_eval_samples(cfg, tiny_tok))
+    assert [s.label for s in samples] == [-1, -1]
+    assert [int(s.mask.max()) for s in samples] == [0, 2]     # 0.png and 2.png; 1.png skipped
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x"], "nothing to read"),
+    (["--class-folders", "--masks", "/nonexistent", "--out", "x"], "--masks /nonexistent"),
+])
+def test_make_shards_argument_errors(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_tool("make_shards").main(["--images", str(tmp_path), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err

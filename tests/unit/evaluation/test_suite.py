@@ -17,8 +17,8 @@ from genlip_megatron.probes.loading import build_hf_model
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_data_config(tmp_path_factory):
+    """(data section, tokenizer) of the tiny labelled demo-style set (tests/training_helpers.py)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -29,8 +29,22 @@ def tiny(tmp_path_factory):
 
     root = make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
     data = load_config(TINY_CONFIG, tiny_overrides(root)).data
+    return data, load_tokenizer(data.text.tokenizer_path)
+
+
+def load_tiny_set(tmp_path_factory):
+    """(held-out samples, tokenizer) of the tiny set."""
+    from genlip_megatron.data.inference import iter_eval_samples
+
+    data, tok = tiny_data_config(tmp_path_factory)
+    return list(iter_eval_samples(data, tok)), tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    data, tok = tiny_data_config(tmp_path_factory)
     model = build_hf_model(TINY, random_hf_state_dict(TINY, seed=5, scale=0.3))
-    return data, load_tokenizer(data.text.tokenizer_path), model
+    return data, tok, model
 
 
 def test_demo_classes_come_from_single_shape_captions():
@@ -91,3 +105,33 @@ def test_hook_runs_at_the_interval_and_the_final_step():
 def test_eval_line():
     line = eval_line({"b/x": 1.23456, "a/y": float("nan")}, extra=["checkpoint=c"])
     assert line == "EVAL a/y=nan b/x=1.2346 checkpoint=c"
+
+
+def test_probes_sink_and_gallery_join_the_suite(tiny, tmp_path):
+    data, tok, model = tiny
+    logged = {}
+    hook = CheckpointSuiteHook(data, data.text.tokenizer_path, final_step=4, max_samples=16,
+                               max_new_tokens=2, probe_train_samples=60, sink_samples=4,
+                               gallery_images=2,
+                               image_logger=lambda images, step: logged.update({step: images}))
+    suite = hook.suite
+    probe, seg = suite.evaluators[1].features, suite.evaluators[2].features
+    assert probe is seg                     # one feature cache for both probes
+    assert len(probe.train) == 60 and all(s.label >= 0 for s in probe.train + probe.test)
+    m = suite(model)
+    assert 0.0 <= m["probe/accuracy"] <= 1.0 and m["probe/test_images"] == 16
+    assert 0.0 <= m["seg/miou"] <= 1.0 and m["seg/classes"] >= 2
+    assert 0.0 < m["sink/mass_mean"] < 1.0 and "sink/mass_layer_02" in m
+    assert m["gallery/images"] == 2
+    feats = probe(model)
+    assert probe(model) is feats            # extracted once per model
+    hook.publish_gallery(4, tmp_path / "gallery" / "iter_0000004.html")
+    page = (tmp_path / "gallery" / "iter_0000004.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and samples_keys(suite)[0] in page
+    assert sorted(logged[4]) == ["gallery/00", "gallery/01"]
+    assert logged[4]["gallery/00"].ndim == 3 and logged[4]["gallery/00"].shape[2] == 3
+    assert suite(model) == m                # deterministic: a second evaluation agrees
+
+
+def samples_keys(suite):
+    return [s.key for s in suite.evaluators[0].samples]

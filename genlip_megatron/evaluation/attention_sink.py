@@ -1,0 +1,104 @@
+"""Attention-sink mass of a checkpoint on held-out samples (``sink/mass_mean``,
+``sink/mass_layer_NN``), the quantity behind the paper's gated-attention ablation.
+
+The measure is ``model/attention_probe.py``'s (the one the training loop logs as
+``attention_sink/*`` with ``logging.attention_sink_interval``): per layer, the mean over heads
+and valid queries of the softmax probability given to the first image token of the query's own
+sample, under the prefix-LM rule, computed by its :func:`sink_mass`. Here it runs on the
+HF-format module of the suite: every layer's attention gets a forward pre-hook that forms the
+post-RoPE query and key with the layer's own ``GenLIPAttention.project`` (the code its forward
+runs: gate split, QK-norm, MRoPE) and hands them to ``sink_mass``.
+The rows are the held-out samples with their reference captions (``[IMG×N] prompt caption
+<|im_end|>``), one sample per row, padding excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
+from genlip_megatron.data.inference import EvalSample
+from genlip_megatron.data.tokenizer import TextTokenizer
+from genlip_megatron.evaluation.captioning import shared_prompt
+from genlip_megatron.evaluation.zeroshot import padded_ids
+from genlip_megatron.model.attention_probe import first_image_token_index, sink_mass
+from genlip_megatron.probes.generation import prefix_batch
+
+__all__ = ["AttentionSinkEvaluator", "attention_sink_mass"]
+
+
+def _post_rope_qk(attn, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Query and key ``[L, B, heads, d]`` exactly as the attention forms them (gate split,
+    QK-norm, MRoPE: ``GenLIPAttention.project``)."""
+    q, k, _, _ = attn.project(x, cos, sin)
+    return q.permute(2, 0, 1, 3), k.permute(2, 0, 1, 3)
+
+
+@contextlib.contextmanager
+def _capture(model: GenLIPModel, segment_ids: Tensor, image_mask: Tensor
+             ) -> Iterator[Tensor]:
+    """Yields float64 ``[layers, 2]`` (mass sum, terms), filled by the forwards inside."""
+    layers = model.visual.layers
+    stats = torch.zeros(len(layers), 2, dtype=torch.float64)
+    sink = first_image_token_index(segment_ids, image_mask)
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(module, args, i=i):
+            q, k = _post_rope_qk(module, args[0], args[1], args[2])
+            total, count = sink_mass(q.float(), k.float(), segment_ids, image_mask, sink)
+            stats[i, 0] += total
+            stats[i, 1] += count
+        handles.append(layer.self_attn.register_forward_pre_hook(hook))
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def attention_sink_mass(model: GenLIPModel, samples: Sequence[EvalSample],
+                        tokenizer: TextTokenizer, batch_size: int = 16) -> list[float]:
+    """Per-layer mean sink mass over the samples' full rows (image, prompt, caption)."""
+    if not samples:
+        raise ValueError("attention-sink mass needs at least one held-out sample.")
+    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
+    prompt = shared_prompt(samples)
+    totals = torch.zeros(len(model.visual.layers), 2, dtype=torch.float64)
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        caps = [tokenizer.encode(s.caption.strip()) + list(tokenizer.end_ids) for s in chunk]
+        ids, valid = padded_ids(caps, device)
+        lc = ids.shape[1]
+        row_ids, img, attn, pos, pixels, _ = prefix_batch(
+            [(s.patches, s.grid) for s in chunk], prompt + [0] * lc, dtype, device)
+        row_ids[:, -lc:] = ids
+        attn[:, -lc:] = valid.long()
+        segments = torch.where(attn.bool(), 0, -1)
+        with _capture(model, segments, img) as stats:
+            model(input_ids=row_ids, pixel_values=pixels, image_mask=img, position_ids=pos,
+                  attention_mask=attn, return_logits=False)
+        totals += stats
+    return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+
+
+@dataclass
+class AttentionSinkEvaluator:
+    """``sink/mass_mean`` and ``sink/mass_layer_NN`` (layers numbered from 1, as the training
+    loop's ``attention_sink/layer_NN``)."""
+
+    samples: list[EvalSample]
+    tokenizer: TextTokenizer
+    batch_size: int = 16
+    name: str = "sink"
+
+    def __call__(self, model: GenLIPModel) -> dict[str, float]:
+        per_layer = attention_sink_mass(model, self.samples, self.tokenizer, self.batch_size)
+        out = {f"sink/mass_layer_{i + 1:02d}": v for i, v in enumerate(per_layer)}
+        out["sink/mass_mean"] = sum(per_layer) / len(per_layer)
+        return out
