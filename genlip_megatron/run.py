@@ -80,12 +80,19 @@ def prepare_demo_data(cfg) -> None:
 
 
 def _labelled_demo_set(out: Path) -> bool:
-    """A complete demo set with probe labels (sets from before the labels lack ``classes``
-    in ``meta.json``: they are written again, with the same images and captions)."""
+    """A complete demo set with the current probe labels. Sets from before the labels lack
+    ``classes`` in ``meta.json``, sets with older labels (e.g. the shape-only masks) have
+    another ``labels_version`` (``data/synthetic.py: LABELS_VERSION``, absent = 1): both are
+    written again, with the same images and captions and the current ``cls`` / ``seg.png``."""
     import json
 
+    from genlip_megatron.data.synthetic import LABELS_VERSION
+
     meta = out / "meta.json"
-    return meta.is_file() and "classes" in json.loads(meta.read_text())
+    if not meta.is_file():
+        return False
+    m = json.loads(meta.read_text())
+    return "classes" in m and m.get("labels_version", 1) == LABELS_VERSION
 
 
 def check_writable_outputs(cfg) -> None:

@@ -9,8 +9,9 @@ Writes ``OUT/train/shard-*.tar``, ``OUT/eval/shard-*.tar`` (held out: a differen
 with the Qwen special tokens) and ``OUT/meta.json``. Images are coloured shapes on a 3×3 grid
 (genlip_megatron/data/synthetic.py) with exact template captions; sizes and aspect ratios vary
 (the demo config resizes them with the fixed policy, e.g. data.image.fixed_size: 64). Every
-sample also carries its probe labels: ``cls`` (the cell of the first shape) and ``seg.png`` (the
-per-pixel shape class; docs/evaluation.md, "The demo's labelled tasks (probes)").
+sample also carries its probe labels: ``cls`` (the cell of the first shape) and ``seg.png`` (per
+pixel: the shape or text drawn there, else the 3×3 region; docs/evaluation.md, "The demo's
+labelled tasks (probes)").
 Deterministic from --seed; a few thousand samples take seconds.
 """
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from genlip_megatron.config.data import DEFAULT_PROMPT
 from genlip_megatron.data.shard_writer import write_shards
-from genlip_megatron.data.synthetic import PROBE_CLASSES, SEG_CLASSES, caption_corpus, \
-    demo_samples
+from genlip_megatron.data.synthetic import LABELS_VERSION, PROBE_CLASSES, SEG_CLASSES, \
+    caption_corpus, demo_samples
 from genlip_megatron.data.tokenizer import train_tiny_bpe
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ def generate_demo_data(out: str | Path, *, num_train: int = 4000, num_eval: int 
     """Write ``out/train/*.tar``, ``out/eval/*.tar``, ``out/tokenizer.json``, ``out/meta.json``.
 
     Every sample carries its labels (``cls``: the probe class, ``seg.png``: the per-pixel
-    shape mask; ``data/synthetic.py``), listed with the class names in ``meta.json``.
+    mask; ``data/synthetic.py``), listed with the class names and ``labels_version``
+    (:data:`LABELS_VERSION`) in ``meta.json``.
 
     ``meta.json`` is written last, so its presence means the set is complete.
     """
@@ -45,7 +46,8 @@ def generate_demo_data(out: str | Path, *, num_train: int = 4000, num_eval: int 
     meta = {"train_samples": num_train, "eval_samples": num_eval, "train_shards": len(train),
             "eval_shards": len(held), "vocab_size": tok.vocab_size, "seed": seed, "format": fmt,
             "p_two": p_two, "p_word": p_word, "min_side": min_side, "max_side": max_side,
-            "classes": list(PROBE_CLASSES), "seg_classes": list(SEG_CLASSES)}
+            "classes": list(PROBE_CLASSES), "seg_classes": list(SEG_CLASSES),
+            "labels_version": LABELS_VERSION}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     logger.info("demo data in %s (%.1f s): %d train / %d eval samples, tokenizer %d ids",
                 out, time.time() - t0, num_train, num_eval, tok.vocab_size)
