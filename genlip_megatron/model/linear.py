@@ -43,6 +43,9 @@ class _BiasGemm(torch.autograd.Function):
         # as megatron: the fused path needs DDP's main_grad (a bare model has none)
         ctx.use_bias = bias is not None
         ctx.wgrad_fusion = wgrad_fusion and hasattr(weight, "main_grad")
+        # kept on ctx, not saved, as megatron's linear does: a saved-tensor hook (activation
+        # offload, the benchmarks' memory meter) unpacks a plain tensor without main_grad
+        ctx.main_grad = weight.main_grad if ctx.wgrad_fusion else None
         ctx.allreduce_dgrad, ctx.tp_group = allreduce_dgrad, tp_group
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2.mm(weight.t())
@@ -51,6 +54,8 @@ class _BiasGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
         x, weight = ctx.saved_tensors
+        if ctx.wgrad_fusion:
+            weight.main_grad = ctx.main_grad
         g = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = g.mm(weight).view(x.shape)
         handle = None

@@ -82,7 +82,9 @@ def test_trainer_spreads_checkpoint_evaluators_over_dp(data_dir):
 
 
 @pytest.mark.world_size(2)
-def test_plain_evaluator_runs_on_the_first_rank_and_is_broadcast():
+def test_plain_evaluator_runs_on_the_last_rank_and_is_broadcast():
+    """The last rank of the group is the trainer's logging rank: it keeps the side products
+    (the gallery page and images) of a whole evaluator."""
     from genlip_megatron.evaluation.data_parallel import evaluate_spread
 
     calls = []
@@ -92,5 +94,6 @@ def test_plain_evaluator_runs_on_the_first_rank_and_is_broadcast():
         return {"plain/rank": float(dist.get_rank())}
 
     got = evaluate_spread(plain, "model", dist.group.WORLD)
-    assert got == {"plain/rank": 0.0}
-    assert len(calls) == (1 if dist.get_rank() == 0 else 0)
+    last = dist.get_world_size() - 1
+    assert got == {"plain/rank": float(last)}
+    assert len(calls) == (1 if dist.get_rank() == last else 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import pytest
@@ -55,8 +57,12 @@ def test_outputs_and_gradients_equal_megatron(mp_state, make_config, kind, skip_
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_weight_gradient_accumulates_into_main_grad(mp_state, make_config):
-    """With gradient_accumulation_fusion (DDP-wrapped): main_grad += dYᵀX, a placeholder grad."""
+@pytest.mark.parametrize("saved_tensor_copies", [False, True])
+def test_weight_gradient_accumulates_into_main_grad(mp_state, make_config, saved_tensor_copies):
+    """With gradient_accumulation_fusion (DDP-wrapped): main_grad += dYᵀX, a placeholder grad.
+
+    Also under a saved-tensor hook that unpacks copies (activation offload, the sweep's memory
+    meter): the unpacked weight has no ``main_grad`` of its own (the sweep crashed on it)."""
     config = make_config()
     config.gradient_accumulation_fusion = True
     ours, _ = _pair(config, "column", skip_bias_add=False)
@@ -65,11 +71,18 @@ def test_weight_gradient_accumulates_into_main_grad(mp_state, make_config):
     ours.weight.grad_added_to_main_grad = False      # what megatron DDP sets up
     gen = torch.Generator().manual_seed(2)
     x, dy = torch.randn(5, 1, 12, generator=gen), torch.randn(5, 1, 10, generator=gen)
-    out, _ = ours(x)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t) \
+        if saved_tensor_copies else contextlib.nullcontext()
+    main_grad = ours.weight.main_grad
+    with hooks:
+        out, _ = ours(x)
     out.backward(dy)
     want = start + dy.reshape(-1, 10).t() @ x.reshape(-1, 12)
-    torch.testing.assert_close(ours.weight.main_grad, want)
-    assert ours.weight.grad_added_to_main_grad
+    torch.testing.assert_close(main_grad, want)
+    if saved_tensor_copies:   # as megatron's linear: no flag on the copy, no placeholder grad
+        assert ours.weight.grad is None
+    else:
+        assert ours.weight.grad_added_to_main_grad
     torch.testing.assert_close(ours.bias.grad, dy.reshape(-1, 10).sum(0))
 
 
