@@ -11,6 +11,7 @@ rank 0 alone.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from genlip_megatron.config.loader import ConfigError
+from genlip_megatron.data.synthetic import LABELS_VERSION
 from genlip_megatron.training.checkpointing import CheckpointError
 from genlip_megatron.training.logging_setup import silence_expected_warnings
 from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY, StopCheckpointError
@@ -84,10 +86,6 @@ def _labelled_demo_set(out: Path) -> bool:
     ``classes`` in ``meta.json``, sets with older labels (e.g. the shape-only masks) have
     another ``labels_version`` (``data/synthetic.py: LABELS_VERSION``, absent = 1): both are
     written again, with the same images and captions and the current ``cls`` / ``seg.png``."""
-    import json
-
-    from genlip_megatron.data.synthetic import LABELS_VERSION
-
     meta = out / "meta.json"
     if not meta.is_file():
         return False
