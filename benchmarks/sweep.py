@@ -107,10 +107,9 @@ def gpu_grid(gpus: int) -> list[Point]:
 
 def run_cpu_point(point: Point, data_dir: Path, steps: int = 2) -> None:
     """In-process: trainer steps on pre-built batches; memory by tensor accounting."""
-    from megatron.core import parallel_state
-
     from genlip_megatron.training.flops import FlopDims
     from genlip_megatron.training.memory import SavedActivationMeter, model_state_storages
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     w = Workload("sweep", point.preset, 2, 512, 1)
@@ -140,7 +139,7 @@ def run_cpu_point(point: Point, data_dir: Path, steps: int = 2) -> None:
         point.memory_gib = (sum(state.values()) + meter.peak) / 2**30
     finally:
         trainer.close()
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
 
 
 def run_gpu_point(point: Point, gpus: int, config: Path, data_sets: list[str], steps: int,

@@ -510,9 +510,9 @@ def peak_memory_ratio(w: Workload, data_root: Path, backend: str, batches: list)
 
 
 def _reset_parallel_state() -> None:
-    from megatron.core import parallel_state
+    from genlip_megatron.training.parallel import destroy_topology
 
-    parallel_state.destroy_model_parallel()
+    destroy_topology()
 
 
 # ---------------------------------------------------------------------------------------------

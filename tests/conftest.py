@@ -46,9 +46,11 @@ def mp_state(gloo_world):
     """megatron parallel state with TP = PP = 1 and seeded RNGs (CPU generator + tracker)."""
     from megatron.core import parallel_state, tensor_parallel
 
-    parallel_state.destroy_model_parallel()
+    from genlip_megatron.training.parallel import destroy_topology
+
+    destroy_topology()
     parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(1234)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     yield
-    parallel_state.destroy_model_parallel()
+    destroy_topology()

@@ -7,9 +7,11 @@
 Each RUN is a run directory holding ``metrics.jsonl`` (``logging.jsonl_path``) or the JSONL
 file itself. Writes one PNG with the training-loss and validation-loss curves of every run, and
 prints a markdown table: final training loss, final validation loss, the last evaluator-suite
-numbers (caption CIDEr / exact match / loss, zero-shot accuracy), median throughput
-(samples/s, tokens/s over the logged windows, the first one excluded: it holds start-up) and the
-last attention-sink mass (``logging.attention_sink_interval``). Missing metrics show as ``-``.
+numbers (caption CIDEr / exact match / loss, zero-shot accuracy, attentive-probe accuracy,
+segmentation-probe mIoU), median throughput (samples/s, tokens/s over the logged windows, the
+first one excluded: it holds start-up), the last attention-sink mass of the training-time probe
+(``logging.attention_sink_interval``) and of the suite's sink evaluator (mean over layers).
+Missing metrics show as ``-``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Optional
 COLUMNS = [("final loss", "loss/global_avg"), ("val loss", "loss/val"),
            ("CIDEr", "caption/cider"), ("exact match", "caption/exact_match"),
            ("caption loss", "caption/loss"), ("zero-shot acc", "zeroshot/accuracy"),
+           ("probe acc", "probe/accuracy"), ("seg mIoU", "seg/miou"),
            ("samples/s", "throughput/samples_per_s"), ("tokens/s", "throughput/tps"),
-           ("sink mass", "attention_sink/first_image_token_mass")]
+           ("sink mass", "attention_sink/first_image_token_mass"),
+           ("sink mass (eval)", "sink/mass_mean")]
 _MEDIAN = {"throughput/samples_per_s", "throughput/tps"}
 
 

@@ -256,13 +256,13 @@ def check_te_vs_dense(ctx: Smoke) -> str:
 def _train(cfg, step_hook: Optional[Callable] = None) -> dict:
     """Run the Trainer on ``cfg``; per-step losses, step times and the final weights."""
     import torch
-    from megatron.core import parallel_state
 
     from genlip_megatron.training.checkpointing import unwrap_model
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     _ensure_process_group()
-    parallel_state.destroy_model_parallel()
+    destroy_topology()
     trainer = Trainer(cfg)
     times: list[float] = []
     original = trainer.train_step
@@ -287,7 +287,7 @@ def _train(cfg, step_hook: Optional[Callable] = None) -> dict:
         weights = {k: v.detach().clone() for k, v in
                    unwrap_model(trainer.model[0]).state_dict().items()
                    if torch.is_tensor(v) and not k.endswith("_extra_state")}
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
     return {"losses": {s: loss for s, loss, _ in summary.losses}, "times": times,
             "weights": weights}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from genlip_megatron.compat import apply_torch_adam_fixes
@@ -60,6 +61,26 @@ def initialize_topology(p: ParallelConfig) -> Topology:
     return Topology(p.tp, p.pp, p.vpp, ps.get_data_parallel_world_size(),
                     ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                     ps.get_data_parallel_rank())
+
+
+def destroy_topology() -> None:
+    """Destroy megatron's process groups, then reset its parallel state.
+
+    megatron-core's ``parallel_state.destroy_model_parallel`` only drops its references to the
+    groups it made. A gloo group keeps its worker threads and sockets until it is destroyed, so a
+    process that builds the topology many times (a pytest session, ``benchmarks/sweep.py``)
+    gained ~50 threads per build (thousands in a test session, which then crawled). Every group
+    megatron holds in a module global (a group, or a list of them) is destroyed here; the world
+    group is left to its owner.
+    """
+    seen: set[int] = set()
+    for value in list(vars(ps).values()):
+        for group in value if isinstance(value, (list, tuple)) else (value,):
+            if (isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD
+                    and id(group) not in seen):
+                seen.add(id(group))
+                dist.destroy_process_group(group)
+    ps.destroy_model_parallel()
 
 
 def build_model_chunks(tconfig, topo: Topology) -> list[torch.nn.Module]:

@@ -34,7 +34,9 @@ TP, PP = 2, 2
 def _init(tp: int, pp: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
-    parallel_state.destroy_model_parallel()
+    from genlip_megatron.training.parallel import destroy_topology
+
+    destroy_topology()
     parallel_state.initialize_model_parallel(tp, pp)
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -43,9 +45,9 @@ def _init(tp: int, pp: int) -> None:
 @pytest.fixture(autouse=True)
 def _teardown_parallel_state():
     yield
-    from megatron.core import parallel_state
+    from genlip_megatron.training.parallel import destroy_topology
 
-    parallel_state.destroy_model_parallel()
+    destroy_topology()
 
 
 def _shared_dir() -> Path:

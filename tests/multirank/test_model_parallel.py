@@ -43,7 +43,9 @@ def _config(tp=1, pp=1, vpp=None, sp=False, recompute=None, **model_overrides):
 def _init_parallel(tp: int, pp: int, vpp=None) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
-    parallel_state.destroy_model_parallel()
+    from genlip_megatron.training.parallel import destroy_topology
+
+    destroy_topology()
     parallel_state.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp)
     torch.manual_seed(SEED)
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
@@ -52,9 +54,9 @@ def _init_parallel(tp: int, pp: int, vpp=None) -> None:
 @pytest.fixture(autouse=True)
 def _teardown_parallel_state():
     yield
-    from megatron.core import parallel_state
+    from genlip_megatron.training.parallel import destroy_topology
 
-    parallel_state.destroy_model_parallel()
+    destroy_topology()
 
 
 def _batches(n=len(ROWS)):

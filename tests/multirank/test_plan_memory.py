@@ -50,6 +50,7 @@ def measure_and_predict(sets: list[str]) -> tuple[float, float, str]:
     from genlip_megatron.config import load_config
     from genlip_megatron.training import planner
     from genlip_megatron.training.memory import SavedActivationMeter, model_state_storages
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     cfg = load_config(TINY_CONFIG, sets + ["logging.log_interval=100", "training.train_steps=2"]
@@ -86,7 +87,7 @@ def measure_and_predict(sets: list[str]) -> tuple[float, float, str]:
         return measured, est.total, detail
     finally:
         trainer.close()
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
 
 
 @pytest.mark.world_size(2)

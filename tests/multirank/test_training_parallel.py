@@ -32,9 +32,8 @@ def shared_dir(name: str) -> Path:
 
 def train_inprocess(sets: list[str]) -> dict[int, float]:
     """Build and run the Trainer in this process; returns step → global loss."""
-    from megatron.core import parallel_state
-
     from genlip_megatron.config import load_config
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     cfg = load_config(TINY_CONFIG, sets).validate(world_size=dist.get_world_size())
@@ -43,7 +42,7 @@ def train_inprocess(sets: list[str]) -> dict[int, float]:
         summary = trainer.train()
     finally:
         trainer.close()
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
     return {step: loss for step, loss, skipped in summary.losses if not skipped}
 
 
@@ -106,9 +105,9 @@ def test_non_finite_loss_skips_steps_then_stops_naming_the_step(data_dir, monkey
     import math
 
     import torch
-    from megatron.core import parallel_state
 
     from genlip_megatron.config import load_config
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer, TrainingAborted
 
     cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + [
@@ -138,7 +137,7 @@ def test_non_finite_loss_skips_steps_then_stops_naming_the_step(data_dir, monkey
             trainer.train_step()
     finally:
         trainer.close()
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
 
 
 @pytest.mark.world_size(2)
@@ -154,9 +153,8 @@ def test_fp8_emulation_moves_the_curve_a_little(data_dir):
 
 
 def sink_after_one_step(data_dir, layout: list[str]) -> dict[str, float]:
-    from megatron.core import parallel_state
-
     from genlip_megatron.config import load_config
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + layout)
@@ -167,7 +165,7 @@ def sink_after_one_step(data_dir, layout: list[str]) -> dict[str, float]:
         return trainer.attention_sink()
     finally:
         trainer.close()
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
 
 
 @pytest.mark.world_size(2)
@@ -190,6 +188,7 @@ def test_run_totals_count_every_data_parallel_rank(layout, data_dir):
     from megatron.core import parallel_state
 
     from genlip_megatron.config import load_config
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + LAYOUTS_2[layout] +
@@ -216,7 +215,7 @@ def test_run_totals_count_every_data_parallel_rank(layout, data_dir):
         assert [extra["consumed_samples"], extra["consumed_tokens"]] == local.tolist()
     finally:
         trainer.close()
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
 
 
 @pytest.mark.world_size(2)

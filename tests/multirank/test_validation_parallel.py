@@ -48,7 +48,7 @@ def _single_rank_value(cfg, trainer) -> float:
 
 @pytest.mark.world_size(2)
 def test_validation_loss_matches_single_rank_for_dp_tp_pp(data_dir):
-    from megatron.core import parallel_state
+    from genlip_megatron.training.parallel import destroy_topology
 
     evals = ["evaluation.interval=4", "evaluation.iters=2", "training.micro_batch_size=1",
              "training.global_batch_size=2"]
@@ -63,7 +63,7 @@ def test_validation_loss_matches_single_rank_for_dp_tp_pp(data_dir):
                 assert summary.val_loss == pytest.approx(direct, abs=1e-6)
         finally:
             trainer.close()
-            parallel_state.destroy_model_parallel()
+            destroy_topology()
         got[name] = summary.val_loss
     assert abs(got["tp2"] - got["dp2"]) < VAL_ATOL, got
     assert abs(got["pp2"] - got["dp2"]) < VAL_ATOL, got

@@ -27,14 +27,16 @@ def mp_state(seed: int = 1234) -> Iterator[None]:
     """megatron parallel state TP = PP = 1 for one scenario, torn down afterwards."""
     from megatron.core import parallel_state, tensor_parallel
 
-    parallel_state.destroy_model_parallel()
+    from genlip_megatron.training.parallel import destroy_topology
+
+    destroy_topology()
     parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:
         yield
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
 
 
 def _tconfig(te: bool, *, precision=None, init_seed: int = 1234, **model_overrides):
@@ -235,12 +237,11 @@ def _run_config(data_dir: str, save_dir: str, **extra):
 
 def _train(cfg, step_hook=None) -> tuple[dict, dict]:
     """Run the Trainer; returns ({step: loss}, final float state dict of the model)."""
-    from megatron.core import parallel_state
-
     from genlip_megatron.training.checkpointing import unwrap_model
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
-    parallel_state.destroy_model_parallel()
+    destroy_topology()
     trainer = Trainer(cfg)
     if step_hook is not None:
         original = trainer.train_step
@@ -256,7 +257,7 @@ def _train(cfg, step_hook=None) -> tuple[dict, dict]:
         trainer.close()
         model_sd = {k: v.detach().clone() for k, v in
                     unwrap_model(trainer.model[0]).state_dict().items() if torch.is_tensor(v)}
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
     return {s: loss for s, loss, _ in summary.losses}, model_sd
 
 

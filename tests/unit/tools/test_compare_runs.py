@@ -30,7 +30,8 @@ def test_table_and_png(tmp_path, capsys):
         {"step": 2, "loss/val": 4.5},
         {"step": 3, "loss/global_avg": 3.5, "throughput/tps": 300.0},
         {"step": 3, "loss/global_avg": 3.0, "throughput/tps": 200.0},   # resumed: last wins
-        {"step": 3, "caption/cider": 1.25, "attention_sink/first_image_token_mass": 0.5}])
+        {"step": 3, "caption/cider": 1.25, "attention_sink/first_image_token_mass": 0.5,
+         "probe/accuracy": 0.75, "seg/miou": 0.25, "sink/mass_mean": 0.125}])
     b = _write(tmp_path / "no_ga", [{"step": 1, "loss/global_avg": 6.0, "loss/val": None}])
     out = tmp_path / "cmp.png"
     assert compare_runs.main([str(a), str(b), "--out", str(out)]) == 0
@@ -38,8 +39,9 @@ def test_table_and_png(tmp_path, capsys):
     assert table[0].startswith("| run | final loss | val loss | CIDEr")
     row_a = [c.strip() for c in table[2].split("|")[1:-1]]
     assert row_a[:4] == ["ga", "3", "4.5", "1.25"]
-    assert row_a[8] == "150"            # median tokens/s of windows 2..3 (first excluded)
-    assert row_a[9] == "0.5"
+    assert row_a[7:9] == ["0.75", "0.25"]   # probe accuracy, seg mIoU
+    assert row_a[10] == "150"           # median tokens/s of windows 2..3 (first excluded)
+    assert row_a[11:13] == ["0.5", "0.125"]
     row_b = [c.strip() for c in table[3].split("|")[1:-1]]
     assert row_b[:3] == ["no_ga", "6", "-"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

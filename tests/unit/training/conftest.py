@@ -15,15 +15,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_trainer(gloo_world, data_dir):
-    from megatron.core import parallel_state
-
     from genlip_megatron.config import load_config
+    from genlip_megatron.training.parallel import destroy_topology
     from genlip_megatron.training.trainer import Trainer
 
     built = []
 
     def make(*sets: str):
-        parallel_state.destroy_model_parallel()
+        destroy_topology()
         cfg = load_config(TINY_CONFIG, tiny_overrides(data_dir) + list(sets))
         built.append(Trainer(cfg.validate(world_size=1)))
         return built[-1]
@@ -31,4 +30,4 @@ def make_trainer(gloo_world, data_dir):
     yield make
     for trainer in built:
         trainer.close()
-    parallel_state.destroy_model_parallel()
+    destroy_topology()
