@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -71,7 +72,7 @@ def destroy_topology() -> None:
     process that builds the topology many times (a pytest session, ``benchmarks/sweep.py``)
     gained ~50 threads per build (thousands in a test session, which then crawled). Every group
     megatron holds in a module global (a group, or a list of them) is destroyed here; the world
-    group is left to its owner.
+    group is left to its owner, and groups of a world destroyed earlier are skipped.
     """
     seen: set[int] = set()
     for value in list(vars(ps).values()):
@@ -79,8 +80,15 @@ def destroy_topology() -> None:
             if (isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD
                     and id(group) not in seen):
                 seen.add(id(group))
-                dist.destroy_process_group(group)
+                try:
+                    dist.destroy_process_group(group)
+                except ValueError:   # already gone: its world was destroyed before this call
+                    pass
     ps.destroy_model_parallel()
+    # A destroyed gloo group stops its threads only when its last reference goes; a closed
+    # trainer's modules, optimizer and schedule hooks hold the groups in reference cycles,
+    # which Python's cyclic collector otherwise reaches much later.
+    gc.collect()
 
 
 def build_model_chunks(tconfig, topo: Topology) -> list[torch.nn.Module]:
