@@ -53,6 +53,17 @@ class StopCheckpointError(RuntimeError):
     the run must not report "stopped early, rerun me" (75), or it would be requeued forever."""
 
 
+def write_line_now(line: str) -> None:
+    """One line to stderr in a single ``write(2)``, for a process about to ``os._exit``.
+
+    Every rank shares the launcher's pipe; ``print`` writes the text and its newline
+    separately, so two ranks' lines merged into one (a rank's message was lost to a reader
+    that splits lines). A pipe write under ``PIPE_BUF`` bytes is never interleaved.
+    """
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode("utf-8", "replace"))
+
+
 def record_exit_status(code: int) -> int:
     """Write ``code`` to ``$GENLIP_EXIT_STATUS_DIR/rank<RANK>`` when set; returns ``code``.
 
@@ -134,9 +145,9 @@ class _SecondTerm:
         if self.first is None:
             self.first = now
         elif now - self.first >= self.grace_s:
-            print(f"error: second SIGTERM {now - self.first:.0f} s after the first and the "
-                  "run has not stopped (stuck?); Python stacks follow; exiting with status 143",
-                  file=sys.stderr, flush=True)
+            write_line_now(f"error: second SIGTERM {now - self.first:.0f} s after the first and "
+                           "the run has not stopped (stuck?); Python stacks follow; exiting "
+                           "with status 143")
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             record_exit_status(128 + signal.SIGTERM)
             os._exit(128 + signal.SIGTERM)
