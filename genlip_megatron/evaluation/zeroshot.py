@@ -20,7 +20,7 @@ those of recomputing the prefix (``use_cache=False``, kept as the reference; the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -82,27 +82,30 @@ def padded_ids(candidates: Sequence[Sequence[int]], device) -> tuple[Tensor, Ten
     return ids.to(device), valid.to(device)
 
 
-def _normalised(first_logp: Tensor, rest_logits: Optional[Tensor], ids: Tensor,
-                valid: Tensor) -> Tensor:
-    """Length-normalised log-likelihood per row.
+def packed_continuations(ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Candidates ``[G, Lc]`` laid end to end as one row of continuations.
 
-    Args:
-        first_logp: ``[R, V]`` log-probs of the first caption token (from the prefix).
-        rest_logits: ``[R, Lc-1, V]`` logits predicting tokens 1.. (None when Lc = 1).
-        ids / valid: ``[R, Lc]`` caption ids and mask.
+    Candidate g feeds its tokens ``0..n_g-2`` (each predicts the next one; token 0 is predicted
+    by the prefix). Returns ``(feed, target, segment, offset)``, each ``[T]`` with
+    T = Σ (n_g - 1): the fed ids, the ids they predict, the candidate index and the position
+    offset within the candidate.
     """
-    lp = first_logp.gather(1, ids[:, :1])
-    if rest_logits is not None:
-        rest = torch.log_softmax(rest_logits.float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-        lp = torch.cat([lp, rest], dim=1)
-    lp = lp.masked_fill(~valid, 0.0)
-    return lp.sum(1) / valid.sum(1)
+    n_fed = valid.sum(1) - 1
+    segment = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), n_fed)
+    starts = torch.cumsum(n_fed, 0) - n_fed
+    offset = torch.arange(segment.numel(), device=ids.device) - starts[segment]
+    return ids[segment, offset], ids[segment, offset + 1], segment, offset
 
 
 @torch.no_grad()
 def _scores_cached(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids, ids: Tensor,
                    valid: Tensor, rows_per_pass: int) -> Tensor:
-    """``[B, K]`` scores: one prefix pass for the B images, then candidate rows on the cache."""
+    """``[B, K]`` scores: one prefix pass for the B images, then the candidates on the cache.
+
+    Each pass feeds a group of candidates packed in one row per image (``segment_ids`` on the
+    cache: each candidate sees the prefix and its own tokens), so the prefix's keys and values
+    are never copied per candidate; ``rows_per_pass`` bounds images × candidates per pass.
+    """
     device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
     p_ids, p_img, p_attn, p_pos, pixels, nxt = prefix_batch(items, prompt_ids, dtype, device)
     out = model(input_ids=p_ids, pixel_values=pixels, image_mask=p_img, position_ids=p_pos,
@@ -110,22 +113,23 @@ def _scores_cached(model: GenLIPModel, items: Sequence[ImageInput], prompt_ids, 
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)      # [B, V]
     cache = out.past_key_values
     b, k = len(items), ids.shape[0]
-    pairs = torch.arange(b * k, device=device)
-    scores = torch.empty(b * k, device=device)
-    for chunk in pairs.split(rows_per_pass):
-        img, cand = chunk // k, chunk % k
-        c_ids, c_valid = ids[cand], valid[cand]
-        rest = None
-        if ids.shape[1] > 1:
-            feed = c_ids[:, :-1]                                       # predicts tokens 1..
-            attn = torch.cat([p_attn[img], torch.ones_like(feed)], dim=1)
-            pos = (nxt[img, None] + torch.arange(feed.shape[1], device=device))[:, None]
-            step = model(input_ids=feed, position_ids=pos.expand(-1, 3, -1),
-                         attention_mask=attn, past_key_values=cache.select(img),
-                         image_mask=torch.zeros_like(feed, dtype=torch.bool), use_cache=True)
-            rest = step.logits
-        scores[chunk] = _normalised(first[img], rest, c_ids, c_valid)
-    return scores.reshape(b, k)
+    lengths = valid.sum(1)
+    scores = torch.empty(b, k, device=device)
+    for group in torch.arange(k, device=device).split(max(1, rows_per_pass // b)):
+        total = first[:, ids[group, 0]]                                # [B, G]
+        feed, target, segment, offset = packed_continuations(ids[group], valid[group])
+        if feed.numel():
+            rows = feed.expand(b, -1)
+            pos = (nxt[:, None] + offset[None])[:, None].expand(-1, 3, -1)
+            step = model(input_ids=rows, position_ids=pos, past_key_values=cache.branch(),
+                         attention_mask=torch.cat([p_attn, torch.ones_like(rows)], dim=1),
+                         segment_ids=segment.expand(b, -1),
+                         image_mask=torch.zeros_like(rows, dtype=torch.bool), use_cache=True)
+            lp = torch.log_softmax(step.logits.float(), dim=-1).gather(
+                2, target.expand(b, -1)[..., None])[..., 0]            # [B, T]
+            total = total.index_add(1, segment, lp)
+        scores[:, group] = total / lengths[group]
+    return scores
 
 
 @torch.no_grad()

@@ -198,10 +198,14 @@ def build_prefix_lm_mask(image_mask: torch.Tensor, segment_ids: torch.Tensor) ->
 
 def _decode_mask(shape: tuple[int, int], past_len: int, attention_mask: Optional[torch.Tensor],
                  segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, 1, L, past + L]`` mask of new text tokens over cached + new keys (causal, no pads)."""
+    """``[B, 1, L, past + L]`` mask of new text tokens over cached + new keys (causal, no pads).
+
+    With ``segment_ids`` (``[B, L]``, -1 = padding) the new tokens are several independent
+    continuations of the cached prefix packed in one row (zero-shot candidates): a token sees
+    every valid cached key and the earlier tokens of its own segment only, so one pass scores
+    many continuations without copying the prefix's keys once per continuation.
+    """
     b, length = shape
-    if segment_ids is not None:
-        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
     key_valid = (attention_mask.bool() if attention_mask is not None else
                  torch.ones(b, past_len + length, dtype=torch.bool))
     if key_valid.shape[1] != past_len + length:
@@ -209,7 +213,15 @@ def _decode_mask(shape: tuple[int, int], past_len: int, attention_mask: Optional
                          f"{past_len} it must cover {past_len + length}.")
     q_idx = torch.arange(past_len, past_len + length, device=key_valid.device)
     k_idx = torch.arange(past_len + length, device=key_valid.device)
-    return ((k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :])[:, None]
+    mask = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
+    if segment_ids is not None:
+        seg = segment_ids.long().to(key_valid.device)
+        if tuple(seg.shape) != (b, length):
+            raise ValueError(f"segment_ids {tuple(seg.shape)} must be [B={b}, L={length}] "
+                             "(the new tokens) when decoding with a KV cache.")
+        own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+        mask = torch.cat([mask[:, :, :past_len], mask[:, :, past_len:] & own], dim=2)
+    return mask[:, None]
 
 
 def normalize_position_ids(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -417,6 +429,14 @@ class GenLIPKVCache:
         else:
             self.layers.append((k, v))
         return k, v
+
+    def branch(self) -> "GenLIPKVCache":
+        """A cache over the same tensors (no copy); decoding on it leaves this one as it is,
+        because ``update`` concatenates into new tensors."""
+        out = GenLIPKVCache()
+        out.layers = list(self.layers)
+        out.next_position = self.next_position.clone() if self.next_position is not None else None
+        return out
 
     def select(self, rows: torch.Tensor) -> "GenLIPKVCache":
         """Keep only the given batch rows (drop finished sequences)."""
@@ -746,7 +766,9 @@ class GenLIPModel(GenLIPPreTrainedModel):
             attention_mask: ``[B, L]`` 1 = real token, 0 = padding (any side); with a cache,
                 ``[B, past + L]``.
             segment_ids: ``[B, L]`` sample index per packed row, -1 = padding; overrides
-                ``attention_mask`` for packed rows (no cache).
+                ``attention_mask`` for packed rows. With a cache: independent continuations
+                of the cached prefix packed in each row (each sees the cache and its own
+                earlier tokens; ``position_ids`` required).
             labels: ``[B, L]`` unshifted targets (-100 = ignore); the loss shifts them.
             past_key_values / use_cache: incremental decoding of text tokens (one sample/row);
                 a :class:`GenLIPKVCache` or a transformers ``DynamicCache`` (``generate()``).
@@ -769,6 +791,9 @@ class GenLIPModel(GenLIPPreTrainedModel):
             (GenLIPKVCache() if use_cache else None)
         if past_len:
             mask = _decode_mask(input_ids.shape, past_len, attention_mask, segment_ids)
+            if position_ids is None and segment_ids is not None:
+                raise ValueError("position_ids are required with segment_ids on a KV cache "
+                                 "(each packed continuation starts at the cache's next position).")
             if position_ids is None:
                 nxt = getattr(cache, "next_position", None)
                 if nxt is None:
@@ -777,7 +802,8 @@ class GenLIPModel(GenLIPPreTrainedModel):
                 position_ids = (nxt[:, None] + torch.arange(input_ids.shape[1],
                                                             device=nxt.device))[:, None]
                 position_ids = position_ids.expand(-1, 3, -1)
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
+            valid = (torch.ones_like(input_ids, dtype=torch.bool) if segment_ids is None
+                     else segment_ids.to(input_ids.device) >= 0)
         else:
             if segment_ids is None:  # one sample per row; attention_mask marks padding
                 segment_ids = (torch.zeros_like(input_ids, dtype=torch.long)

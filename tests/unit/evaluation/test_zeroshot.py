@@ -79,3 +79,34 @@ def test_accuracy_and_errors(model, images):
         zero_shot_accuracy(model, images, labels[:1], PROMPT, task)
     with pytest.raises(ValueError, match="non-empty"):
         score_candidates(model, images, PROMPT, [[1], []])
+
+
+def test_packed_continuations_layout():
+    from genlip_megatron.evaluation.zeroshot import packed_continuations, padded_ids
+
+    ids, valid = padded_ids(CANDIDATES, "cpu")
+    feed, target, segment, offset = packed_continuations(ids, valid)
+    # [7] feeds nothing; [3, 8, 2] feeds 3, 8; [4, 4, 12, 6, 1] feeds 4 tokens; [30, 2] one
+    assert feed.tolist() == [3, 8, 4, 4, 12, 6, 30]
+    assert target.tolist() == [8, 2, 4, 12, 6, 1, 2]
+    assert segment.tolist() == [1, 1, 2, 2, 2, 2, 3]
+    assert offset.tolist() == [0, 1, 0, 1, 2, 3, 0]
+
+
+def test_packed_decoding_needs_positions_and_branches_leave_the_prefix(model, images):
+    from genlip_megatron.probes.generation import prefix_batch
+
+    ids, img, attn, pos, pixels, _ = prefix_batch(images[:1], PROMPT, torch.float32, "cpu")
+    cache = model(input_ids=ids, pixel_values=pixels, image_mask=img, position_ids=pos,
+                  attention_mask=attn, use_cache=True).past_key_values
+    before = cache.get_seq_length()
+    feed = torch.tensor([[3, 8, 4]])
+    with pytest.raises(ValueError, match="position_ids are required with segment_ids"):
+        model(input_ids=feed, past_key_values=cache.branch(), segment_ids=torch.tensor([[0, 0, 1]]),
+              attention_mask=torch.ones(1, before + 3, dtype=torch.long))
+    branch = cache.branch()
+    model(input_ids=feed, past_key_values=branch, segment_ids=torch.tensor([[0, 0, 1]]),
+          position_ids=torch.tensor([[10, 11, 10]])[:, None].expand(-1, 3, -1),
+          attention_mask=torch.ones(1, before + 3, dtype=torch.long), use_cache=True)
+    assert branch.get_seq_length() == before + 3
+    assert cache.get_seq_length() == before   # a branch leaves the prefix cache as it was
