@@ -25,11 +25,12 @@ from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.data.inference import EvalSample
 from genlip_megatron.data.tokenizer import TextTokenizer
 from genlip_megatron.evaluation.captioning import shared_prompt
+from genlip_megatron.evaluation.data_parallel import ordered_blocks
 from genlip_megatron.evaluation.zeroshot import padded_ids
 from genlip_megatron.model.attention_probe import first_image_token_index, sink_mass
 from genlip_megatron.probes.generation import prefix_batch
 
-__all__ = ["AttentionSinkEvaluator", "attention_sink_mass"]
+__all__ = ["AttentionSinkEvaluator", "attention_sink_mass", "sink_totals"]
 
 
 def _post_rope_qk(attn, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,43 +63,84 @@ def _capture(model: GenLIPModel, segment_ids: Tensor, image_mask: Tensor
 
 
 @torch.no_grad()
+def sink_totals(model: GenLIPModel, samples: Sequence[EvalSample], tokenizer: TextTokenizer,
+                prompt: Sequence[int]) -> Tensor:
+    """float64 ``[layers, 2]``: per layer, the summed sink mass and the number of terms over
+    the samples' full rows (image, prompt, caption), run as one batch."""
+    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
+    caps = [tokenizer.encode(s.caption.strip()) + list(tokenizer.end_ids) for s in samples]
+    ids, valid = padded_ids(caps, device)
+    lc = ids.shape[1]
+    row_ids, img, attn, pos, pixels, _ = prefix_batch(
+        [(s.patches, s.grid) for s in samples], list(prompt) + [0] * lc, dtype, device)
+    row_ids[:, -lc:] = ids
+    attn[:, -lc:] = valid.long()
+    segments = torch.where(attn.bool(), 0, -1)
+    with _capture(model, segments, img) as stats:
+        model(input_ids=row_ids, pixel_values=pixels, image_mask=img, position_ids=pos,
+              attention_mask=attn, return_logits=False)
+    return stats
+
+
+def per_layer_mass(totals: Tensor) -> list[float]:
+    """Mean sink mass per layer from summed ``[layers, 2]`` totals."""
+    return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+
+
 def attention_sink_mass(model: GenLIPModel, samples: Sequence[EvalSample],
                         tokenizer: TextTokenizer, batch_size: int = 16) -> list[float]:
-    """Per-layer mean sink mass over the samples' full rows (image, prompt, caption)."""
+    """Per-layer mean sink mass over the samples, ``batch_size`` rows per forward."""
     if not samples:
         raise ValueError("attention-sink mass needs at least one held-out sample.")
-    device, dtype = model.ln_post.weight.device, model.ln_post.weight.dtype
     prompt = shared_prompt(samples)
     totals = torch.zeros(len(model.visual.layers), 2, dtype=torch.float64)
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        caps = [tokenizer.encode(s.caption.strip()) + list(tokenizer.end_ids) for s in chunk]
-        ids, valid = padded_ids(caps, device)
-        lc = ids.shape[1]
-        row_ids, img, attn, pos, pixels, _ = prefix_batch(
-            [(s.patches, s.grid) for s in chunk], prompt + [0] * lc, dtype, device)
-        row_ids[:, -lc:] = ids
-        attn[:, -lc:] = valid.long()
-        segments = torch.where(attn.bool(), 0, -1)
-        with _capture(model, segments, img) as stats:
-            model(input_ids=row_ids, pixel_values=pixels, image_mask=img, position_ids=pos,
-                  attention_mask=attn, return_logits=False)
-        totals += stats
-    return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+        totals += sink_totals(model, samples[i:i + batch_size], tokenizer, prompt)
+    return per_layer_mass(totals)
 
 
 @dataclass
 class AttentionSinkEvaluator:
     """``sink/mass_mean`` and ``sink/mass_layer_NN`` (layers numbered from 1, as the training
-    loop's ``attention_sink/layer_NN``)."""
+    loop's ``attention_sink/layer_NN``).
+
+    Split over data-parallel ranks by batches: state per batch (first index, ``[layers, 2]``
+    totals); the reduction sums them in batch order, as a single process does.
+    """
 
     samples: list[EvalSample]
     tokenizer: TextTokenizer
     batch_size: int = 16
     name: str = "sink"
 
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        per_layer = attention_sink_mass(model, self.samples, self.tokenizer, self.batch_size)
+    @property
+    def num_items(self) -> int:
+        return len(self.samples)
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        prompt = shared_prompt(self.samples)
+        blocks = []
+        for start in range(0, len(indices), self.batch_size):
+            batch = list(indices[start:start + self.batch_size])
+            blocks.append((batch[0], sink_totals(model, [self.samples[i] for i in batch],
+                                                 self.tokenizer, prompt)))
+        return {"blocks": blocks}
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        blocks = ordered_blocks(states)
+        if not blocks or [b[0] for b in blocks] != list(range(0, self.num_items,
+                                                               self.batch_size)):
+            raise ValueError(f"attention-sink states cover {len(blocks)} batches, not all "
+                             f"{self.num_items} samples.")
+        totals = blocks[0][1].clone()
+        for _, block in blocks[1:]:
+            totals += block
+        per_layer = per_layer_mass(totals)
         out = {f"sink/mass_layer_{i + 1:02d}": v for i, v in enumerate(per_layer)}
         out["sink/mass_mean"] = sum(per_layer) / len(per_layer)
         return out
+
+    def __call__(self, model: GenLIPModel) -> dict[str, float]:
+        if not self.samples:
+            raise ValueError("attention-sink mass needs at least one held-out sample.")
+        return self.reduce([self.partial(model, range(self.num_items))])

@@ -158,9 +158,28 @@ class AttentiveProbeEvaluator:
     num_classes: int
     recipe: AttentiveProbeRecipe = field(default_factory=AttentiveProbeRecipe)
     name: str = "probe"
+    reduce_on_last_rank = True   # the states are encoder features: gathered to one rank
+
+    @property
+    def num_items(self) -> int:
+        return self.features.num_items
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.batch_size
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        """Features of this rank's images (``ProbeFeatures.partial``)."""
+        return self.features.partial(model, indices)
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        """Train the probe on every rank's features, in image order, and score it."""
+        return self._score(*self.features.assemble(states))
 
     def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        train, test = self.features(model)
+        return self._score(*self.features(model))
+
+    def _score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
         tr = [i for i, s in enumerate(self.features.train) if s.label >= 0]
         te = [i for i, s in enumerate(self.features.test) if s.label >= 0]
         test_labels = [self.features.test[i].label for i in te]

@@ -17,6 +17,10 @@ the metrics are bit-identical to the single-process ones for any number of ranks
 ``all_gather_object`` (small: a few numbers per item), and every rank reduces them, so every
 rank returns the same metrics.
 
+An evaluator whose states are large (the probes' encoder features) sets
+``reduce_on_last_rank = True``: the states are gathered to the group's last rank only, which
+reduces them (trains the probe) and broadcasts the metrics.
+
 An evaluator without ``partial`` (a plain ``evaluator(model) -> metrics``) still works: the
 group's last rank runs it and broadcasts its metrics. The last rank because the trainer's
 logging rank (the last global rank) is the last rank of its data-parallel group: an evaluator
@@ -29,8 +33,8 @@ from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["block_indices", "group_rank_and_size", "gather_states", "evaluate_spread",
-           "ordered_blocks"]
+__all__ = ["block_indices", "group_rank_and_size", "gather_states", "gather_states_to_last",
+           "evaluate_spread", "ordered_blocks"]
 
 
 def block_indices(num_items: int, block: int, rank: int, world: int) -> list[int]:
@@ -67,11 +71,24 @@ def gather_states(state: Any, group: Optional[Any]) -> list[Any]:
     return out
 
 
+def _last_global_rank(group: Any) -> int:
+    return dist.get_global_rank(group, dist.get_world_size(group) - 1)
+
+
 def _broadcast_from_last(obj: Any, group: Any) -> Any:
     box = [obj]
-    src = dist.get_global_rank(group, dist.get_world_size(group) - 1)
-    dist.broadcast_object_list(box, src=src, group=group)
+    dist.broadcast_object_list(box, src=_last_global_rank(group), group=group)
     return box[0]
+
+
+def gather_states_to_last(state: Any, group: Optional[Any]) -> Optional[list[Any]]:
+    """Every rank's ``state`` in group-rank order on the group's last rank, None elsewhere."""
+    rank, size = group_rank_and_size(group)
+    if size == 1:
+        return [state]
+    out: Optional[list[Any]] = [None] * size if rank == size - 1 else None
+    dist.gather_object(state, out, dst=_last_global_rank(group), group=group)
+    return out
 
 
 def evaluate_spread(evaluator: Any, model: Any, group: Optional[Any] = None) -> dict:
@@ -85,7 +102,12 @@ def evaluate_spread(evaluator: Any, model: Any, group: Optional[Any] = None) -> 
         metrics = evaluator(model) if rank == size - 1 else None
         return metrics if size == 1 else _broadcast_from_last(metrics, group)
     indices = block_indices(evaluator.num_items, evaluator.batch_size, rank, size)
-    return evaluator.reduce(gather_states(evaluator.partial(model, indices), group))
+    state = evaluator.partial(model, indices)
+    if getattr(evaluator, "reduce_on_last_rank", False):
+        states = gather_states_to_last(state, group)
+        metrics = evaluator.reduce(states) if states is not None else None
+        return metrics if size == 1 else _broadcast_from_last(metrics, group)
+    return evaluator.reduce(gather_states(state, group))
 
 
 def ordered_blocks(states: Sequence[dict]) -> list:

@@ -6,6 +6,13 @@ output (``ln_post`` of the image-only, bidirectional pass, ``probes/features.py`
 test images the first time a model asks and hands the same tensors to every probe of that
 model (the suite runs all evaluators on one loaded checkpoint), so a checkpoint costs one
 encoder pass per image whatever the number of probes.
+
+Over data-parallel ranks (``evaluation/data_parallel.py``) the images are items: train images
+at ``0..len(train)-1``, test images from the next multiple of ``batch_size`` on (the indices
+between are empty), so every block of ``batch_size`` items is one encoder batch of one split,
+exactly the batch a single process runs. ``partial`` encodes a rank's blocks; ``assemble``
+puts every rank's blocks back in order, so the features (and the probes trained on them) are
+bit-identical at any number of ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.data.inference import EvalSample
+from genlip_megatron.evaluation.data_parallel import ordered_blocks
 from genlip_megatron.probes.features import encode_images
 
 __all__ = ["ProbeFeatures", "standardise"]
@@ -38,13 +46,52 @@ class ProbeFeatures:
     _model: Optional[weakref.ref] = field(default=None, repr=False)
     _feats: tuple[list[torch.Tensor], list[torch.Tensor]] = field(default=((), ()),
                                                                    repr=False)
+    _partial: tuple = field(default=(None, None, None), repr=False)
+
+    @property
+    def test_start(self) -> int:
+        """Item index of the first test image: train rounded up to whole blocks."""
+        return -(-len(self.train) // self.batch_size) * self.batch_size
+
+    @property
+    def num_items(self) -> int:
+        return self.test_start + len(self.test)
+
+    def _item(self, index: int) -> Optional[EvalSample]:
+        if index < len(self.train):
+            return self.train[index]
+        return self.test[index - self.test_start] if index >= self.test_start else None
 
     def __call__(self, model: GenLIPModel) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(train features, test features), each a list of float32 ``[gh*gw, E]`` on CPU."""
         if self._model is None or self._model() is not model:
-            self._feats = (self._encode(model, self.train), self._encode(model, self.test))
+            self._feats = self.assemble([self.partial(model, range(self.num_items))])
             self._model = weakref.ref(model)
         return self._feats
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        """``{"blocks": [(first_index, [features])]}`` of the given whole blocks (the last
+        call's result again for the same model and indices: both probes ask)."""
+        key = tuple(indices)
+        ref, last_key, state = self._partial
+        if ref is not None and ref() is model and last_key == key:
+            return state
+        blocks = []
+        for start in range(0, len(key), self.batch_size):
+            items = [i for i in key[start:start + self.batch_size] if self._item(i) is not None]
+            if items:
+                blocks.append((items[0], self._encode(model, [self._item(i) for i in items])))
+        state = {"blocks": blocks}
+        self._partial = (weakref.ref(model), key, state)
+        return state
+
+    def assemble(self, states: Sequence[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(train, test) features from every rank's ``partial`` state, in item order."""
+        feats = [f for _, block in ordered_blocks(states) for f in block]
+        if len(feats) != len(self.train) + len(self.test):
+            raise ValueError(f"probe feature states cover {len(feats)} of "
+                             f"{len(self.train) + len(self.test)} images.")
+        return feats[:len(self.train)], feats[len(self.train):]
 
     def _encode(self, model: GenLIPModel, samples: Sequence[EvalSample]) -> list[torch.Tensor]:
         if not samples:

@@ -143,9 +143,29 @@ class SegmentationProbeEvaluator:
     num_classes: Optional[int] = None
     recipe: SegProbeRecipe = field(default_factory=SegProbeRecipe)
     name: str = "seg"
+    reduce_on_last_rank = True   # the states are encoder features: gathered to one rank
+
+    @property
+    def num_items(self) -> int:
+        return self.features.num_items
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.batch_size
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        """Features of this rank's images (``ProbeFeatures.partial``; shared with the
+        attentive probe, so they are encoded once)."""
+        return self.features.partial(model, indices)
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        """Train the per-patch head on every rank's features, in image order; mIoU."""
+        return self._score(*self.features.assemble(states))
 
     def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        train, test = self.features(model)
+        return self._score(*self.features(model))
+
+    def _score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
         keep_tr = [i for i, s in enumerate(self.features.train) if s.mask is not None]
         keep_te = [i for i, s in enumerate(self.features.test) if s.mask is not None]
         tr = [self.features.train[i] for i in keep_tr]

@@ -1,8 +1,10 @@
 """The evaluator suite spread over DP ranks equals the single-process suite, bit for bit.
 
-Every evaluator of the suite (caption loss / exact match / CIDEr-D, demo zero-shot) is run
-with its items split over the 2 ranks (blocks of ``batch_size`` dealt round-robin, partial
-results gathered and reduced) and compared with the same suite run whole on this rank. Then the
+Every evaluator of the suite (caption loss / exact match / CIDEr-D, demo zero-shot, the
+attentive and segmentation probes, attention-sink mass, the gallery) is run with its items split
+over the 2 ranks (blocks of ``batch_size`` dealt round-robin, partial results gathered and
+reduced; the probes' features gathered to the last rank, which trains them; the gallery whole
+on the last rank) and compared with the same suite run whole on this rank. Then the
 trainer's wiring: a DP=2 run whose checkpoint hook is the run's ``CheckpointSuiteHook``
 logs exactly the single-process numbers of the checkpoint it saved.
 """
@@ -18,7 +20,10 @@ import torch.distributed as dist
 
 from training_helpers import TINY_CONFIG, tiny_overrides
 
-SUITE = dict(max_samples=10, max_new_tokens=4, batch_size=3, demo_tasks=True)  # 4 blocks
+# caption / zero-shot / sink: blocks of 3 (4, 4 and 3 of them); probes: 40 train + 10 test
+# images in 3 encoder blocks of 32 (gathered to the last rank); the gallery runs whole there.
+SUITE = dict(max_samples=10, max_new_tokens=4, batch_size=3, demo_tasks=True,
+             probe_train_samples=40, sink_samples=7, gallery_images=2)
 
 
 def _suite(data_dir):
@@ -39,13 +44,16 @@ def test_every_evaluator_split_over_dp2_equals_one_process(data_dir):
 
     model = tiny_hf_model()
     suite = _suite(data_dir)
-    assert [ev.name for ev in suite.evaluators] == ["caption", "zeroshot"]
+    assert [ev.name for ev in suite.evaluators] == ["caption", "zeroshot", "probe", "seg",
+                                                     "sink", "gallery"]
     whole = suite(model)                       # this rank alone, every item
     whole_captions = list(suite.evaluators[0].last_captions)
     split = suite(model, dist.group.WORLD)     # collective: half the blocks each
     assert split == whole                      # exact: same blocks, same reduction order
     assert suite.evaluators[0].last_captions == whole_captions
     assert whole["zeroshot/images"] > 0 and whole["caption/loss"] > 0
+    assert whole["probe/train_images"] == 40 and whole["seg/classes"] >= 2
+    assert "sink/mass_layer_01" in whole and whole["gallery/images"] == 2
     everyone = [None, None]
     dist.all_gather_object(everyone, split)
     assert everyone[0] == everyone[1]

@@ -47,7 +47,8 @@ def suite_and_model(tmp_path_factory):
     root = make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
     data = load_config(TINY_CONFIG, tiny_overrides(root)).data
     suite = build_suite(data, load_tokenizer(data.text.tokenizer_path), max_samples=10,
-                        max_new_tokens=4, batch_size=3, demo_tasks=True)
+                        max_new_tokens=4, batch_size=3, demo_tasks=True,
+                        probe_train_samples=40, sink_samples=7)
     model = tiny_hf_model()
     return suite, model, [ev(model) for ev in suite.evaluators]
 
@@ -55,7 +56,8 @@ def suite_and_model(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 5])
 def test_reduce_of_simulated_ranks_equals_the_whole_call(suite_and_model, world):
     suite, model, wholes = suite_and_model
-    assert [ev.name for ev in suite.evaluators] == ["caption", "zeroshot"]
+    assert [ev.name for ev in suite.evaluators] == ["caption", "zeroshot", "probe", "seg",
+                                                     "sink"]
     for ev, whole in zip(suite.evaluators, wholes):
         states = [ev.partial(model, block_indices(ev.num_items, ev.batch_size, r, world))
                   for r in range(world)]
@@ -73,3 +75,17 @@ def test_plain_callable_evaluator_runs_whole_without_a_group(suite_and_model):
         return {"plain/x": 1.0}
 
     assert evaluate_spread(plain, model) == {"plain/x": 1.0} and seen == [model]
+
+
+def test_probe_blocks_are_whole_encoder_batches_of_one_split(suite_and_model):
+    """Train images at 0..39, test images from 64 (the next multiple of the batch, 32): each
+    block a rank encodes is exactly one batch a single process encodes."""
+    suite, model, _ = suite_and_model
+    features = suite.evaluators[2].features
+    assert suite.evaluators[3].features is features
+    assert (len(features.train), features.test_start, features.num_items) == (40, 64, 74)
+    share = block_indices(features.num_items, features.batch_size, 1, 2)
+    assert share == list(range(32, 64))                 # rank 1 of 2: train images 32..39
+    state = features.partial(model, share)
+    assert [(first, len(feats)) for first, feats in state["blocks"]] == [(32, 8)]
+    assert features.partial(model, share) is state      # the second probe reuses it
