@@ -25,7 +25,7 @@ from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.data.inference import EvalSample
 from genlip_megatron.data.tokenizer import TextTokenizer
 from genlip_megatron.evaluation.captioning import shared_prompt
-from genlip_megatron.evaluation.data_parallel import ordered_blocks
+from genlip_megatron.evaluation.data_parallel import BatchedEvaluator, ordered_blocks
 from genlip_megatron.evaluation.zeroshot import padded_ids
 from genlip_megatron.model.attention_probe import first_image_token_index, sink_mass
 from genlip_megatron.probes.generation import prefix_batch
@@ -100,7 +100,7 @@ def attention_sink_mass(model: GenLIPModel, samples: Sequence[EvalSample],
 
 
 @dataclass
-class AttentionSinkEvaluator:
+class AttentionSinkEvaluator(BatchedEvaluator):
     """``sink/mass_mean`` and ``sink/mass_layer_NN`` (layers numbered from 1, as the training
     loop's ``attention_sink/layer_NN``).
 
@@ -113,25 +113,17 @@ class AttentionSinkEvaluator:
     batch_size: int = 16
     name: str = "sink"
 
-    @property
-    def num_items(self) -> int:
-        return len(self.samples)
-
-    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
-        prompt = shared_prompt(self.samples)
-        blocks = []
-        for start in range(0, len(indices), self.batch_size):
-            batch = list(indices[start:start + self.batch_size])
-            blocks.append((batch[0], sink_totals(model, [self.samples[i] for i in batch],
-                                                 self.tokenizer, prompt)))
-        return {"blocks": blocks}
+    def block(self, model: GenLIPModel, batch: list[int]) -> tuple:
+        return (sink_totals(model, [self.samples[i] for i in batch], self.tokenizer,
+                            shared_prompt(self.samples)),)
 
     def reduce(self, states: Sequence[dict]) -> dict[str, float]:
         blocks = ordered_blocks(states)
         if not blocks or [b[0] for b in blocks] != list(range(0, self.num_items,
                                                                self.batch_size)):
-            raise ValueError(f"attention-sink states cover {len(blocks)} batches, not all "
-                             f"{self.num_items} samples.")
+            raise ValueError(f"attention-sink states cover {len(blocks)} batches of "
+                             f"{self.num_items} samples; every batch is needed (and one sample "
+                             "at least).")
         totals = blocks[0][1].clone()
         for _, block in blocks[1:]:
             totals += block
@@ -139,8 +131,3 @@ class AttentionSinkEvaluator:
         out = {f"sink/mass_layer_{i + 1:02d}": v for i, v in enumerate(per_layer)}
         out["sink/mass_mean"] = sum(per_layer) / len(per_layer)
         return out
-
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        if not self.samples:
-            raise ValueError("attention-sink mass needs at least one held-out sample.")
-        return self.reduce([self.partial(model, range(self.num_items))])

@@ -22,8 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
-from genlip_megatron.evaluation.probe_features import ProbeFeatures, standardise
+from genlip_megatron.evaluation.probe_features import FeatureProbe, ProbeFeatures, standardise
 
 __all__ = ["AttentiveProbeRecipe", "AttentivePooler", "train_attentive_probe",
            "attentive_probe_accuracy", "AttentiveProbeEvaluator", "cosine_schedule"]
@@ -149,7 +148,7 @@ def attentive_probe_accuracy(train: Sequence[Tensor], train_labels: Sequence[int
 
 
 @dataclass
-class AttentiveProbeEvaluator:
+class AttentiveProbeEvaluator(FeatureProbe):
     """``probe/accuracy`` (and ``probe/majority``: always the most frequent test class,
     ``probe/train_images``, ``probe/test_images``) of the class labels (``EvalSample.label``
     ≥ 0) of ``features.train`` / ``.test``."""
@@ -158,28 +157,8 @@ class AttentiveProbeEvaluator:
     num_classes: int
     recipe: AttentiveProbeRecipe = field(default_factory=AttentiveProbeRecipe)
     name: str = "probe"
-    reduce_on_last_rank = True   # the states are encoder features: gathered to one rank
 
-    @property
-    def num_items(self) -> int:
-        return self.features.num_items
-
-    @property
-    def batch_size(self) -> int:
-        return self.features.batch_size
-
-    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
-        """Features of this rank's images (``ProbeFeatures.partial``)."""
-        return self.features.partial(model, indices)
-
-    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
-        """Train the probe on every rank's features, in image order, and score it."""
-        return self._score(*self.features.assemble(states))
-
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        return self._score(*self.features(model))
-
-    def _score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
+    def score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
         tr = [i for i, s in enumerate(self.features.train) if s.label >= 0]
         te = [i for i, s in enumerate(self.features.test) if s.label >= 0]
         test_labels = [self.features.test[i].label for i in te]

@@ -33,8 +33,8 @@ from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["block_indices", "group_rank_and_size", "gather_states", "gather_states_to_last",
-           "evaluate_spread", "ordered_blocks"]
+__all__ = ["BatchedEvaluator", "block_indices", "group_rank_and_size", "gather_states",
+           "gather_states_to_last", "evaluate_spread", "ordered_blocks"]
 
 
 def block_indices(num_items: int, block: int, rank: int, world: int) -> list[int]:
@@ -116,3 +116,34 @@ def ordered_blocks(states: Sequence[dict]) -> list:
     States of the splittable evaluators hold ``{"blocks": [(first_index, ...), ...]}``.
     """
     return sorted((b for s in states for b in s["blocks"]), key=lambda b: b[0])
+
+
+class BatchedEvaluator:
+    """The split plumbing of an evaluator over ``samples``, ``batch_size`` at a time.
+
+    A subclass (a dataclass with ``samples`` and ``batch_size``) implements
+    ``block(model, batch) -> tuple`` (the statistics of one batch of item indices) and
+    ``reduce(states)``; ``partial`` gives ``{"blocks": [(first_index, *block), ...]}`` and
+    ``__call__`` is ``reduce([partial(model, every item)])``, the single-process path.
+    """
+
+    samples: Sequence[Any]
+    batch_size: int
+
+    @property
+    def num_items(self) -> int:
+        return len(self.samples)
+
+    def block(self, model: Any, batch: list[int]) -> tuple:
+        raise NotImplementedError
+
+    def reduce(self, states: Sequence[dict]) -> dict:
+        raise NotImplementedError
+
+    def partial(self, model: Any, indices: Sequence[int]) -> dict:
+        indices = list(indices)
+        return {"blocks": [(indices[i], *self.block(model, indices[i:i + self.batch_size]))
+                           for i in range(0, len(indices), self.batch_size)]}
+
+    def __call__(self, model: Any) -> dict:
+        return self.reduce([self.partial(model, range(self.num_items))])

@@ -28,7 +28,7 @@ from genlip_megatron.data.inference import EvalSample
 from genlip_megatron.evaluation.data_parallel import ordered_blocks
 from genlip_megatron.probes.features import encode_images
 
-__all__ = ["ProbeFeatures", "standardise"]
+__all__ = ["FeatureProbe", "ProbeFeatures", "standardise"]
 
 
 @dataclass
@@ -98,6 +98,39 @@ class ProbeFeatures:
             return []
         images = [(s.pixel_values, s.grid) for s in samples]
         return [f.float().cpu() for f in encode_images(model, images, self.batch_size)]
+
+
+class FeatureProbe:
+    """The split plumbing of a probe trained on :class:`ProbeFeatures` (attentive,
+    segmentation): ``partial`` encodes a rank's images, the features are gathered to the
+    group's last rank (``reduce_on_last_rank``), which trains and scores the probe in
+    ``reduce``. A subclass implements ``score(train_features, test_features)``.
+    """
+
+    features: ProbeFeatures
+    reduce_on_last_rank = True   # the states are encoder features: gathered to one rank
+
+    @property
+    def num_items(self) -> int:
+        return self.features.num_items
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.batch_size
+
+    def score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
+        """Features of this rank's images (shared by the probes: encoded once)."""
+        return self.features.partial(model, indices)
+
+    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        """Train the probe on every rank's features, in image order, and score it."""
+        return self.score(*self.features.assemble(states))
+
+    def __call__(self, model: GenLIPModel) -> dict[str, float]:
+        return self.score(*self.features(model))
 
 
 def standardise(train: Sequence[torch.Tensor], *others: Sequence[torch.Tensor]

@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from genlip_megatron.convert.hf.modeling_genlip import GenLIPModel
 from genlip_megatron.evaluation.attentive_probe import cosine_schedule
-from genlip_megatron.evaluation.probe_features import ProbeFeatures, standardise
+from genlip_megatron.evaluation.probe_features import FeatureProbe, ProbeFeatures, standardise
 
 __all__ = ["IGNORE", "SegProbeRecipe", "pixel_logits", "train_segmentation_probe",
            "segmentation_miou", "confusion_miou", "SegmentationProbeEvaluator"]
@@ -135,7 +134,7 @@ def num_mask_classes(masks: Sequence[np.ndarray]) -> int:
 
 
 @dataclass
-class SegmentationProbeEvaluator:
+class SegmentationProbeEvaluator(FeatureProbe):
     """``seg/miou`` (and ``seg/classes``) of the masks (``EvalSample.mask``) of
     ``features.train`` / ``.test``; the class count is read off the masks unless given."""
 
@@ -143,29 +142,8 @@ class SegmentationProbeEvaluator:
     num_classes: Optional[int] = None
     recipe: SegProbeRecipe = field(default_factory=SegProbeRecipe)
     name: str = "seg"
-    reduce_on_last_rank = True   # the states are encoder features: gathered to one rank
 
-    @property
-    def num_items(self) -> int:
-        return self.features.num_items
-
-    @property
-    def batch_size(self) -> int:
-        return self.features.batch_size
-
-    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
-        """Features of this rank's images (``ProbeFeatures.partial``; shared with the
-        attentive probe, so they are encoded once)."""
-        return self.features.partial(model, indices)
-
-    def reduce(self, states: Sequence[dict]) -> dict[str, float]:
-        """Train the per-patch head on every rank's features, in image order; mIoU."""
-        return self._score(*self.features.assemble(states))
-
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        return self._score(*self.features(model))
-
-    def _score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
+    def score(self, train: list[torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
         keep_tr = [i for i, s in enumerate(self.features.train) if s.mask is not None]
         keep_te = [i for i, s in enumerate(self.features.test) if s.mask is not None]
         tr = [self.features.train[i] for i in keep_tr]

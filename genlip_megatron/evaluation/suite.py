@@ -32,7 +32,8 @@ from genlip_megatron.data.tokenizer import TextTokenizer
 from genlip_megatron.evaluation.attention_sink import AttentionSinkEvaluator
 from genlip_megatron.evaluation.attentive_probe import AttentiveProbeEvaluator
 from genlip_megatron.evaluation.captioning import caption_block, caption_scores, shared_prompt
-from genlip_megatron.evaluation.data_parallel import evaluate_spread, ordered_blocks
+from genlip_megatron.evaluation.data_parallel import BatchedEvaluator, evaluate_spread, \
+    ordered_blocks
 from genlip_megatron.evaluation.demo_tasks import demo_zero_shot_task
 from genlip_megatron.evaluation.gallery import GalleryEvaluator, write_gallery
 from genlip_megatron.evaluation.probe_features import ProbeFeatures
@@ -74,12 +75,8 @@ class SplitEvaluator(Evaluator, Protocol):
     def reduce(self, states: Sequence[dict]) -> dict[str, float]: ...
 
 
-def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
-    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
-
-
 @dataclass
-class CaptionEvaluator:
+class CaptionEvaluator(BatchedEvaluator):
     """Caption loss/perplexity, greedy exact match and CIDEr-D (``captioning.py``).
 
     State per batch: (first index, Σ NLL, tokens, captions); the reduction sums the NLL and
@@ -93,18 +90,9 @@ class CaptionEvaluator:
     name: str = "caption"
     last_captions: list[str] = field(default_factory=list)
 
-    @property
-    def num_items(self) -> int:
-        return len(self.samples)
-
-    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
-        prompt = shared_prompt(self.samples)
-        blocks = []
-        for batch in _batches(indices, self.batch_size):
-            nll, tokens, caps = caption_block(model, [self.samples[i] for i in batch],
-                                              self.tokenizer, prompt, self.max_new_tokens)
-            blocks.append((batch[0], nll, tokens, caps))
-        return {"blocks": blocks}
+    def block(self, model: GenLIPModel, batch: list[int]) -> tuple:
+        return caption_block(model, [self.samples[i] for i in batch], self.tokenizer,
+                             shared_prompt(self.samples), self.max_new_tokens)
 
     def reduce(self, states: Sequence[dict]) -> dict[str, float]:
         nll, tokens, captions = 0.0, 0, []
@@ -113,12 +101,9 @@ class CaptionEvaluator:
         self.last_captions = captions
         return caption_scores(nll, tokens, captions, [s.caption for s in self.samples])
 
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        return self.reduce([self.partial(model, range(self.num_items))])
-
 
 @dataclass
-class ZeroShotEvaluator:
+class ZeroShotEvaluator(BatchedEvaluator):
     """Generative zero-shot top-1 accuracy (``zeroshot.py``) on labelled held-out images.
 
     State per batch: (first index, predicted classes); accuracy is counted over the whole set.
@@ -130,19 +115,11 @@ class ZeroShotEvaluator:
     batch_size: int = 16
     name: str = "zeroshot"
 
-    @property
-    def num_items(self) -> int:
-        return len(self.samples)
-
-    def partial(self, model: GenLIPModel, indices: Sequence[int]) -> dict:
-        prompt = shared_prompt(self.samples)
-        blocks = []
-        for batch in _batches(indices, self.batch_size):
-            images = [(self.samples[i].patches, self.samples[i].grid) for i in batch]
-            scores = score_candidates(model, images, prompt, self.task.candidates,
-                                      image_batch=self.batch_size)
-            blocks.append((batch[0], classify(scores, self.task).cpu().tolist()))
-        return {"blocks": blocks}
+    def block(self, model: GenLIPModel, batch: list[int]) -> tuple:
+        images = [(self.samples[i].patches, self.samples[i].grid) for i in batch]
+        scores = score_candidates(model, images, shared_prompt(self.samples),
+                                  self.task.candidates, image_batch=self.batch_size)
+        return (classify(scores, self.task).cpu().tolist(),)
 
     def reduce(self, states: Sequence[dict]) -> dict[str, float]:
         pred = [p for _, preds in ordered_blocks(states) for p in preds]
@@ -152,9 +129,6 @@ class ZeroShotEvaluator:
         return {"zeroshot/accuracy": correct / len(self.labels),
                 "zeroshot/chance": 1.0 / self.task.num_classes,
                 "zeroshot/images": float(len(self.samples))}
-
-    def __call__(self, model: GenLIPModel) -> dict[str, float]:
-        return self.reduce([self.partial(model, range(self.num_items))])
 
 
 @dataclass
