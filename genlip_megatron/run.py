@@ -27,7 +27,7 @@ import torch.distributed as dist
 from genlip_megatron.config.loader import ConfigError
 from genlip_megatron.data.synthetic import LABELS_VERSION
 from genlip_megatron.training.checkpointing import CheckpointError
-from genlip_megatron.training.logging_setup import silence_expected_warnings
+from genlip_megatron.training.logging_setup import silence_expected_warnings, write_line
 from genlip_megatron.training.preemption import EXIT_STOPPED_EARLY, StopCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -275,18 +275,10 @@ def _print_summary(cfg, report: RunReport, log_rank: bool) -> None:
                                    else s.paths))
     acc = "nan" if report.caption_accuracy is None else f"{report.caption_accuracy:.4f}"
     evals = _eval_fields(report, with_init=tag == "DEMO")
-    say(f"{tag} steps={report.steps} final_loss={report.final_loss:.4f} "
-        f"unigram_loss={report.unigram_loss:.4f} {evals} caption_accuracy={acc} "
-        f"checkpoint={report.checkpoint} eval_data={eval_glob or 'none'} "
-        f"tokenizer={cfg.data.text.tokenizer_path}")
-
-
-def say(line: str, stream=None) -> None:
-    """Write one status line in a single ``write``: ranks share the launcher's pipe, and
-    ``print`` writes the text and its newline separately, so two ranks' lines could merge."""
-    stream = sys.stdout if stream is None else stream
-    stream.write(line + "\n")
-    stream.flush()
+    write_line(f"{tag} steps={report.steps} final_loss={report.final_loss:.4f} "
+               f"unigram_loss={report.unigram_loss:.4f} {evals} caption_accuracy={acc} "
+               f"checkpoint={report.checkpoint} eval_data={eval_glob or 'none'} "
+               f"tokenizer={cfg.data.text.tokenizer_path}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -311,12 +303,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if report.stopped_early and report.checkpoint is None:
-        say(f"error: stopped after step {report.steps} ({report.stopped_early}) without a "
-            "checkpoint: checkpoint.save_dir is not set, so a rerun starts over", sys.stderr)
+        write_line(f"error: stopped after step {report.steps} ({report.stopped_early}) without "
+                   "a checkpoint: checkpoint.save_dir is not set, so a rerun starts over",
+                   sys.stderr)
         return 1
     if report.stopped_early:
-        say(f"STOPPED steps={report.steps} reason={report.stopped_early!r} "
-            f"checkpoint={report.checkpoint} exit_status={EXIT_STOPPED_EARLY}")
+        write_line(f"STOPPED steps={report.steps} reason={report.stopped_early!r} "
+                   f"checkpoint={report.checkpoint} exit_status={EXIT_STOPPED_EARLY}")
         return EXIT_STOPPED_EARLY
     return 0
 
@@ -327,7 +320,7 @@ def report_error(exc: BaseException) -> None:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get(
         "RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
-        say("error: " + " ".join(str(exc).split()), sys.stderr)
+        write_line("error: " + " ".join(str(exc).split()), sys.stderr)
     else:
         # torchrun tears down every rank as soon as one exits: a rank > 0 that reached the same
         # error first would otherwise take rank 0 down before it printed the line.

@@ -82,23 +82,6 @@ def sink_totals(model: GenLIPModel, samples: Sequence[EvalSample], tokenizer: Te
     return stats
 
 
-def per_layer_mass(totals: Tensor) -> list[float]:
-    """Mean sink mass per layer from summed ``[layers, 2]`` totals."""
-    return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
-
-
-def attention_sink_mass(model: GenLIPModel, samples: Sequence[EvalSample],
-                        tokenizer: TextTokenizer, batch_size: int = 16) -> list[float]:
-    """Per-layer mean sink mass over the samples, ``batch_size`` rows per forward."""
-    if not samples:
-        raise ValueError("attention-sink mass needs at least one held-out sample.")
-    prompt = shared_prompt(samples)
-    totals = torch.zeros(len(model.visual.layers), 2, dtype=torch.float64)
-    for i in range(0, len(samples), batch_size):
-        totals += sink_totals(model, samples[i:i + batch_size], tokenizer, prompt)
-    return per_layer_mass(totals)
-
-
 @dataclass
 class AttentionSinkEvaluator(BatchedEvaluator):
     """``sink/mass_mean`` and ``sink/mass_layer_NN`` (layers numbered from 1, as the training
@@ -113,11 +96,20 @@ class AttentionSinkEvaluator(BatchedEvaluator):
     batch_size: int = 16
     name: str = "sink"
 
-    def block(self, model: GenLIPModel, batch: list[int]) -> tuple:
-        return (sink_totals(model, [self.samples[i] for i in batch], self.tokenizer,
-                            shared_prompt(self.samples)),)
+    def context(self) -> list[int]:
+        return shared_prompt(self.samples)
+
+    def block(self, model: GenLIPModel, batch: list[int], prompt: list[int]) -> tuple:
+        return (sink_totals(model, [self.samples[i] for i in batch], self.tokenizer, prompt),)
 
     def reduce(self, states: Sequence[dict]) -> dict[str, float]:
+        per_layer = self.per_layer(states)
+        out = {f"sink/mass_layer_{i + 1:02d}": v for i, v in enumerate(per_layer)}
+        out["sink/mass_mean"] = sum(per_layer) / len(per_layer)
+        return out
+
+    def per_layer(self, states: Sequence[dict]) -> list[float]:
+        """Mean sink mass per layer: the batches' totals summed in batch order."""
         blocks = ordered_blocks(states)
         if not blocks or [b[0] for b in blocks] != list(range(0, self.num_items,
                                                                self.batch_size)):
@@ -127,7 +119,13 @@ class AttentionSinkEvaluator(BatchedEvaluator):
         totals = blocks[0][1].clone()
         for _, block in blocks[1:]:
             totals += block
-        per_layer = per_layer_mass(totals)
-        out = {f"sink/mass_layer_{i + 1:02d}": v for i, v in enumerate(per_layer)}
-        out["sink/mass_mean"] = sum(per_layer) / len(per_layer)
-        return out
+        return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+
+
+def attention_sink_mass(model: GenLIPModel, samples: Sequence[EvalSample],
+                        tokenizer: TextTokenizer, batch_size: int = 16) -> list[float]:
+    """Per-layer mean sink mass over the samples, ``batch_size`` rows per forward."""
+    if not samples:
+        raise ValueError("attention-sink mass needs at least one held-out sample.")
+    ev = AttentionSinkEvaluator(list(samples), tokenizer, batch_size)
+    return ev.per_layer([ev.partial(model, range(ev.num_items))])

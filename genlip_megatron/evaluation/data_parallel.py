@@ -122,9 +122,11 @@ class BatchedEvaluator:
     """The split plumbing of an evaluator over ``samples``, ``batch_size`` at a time.
 
     A subclass (a dataclass with ``samples`` and ``batch_size``) implements
-    ``block(model, batch) -> tuple`` (the statistics of one batch of item indices) and
-    ``reduce(states)``; ``partial`` gives ``{"blocks": [(first_index, *block), ...]}`` and
-    ``__call__`` is ``reduce([partial(model, every item)])``, the single-process path.
+    ``block(model, batch, context) -> tuple`` (the statistics of one batch of item indices)
+    and ``reduce(states)``, and may override ``context()`` (what every batch of a ``partial``
+    call shares, computed once per call: the held-out samples' prompt); ``partial`` gives
+    ``{"blocks": [(first_index, *block), ...]}`` and ``__call__`` is
+    ``reduce([partial(model, every item)])``, the single-process path.
     """
 
     samples: Sequence[Any]
@@ -134,15 +136,19 @@ class BatchedEvaluator:
     def num_items(self) -> int:
         return len(self.samples)
 
-    def block(self, model: Any, batch: list[int]) -> tuple:
+    def context(self) -> Any:
+        return None
+
+    def block(self, model: Any, batch: list[int], context: Any) -> tuple:
         raise NotImplementedError
 
     def reduce(self, states: Sequence[dict]) -> dict:
         raise NotImplementedError
 
     def partial(self, model: Any, indices: Sequence[int]) -> dict:
-        indices = list(indices)
-        return {"blocks": [(indices[i], *self.block(model, indices[i:i + self.batch_size]))
+        indices, context = list(indices), self.context()
+        return {"blocks": [(indices[i], *self.block(model, indices[i:i + self.batch_size],
+                                                    context))
                            for i in range(0, len(indices), self.batch_size)]}
 
     def __call__(self, model: Any) -> dict:

@@ -90,9 +90,12 @@ class CaptionEvaluator(BatchedEvaluator):
     name: str = "caption"
     last_captions: list[str] = field(default_factory=list)
 
-    def block(self, model: GenLIPModel, batch: list[int]) -> tuple:
-        return caption_block(model, [self.samples[i] for i in batch], self.tokenizer,
-                             shared_prompt(self.samples), self.max_new_tokens)
+    def context(self) -> list[int]:
+        return shared_prompt(self.samples)
+
+    def block(self, model: GenLIPModel, batch: list[int], prompt: list[int]) -> tuple:
+        return caption_block(model, [self.samples[i] for i in batch], self.tokenizer, prompt,
+                             self.max_new_tokens)
 
     def reduce(self, states: Sequence[dict]) -> dict[str, float]:
         nll, tokens, captions = 0.0, 0, []
@@ -115,10 +118,13 @@ class ZeroShotEvaluator(BatchedEvaluator):
     batch_size: int = 16
     name: str = "zeroshot"
 
-    def block(self, model: GenLIPModel, batch: list[int]) -> tuple:
+    def context(self) -> list[int]:
+        return shared_prompt(self.samples)
+
+    def block(self, model: GenLIPModel, batch: list[int], prompt: list[int]) -> tuple:
         images = [(self.samples[i].patches, self.samples[i].grid) for i in batch]
-        scores = score_candidates(model, images, shared_prompt(self.samples),
-                                  self.task.candidates, image_batch=self.batch_size)
+        scores = score_candidates(model, images, prompt, self.task.candidates,
+                                  image_batch=self.batch_size)
         return (classify(scores, self.task).cpu().tolist(),)
 
     def reduce(self, states: Sequence[dict]) -> dict[str, float]:

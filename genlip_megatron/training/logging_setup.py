@@ -1,11 +1,34 @@
-"""Rank-aware logging format, set once by the entry point."""
+"""Rank-aware logging format, set once by the entry point, and one-write status lines."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
 import warnings
+from typing import Optional, TextIO
+
+
+def write_line(line: str, stream: Optional[TextIO] = None) -> None:
+    """One status line (default: stdout) in a single ``write(2)``.
+
+    Every rank shares the launcher's pipe; ``print`` writes the text and its newline
+    separately, so two ranks' lines merged into one and a reader that splits lines lost one.
+    A pipe write under ``PIPE_BUF`` bytes is never interleaved. Written to the file descriptor
+    directly (nothing else buffered goes with it: the watchdog calls this right before
+    ``os._exit``); a stream without one (a test's capture) gets one ``write``.
+    """
+    stream = sys.stdout if stream is None else stream
+    data = line + "\n"
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        stream.write(data)
+        stream.flush()
+        return
+    stream.flush()
+    os.write(fd, data.encode("utf-8", "replace"))
 
 
 def setup_logging(rank: int, world_size: int, level: str | None = None) -> None:

@@ -67,8 +67,9 @@ def initialize_topology(p: ParallelConfig) -> Topology:
 def destroy_topology() -> None:
     """Destroy megatron's process groups, then reset its parallel state.
 
-    megatron-core's ``parallel_state.destroy_model_parallel`` only drops its references to the
-    groups it made. A gloo group keeps its worker threads and sockets until it is destroyed, so a
+    megatron-core's ``parallel_state.destroy_model_parallel`` destroys only its dedicated
+    ``*_GLOO`` groups and drops its references to the rest, which on CPU are gloo groups too.
+    A gloo group keeps its worker threads and sockets until it is destroyed, so a
     process that builds the topology many times (a pytest session, ``benchmarks/sweep.py``)
     gained ~50 threads per build (thousands in a test session, which then crawled). Every group
     megatron holds in a module global (a group, or a list of them) is destroyed here; the world

@@ -38,6 +38,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from genlip_megatron.training.logging_setup import write_line
+
 logger = logging.getLogger(__name__)
 
 EXIT_STOPPED_EARLY = 75
@@ -51,17 +53,6 @@ wrapper that cannot see the workers' statuses, e.g. examples/slurm/torchrun_node
 class StopCheckpointError(RuntimeError):
     """A stop was requested but its checkpoint could not be written (disk full, permissions):
     the run must not report "stopped early, rerun me" (75), or it would be requeued forever."""
-
-
-def write_line_now(line: str) -> None:
-    """One line to stderr in a single ``write(2)``, for a process about to ``os._exit``.
-
-    Every rank shares the launcher's pipe; ``print`` writes the text and its newline
-    separately, so two ranks' lines merged into one (a rank's message was lost to a reader
-    that splits lines). A pipe write under ``PIPE_BUF`` bytes is never interleaved.
-    """
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line + "\n").encode("utf-8", "replace"))
 
 
 def record_exit_status(code: int) -> int:
@@ -145,9 +136,9 @@ class _SecondTerm:
         if self.first is None:
             self.first = now
         elif now - self.first >= self.grace_s:
-            write_line_now(f"error: second SIGTERM {now - self.first:.0f} s after the first and "
-                           "the run has not stopped (stuck?); Python stacks follow; exiting "
-                           "with status 143")
+            write_line(f"error: second SIGTERM {now - self.first:.0f} s after the first and the "
+                       "run has not stopped (stuck?); Python stacks follow; exiting with status "
+                       "143", sys.stderr)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             record_exit_status(128 + signal.SIGTERM)
             os._exit(128 + signal.SIGTERM)

@@ -27,7 +27,8 @@ import threading
 import time
 from typing import Optional
 
-from genlip_megatron.training.preemption import record_exit_status, write_line_now
+from genlip_megatron.training.logging_setup import write_line
+from genlip_megatron.training.preemption import record_exit_status
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class HangWatchdog:
                    f"(training.hang_timeout_mins = {self.timeout_s / 60:g}) after step "
                    f"{self.step} while {self.what}; Python stacks of every thread follow; "
                    f"exiting with status {EXIT_HUNG}")
-        write_line_now(f"error: {message}")   # not via logging: it may lock
+        write_line(f"error: {message}", sys.stderr)   # not via logging: it may lock
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         record_exit_status(EXIT_HUNG)

@@ -110,16 +110,3 @@ def test_second_sigterm_ends_a_process_that_never_reaches_a_boundary():
     assert proc.returncode == 143, err
     assert "second SIGTERM" in err and 'File "<string>", line 7' in err, err
 
-
-def test_exit_line_is_one_write_with_its_newline(monkeypatch, capfd):
-    """Two ranks' watchdog lines merged in the launcher's pipe when text and newline were
-    written separately; the emergency line goes out in one write(2)."""
-    from genlip_megatron.training import preemption
-
-    writes = []
-    real_write = os.write
-    monkeypatch.setattr(preemption.os, "write",
-                        lambda fd, data: writes.append(data) or real_write(fd, data))
-    preemption.write_line_now("error: hang watchdog: rank 1 made no progress")
-    assert writes == [b"error: hang watchdog: rank 1 made no progress\n"]
-    assert capfd.readouterr().err == "error: hang watchdog: rank 1 made no progress\n"
