@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from typing import Optional, TextIO
 
@@ -29,6 +31,33 @@ def write_line(line: str, stream: Optional[TextIO] = None) -> None:
         return
     stream.flush()
     os.write(fd, data.encode("utf-8", "replace"))
+
+
+PIPE_ATOMIC_BYTES = 4096
+"""POSIX ``PIPE_BUF`` on Linux: a pipe write up to this size is never interleaved."""
+
+
+def dump_stacks(stream: TextIO) -> None:
+    """Every thread's Python stack to ``stream`` in writes of whole lines, each atomic.
+
+    ``faulthandler`` writes a frame in several small pieces; two ranks dumping at once into
+    the launcher's pipe broke each other's lines (``in maybe_inject`` split by the other
+    rank's bytes). Dumped to a temporary file first, then written line-aligned in chunks of
+    at most ``PIPE_ATOMIC_BYTES``: the ranks' chunks may alternate, their lines stay whole.
+    """
+    stream.flush()
+    with tempfile.TemporaryFile() as tmp:
+        faulthandler.dump_traceback(file=tmp, all_threads=True)
+        tmp.seek(0)
+        lines = tmp.read().splitlines(keepends=True)
+    chunk = b""
+    for line in lines:
+        if chunk and len(chunk) + len(line) > PIPE_ATOMIC_BYTES:
+            os.write(stream.fileno(), chunk)
+            chunk = b""
+        chunk += line
+    if chunk:
+        os.write(stream.fileno(), chunk)
 
 
 def setup_logging(rank: int, world_size: int, level: str | None = None) -> None:

@@ -24,7 +24,6 @@ Megatron-LM's ``--exit-signal-handler`` / ``--exit-duration-in-mins``, for this 
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import signal
@@ -38,7 +37,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from genlip_megatron.training.logging_setup import write_line
+from genlip_megatron.training.logging_setup import dump_stacks, write_line
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ class _SecondTerm:
             write_line(f"error: second SIGTERM {now - self.first:.0f} s after the first and the "
                        "run has not stopped (stuck?); Python stacks follow; exiting with status "
                        "143", sys.stderr)
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            dump_stacks(sys.stderr)
             record_exit_status(128 + signal.SIGTERM)
             os._exit(128 + signal.SIGTERM)
 

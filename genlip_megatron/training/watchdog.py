@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Optional
 
-from genlip_megatron.training.logging_setup import write_line
+from genlip_megatron.training.logging_setup import dump_stacks, write_line
 from genlip_megatron.training.preemption import record_exit_status
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class HangWatchdog:
                    f"{self.step} while {self.what}; Python stacks of every thread follow; "
                    f"exiting with status {EXIT_HUNG}")
         write_line(f"error: {message}", sys.stderr)   # not via logging: it may lock
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        dump_stacks(sys.stderr)
         sys.stderr.flush()
         record_exit_status(EXIT_HUNG)
         logging.shutdown()
